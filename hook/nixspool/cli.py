@@ -1,0 +1,390 @@
+"""The `nixspool` command. The one place where errors are caught and shown.
+
+Every command loads the config, opens the spool (which imports the hook's
+fallback journal) and fans recorded paths out to the configured remotes
+before it reads or changes anything, so what it shows is complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from . import config as config_mod
+from .errors import NixspoolError, UsageError
+from .spool import Owner, Selector, Spool, State
+
+app = typer.Typer(
+    name="nixspool",
+    help="Queue Nix build outputs recorded by nixspool-hook and upload them to remote "
+    "stores whenever those can be reached. See README.md for setup.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+log = logging.getLogger("nixspool")
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $NIXSPOOL_CONFIG, "
+        "/etc/nixspool/config.toml, then ~/.config/nixspool/config.toml).",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output (stable keys).")]
+RemoteOption = Annotated[str | None, typer.Option("--remote", "-r", help="Only this remote.")]
+
+
+class Settings:
+    """What the global options set, for the commands to read."""
+
+    config_path: str | None = None
+    debug: bool = False
+
+
+settings = Settings()
+
+
+@app.callback()
+def _global_options(
+    config: ConfigOption = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Log every command run; show tracebacks.")
+    ] = False,
+) -> None:
+    settings.config_path = str(config) if config else None
+    settings.debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def reports_errors(command: F) -> F:
+    """Show a NixspoolError as one `error:` line (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except NixspoolError as e:
+            if settings.debug:
+                raise
+            fail(str(e), 2 if isinstance(e, UsageError) else 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config() -> config_mod.Config:
+    return config_mod.load(settings.config_path)
+
+
+def open_spool(cfg: config_mod.Config) -> Spool:
+    owner = Owner.of_user(cfg.user) if cfg.user else None
+    spool = Spool.open(cfg.spool, owner)
+    spool.sync_remotes(r.name for r in cfg.remotes)
+    return spool
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def ago(seconds: float | None) -> str:
+    """A duration for people: 42s, 3m 12s, 5h 2m, 2d 7h."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+# -- status --------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def status(json_output: JsonOption = False) -> None:
+    """Counts per state and per remote, the oldest queued row, the last error."""
+    cfg = load_config()
+    with open_spool(cfg) as spool:
+        data = spool.status()
+    configured = {r.name for r in cfg.remotes}
+    for name, counts in data["remotes"].items():
+        counts["configured"] = name in configured
+    if json_output:
+        print_json(data)
+        return
+    typer.echo(f"spool {data['spool']}: {data['paths']} paths")
+    if not data["remotes"]:
+        typer.echo(
+            "no remotes configured: add [remotes.NAME] with a url to the config "
+            "(see `nixspool config`)"
+        )
+    else:
+        typer.echo(f"{'remote':<16} {'queued':>8} {'delivered':>10} {'failed':>8}  oldest queued")
+        for name, r in data["remotes"].items():
+            note = "" if r["configured"] else "  (not in the config)"
+            typer.echo(
+                f"{name:<16} {r['queued']:>8} {r['delivered']:>10} {r['failed']:>8}  "
+                f"{ago(r.get('oldest_queued_age_seconds'))}{note}"
+            )
+        for name, r in data["remotes"].items():
+            if r.get("last_error"):
+                typer.echo(
+                    f"last error ({name}, {ago(time.time() - r['last_error_at'])} ago): "
+                    f"{r['last_error']}"
+                )
+    if data["unresolved_derivations"]:
+        typer.echo(
+            f"{data['unresolved_derivations']} derivations wait for their outputs to be "
+            "resolved by the next flush"
+        )
+    if data["rejected"]:
+        typer.echo(
+            f"{data['rejected']} values rejected by the hook: see `nixspool list --rejected`"
+        )
+
+
+# -- list ----------------------------------------------------------------------
+
+
+@app.command("list")
+@reports_errors
+def list_rows(
+    state: Annotated[
+        State | None, typer.Option("--state", "-s", help="Only rows in this state.")
+    ] = None,
+    remote: RemoteOption = None,
+    rejected: Annotated[
+        bool, typer.Option("--rejected", help="List what the hook refused to record, and why.")
+    ] = False,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="At most this many rows.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """The rows in the spool: one line per store path and remote."""
+    cfg = load_config()
+    if remote is not None:
+        cfg.remote(remote)
+    with open_spool(cfg) as spool:
+        if rejected:
+            rejects = spool.rejects(limit)
+            if json_output:
+                print_json(rejects)
+            else:
+                for rej in rejects:
+                    typer.echo(f"{rej['id']:>6}  {rej['reason']}: {rej['value']}")
+            return
+        found = spool.rows(state=state, remote=remote, limit=limit)
+    if json_output:
+        print_json(
+            [
+                {
+                    "id": r.id,
+                    "path": r.path,
+                    "remote": r.remote,
+                    "state": r.state.value,
+                    "attempts": r.attempts,
+                    "next_attempt_at": r.next_attempt_at or None,
+                    "last_error": r.last_error,
+                    "recorded_at": r.recorded_at,
+                    "delivered_at": r.delivered_at,
+                    "needs_outputs": r.needs_outputs,
+                    "drv_path": r.drv_path or None,
+                }
+                for r in found
+            ]
+        )
+        return
+    for r in found:
+        extra = f"  ({r.attempts} attempts: {r.last_error})" if r.last_error else ""
+        kind = "  (outputs not yet resolved)" if r.needs_outputs else ""
+        typer.echo(f"{r.id:>6}  {r.remote:<12} {r.state.value:<9}  {r.path}{kind}{extra}")
+
+
+# -- retry and drop ------------------------------------------------------------
+
+Targets = Annotated[
+    list[str] | None,
+    typer.Argument(help="Row ids (from `nixspool list`) or store paths.", show_default=False),
+]
+AllFailed = Annotated[bool, typer.Option("--all-failed", help="Every failed row.")]
+
+
+def selector(targets: list[str] | None, all_failed: bool, remote: str | None) -> Selector:
+    ids, paths = [], []
+    for target in targets or []:
+        if target.isdigit():
+            ids.append(int(target))
+        elif target.startswith("/"):
+            paths.append(target)
+        else:
+            raise UsageError(f"'{target}' is neither a row id nor a store path")
+    return Selector(tuple(ids), tuple(paths), all_failed, remote)
+
+
+@app.command()
+@reports_errors
+def retry(
+    targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
+) -> None:
+    """Requeue failed (or waiting) rows so that the next flush tries them at once."""
+    cfg = load_config()
+    if remote is not None:
+        cfg.remote(remote)
+    with open_spool(cfg) as spool:
+        count = spool.retry(selector(targets, all_failed, remote))
+    typer.echo(f"requeued {count} rows")
+
+
+@app.command()
+@reports_errors
+def drop(
+    targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
+) -> None:
+    """Forget rows: they will not be uploaded (to that remote, with --remote)."""
+    cfg = load_config()
+    if remote is not None:
+        cfg.remote(remote)
+    with open_spool(cfg) as spool:
+        before = spool.status()["totals"]
+        forgotten = spool.drop(selector(targets, all_failed, remote))
+        after = spool.status()["totals"]
+    dropped = sum(before.values()) - sum(after.values())
+    typer.echo(f"dropped {dropped} rows; {len(forgotten)} paths left the spool")
+
+
+# -- flush ---------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
+    """Upload due rows to the remotes that can be reached now.
+
+    Exit status: 0 all due work delivered (or none due); 75 a remote could not
+    be reached, or uploads will be retried later (rows stay queued); 1 some rows
+    failed for a reason retrying will not fix (see `nixspool status`).
+    """
+    from . import flush as flush_mod
+
+    cfg = load_config()
+    if remote is not None:
+        cfg.remote(remote)
+    if not cfg.remotes:
+        raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
+    with open_spool(cfg) as spool, flush_mod.single_flusher(spool.path) as alone:
+        if not alone:
+            typer.echo(
+                "another nixspool flush is running on this spool; it delivers these rows", err=True
+            )
+            raise typer.Exit(flush_mod.EX_TEMPFAIL)
+        started = time.monotonic()
+        reports = flush_mod.Flusher(cfg, spool, _progress()).run(remote)
+    code = flush_mod.exit_code(reports)
+    if json_output:
+        print_json(
+            {
+                "exit_code": code,
+                "seconds": round(time.monotonic() - started, 3),
+                "remotes": {r.remote: vars(r) for r in reports},
+            }
+        )
+    else:
+        for r in reports:
+            line = (
+                f"{r.remote}: {r.delivered} delivered, {r.failed} failed, "
+                f"{r.queued} still queued ({r.seconds:.1f} s)"
+            )
+            if r.unreachable:
+                line += f"; unreachable: {r.error}"
+            typer.echo(line, err=True)
+            for failure in r.failures:
+                typer.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+    raise typer.Exit(code)
+
+
+def _progress() -> Callable[[str, int], None]:
+    def report(remote: str, delivered: int) -> None:
+        log.info("%s: delivered %d paths", remote, delivered)
+
+    return report
+
+
+# -- config --------------------------------------------------------------------
+
+
+@app.command("config")
+@reports_errors
+def show_config(json_output: JsonOption = False) -> None:
+    """The effective config, and where each value came from."""
+    path, how = config_mod.find(settings.config_path, _environ())
+    cfg = load_config()
+    values: dict[str, Any] = {k: getattr(cfg, k) for k in config_mod.GLOBAL_KEYS}
+    remotes = {r.name: {k: getattr(r, k) for k in config_mod.REMOTE_KEYS} for r in cfg.remotes}
+    if json_output:
+        print_json(
+            {
+                "file": path,
+                "chosen_by": how,
+                "values": values,
+                "remotes": remotes,
+                "sources": dict(cfg.sources),
+            }
+        )
+        return
+    typer.echo(f"# config file: {path or '(none)'} ({how})")
+    for key, value in values.items():
+        typer.echo(f"{key} = {_toml(value)}  # {cfg.sources[key]}")
+    for name, table in remotes.items():
+        typer.echo(f"\n[remotes.{name}]")
+        for key, value in table.items():
+            if value is not None:
+                typer.echo(f"{key} = {_toml(value)}  # {cfg.sources.get(f'remotes.{name}.{key}')}")
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _toml(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,219 @@
+"""The TOML config: where it is, what it says, and where each value came from.
+
+Looked up in this order (DESIGN.md): `--config PATH`, `$NIXSPOOL_CONFIG`,
+`/etc/nixspool/config.toml`, the user's config dir. No file at all is valid:
+every key has a default, and there are then no remotes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import locate
+from .errors import ConfigError, UsageError
+
+# The top-level keys: name -> (type, default, one line for `nixspool config`).
+# The defaults that depend on who runs nixspool (spool) are filled in by load().
+GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
+    "spool": (str, None, "the SQLite spool file"),
+    "user": (str, None, "run ssh and nix copy as this user when started as root"),
+    "ssh_as_root": (bool, False, "allow ssh and nix copy as root when no user is set"),
+    "connect_timeout": (float, 10.0, "seconds for each network connect (probe, ssh)"),
+    "copy_timeout": (float, 3600.0, "seconds one nix copy may take in all"),
+    "batch_size": (int, 500, "store paths per nix copy"),
+    "retry_min": (float, 30.0, "seconds before the first retry of a failed upload"),
+    "retry_max": (float, 3600.0, "longest wait between retries of a row"),
+    "accept_new_host_keys": (bool, False, "trust an SSH host key not yet in known_hosts"),
+    "gc_roots": (bool, True, "protect queued paths from garbage collection"),
+}
+# Per remote: url is required; the others default to the top-level value.
+REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
+    "url": (str, None, "where to copy: any URL `nix copy --to` takes"),
+    "ssh_key": (str, None, "SSH private key (default: agent, ~/.ssh/config)"),
+    "sign_key_file": (str, None, "Nix secret key to sign paths with before upload"),
+    "connect_timeout": GLOBAL_KEYS["connect_timeout"],
+    "copy_timeout": GLOBAL_KEYS["copy_timeout"],
+    "batch_size": GLOBAL_KEYS["batch_size"],
+}
+REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+SSH_SCHEMES = ("ssh://", "ssh-ng://")
+
+
+@dataclass(frozen=True)
+class Remote:
+    name: str
+    url: str
+    ssh_key: str | None = None
+    sign_key_file: str | None = None
+    connect_timeout: float = 10.0
+    copy_timeout: float = 3600.0
+    batch_size: int = 500
+
+    @property
+    def uses_ssh(self) -> bool:
+        return self.url.startswith(SSH_SCHEMES)
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: str
+    user: str | None = None
+    ssh_as_root: bool = False
+    connect_timeout: float = 10.0
+    copy_timeout: float = 3600.0
+    batch_size: int = 500
+    retry_min: float = 30.0
+    retry_max: float = 3600.0
+    accept_new_host_keys: bool = False
+    gc_roots: bool = True
+    remotes: tuple[Remote, ...] = ()
+    path: str | None = None  # the file it came from, None for defaults only
+    # "key" or "remotes.NAME.key" -> "file:line" or "default"
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def remote(self, name: str) -> Remote:
+        for remote in self.remotes:
+            if remote.name == name:
+                return remote
+        known = ", ".join(r.name for r in self.remotes) or "none configured"
+        raise UsageError(f"unknown remote '{name}' (known: {known}); see `nixspool config`")
+
+    def selected(self, name: str | None) -> tuple[Remote, ...]:
+        return self.remotes if name is None else (self.remote(name),)
+
+
+def find(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The config file in force and why: (path or None, how it was chosen)."""
+    if explicit:
+        return explicit, "--config"
+    candidates = locate.config_candidates(environ)
+    if len(candidates) == 1:
+        return candidates[0]
+    for path, how in candidates:
+        if os.path.exists(path):
+            return path, how
+    return None, "no config file (defaults)"
+
+
+def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if environ is None else environ
+    path, _ = find(explicit, env)
+    data: dict[str, Any] = {}
+    text = ""
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+            text = raw.decode("utf-8")
+            data = tomllib.loads(text)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied; is it readable by this user?") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return _build(data, path, text, env)
+
+
+def _line_of(text: str, table: str | None, key: str) -> int | None:
+    """The 1-based line where `key` is set in `[table]` (None: top level)."""
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", stripped)
+        if header:
+            current = header.group(1).replace('"', "").replace(" ", "")
+        elif current == table and re.match(rf"{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _where(path: str | None, text: str, table: str | None, key: str) -> str:
+    line = _line_of(text, table, key)
+    return f"{path}:{line}" if line else f"{path}"
+
+
+def _check(value: Any, kind: type, key: str, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+        raise ConfigError(f"{where}: '{key}' must be greater than 0, not {value!r}")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}[kind]
+
+
+def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, str]) -> Config:
+    sources: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "remotes":
+            continue
+        where = _where(path, text, None, key)
+        if key not in GLOBAL_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(GLOBAL_KEYS)})")
+        values[key] = _check(value, GLOBAL_KEYS[key][0], key, where)
+        sources[key] = where
+    for key, (_, default, _) in GLOBAL_KEYS.items():
+        if key not in values:
+            values[key] = default
+            sources[key] = "default"
+    if values["spool"] is None:
+        values["spool"] = locate.default_spool(env)
+    values["spool"] = os.path.expanduser(values["spool"])
+    if not os.path.isabs(values["spool"]):
+        raise ConfigError(f"{sources['spool']}: 'spool' must be an absolute path")
+    if values["retry_max"] < values["retry_min"]:
+        raise ConfigError(f"{sources['retry_max']}: 'retry_max' must be at least 'retry_min'")
+
+    remotes_data = data.get("remotes", {})
+    if not isinstance(remotes_data, dict):
+        raise ConfigError(
+            f"{_where(path, text, None, 'remotes')}: 'remotes' must be tables like [remotes.pi]"
+        )
+    remotes = []
+    for name, table in remotes_data.items():
+        where = f"{path}:{_line_of(text, f'remotes.{name}', 'url') or ''}".rstrip(":")
+        if not REMOTE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{where}: remote name '{name}' must be letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: 'remotes.{name}' must be a table like [remotes.{name}]")
+        remote: dict[str, Any] = {}
+        for key, value in table.items():
+            kwhere = _where(path, text, f"remotes.{name}", key)
+            if key not in REMOTE_KEYS:
+                raise ConfigError(
+                    f"{kwhere}: unknown key '{key}' in [remotes.{name}] "
+                    f"(known: {', '.join(REMOTE_KEYS)})"
+                )
+            remote[key] = _check(value, REMOTE_KEYS[key][0], key, kwhere)
+            sources[f"remotes.{name}.{key}"] = kwhere
+        if "url" not in remote:
+            raise ConfigError(f'{where}: [remotes.{name}] needs a url, e.g. url = "ssh-ng://pi"')
+        if "://" not in remote["url"] and remote["url"] not in ("daemon", "local", "auto"):
+            raise ConfigError(
+                f"{sources[f'remotes.{name}.url']}: url {remote['url']!r} is not a "
+                "store URL; examples: ssh-ng://pi, ssh://user@nas, file:///srv/cache"
+            )
+        for key in ("connect_timeout", "copy_timeout", "batch_size"):
+            if key not in remote:
+                remote[key] = values[key]
+                sources[f"remotes.{name}.{key}"] = f"{sources[key]} (top level)"
+        for key in ("ssh_key", "sign_key_file"):
+            if remote.get(key):
+                remote[key] = os.path.expanduser(remote[key])
+        remotes.append(Remote(name=name, **remote))
+    return Config(remotes=tuple(remotes), path=path, sources=sources, **values)

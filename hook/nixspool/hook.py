@@ -1,0 +1,161 @@
+"""nixspool-hook: Nix's post-build-hook. Record the build, exit 0, fast.
+
+Nix runs this as root after every local build, synchronously in the build
+loop (before Nix 2.35 and Lix 2.94): its run time is added to every build,
+and a non-zero exit stops the build. So this module:
+- imports only the standard library (a test checks), and not tomllib;
+- never calls nix, never reads stdin, never starts a child process;
+- prints nothing on success, one `nixspool: ...` line on stderr otherwise;
+- always exits 0.
+
+Where a record goes, first choice first:
+1. the SQLite spool (one short IMMEDIATE transaction, bounded busy wait);
+2. the fallback journal beside it (one O_APPEND line), imported into the
+   spool by the next `nixspool` command; on a full disk, after deleting the
+   ballast file that `nixspool` keeps beside the spool for this moment;
+3. nowhere: the error line says what was lost and why.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import sys
+import time
+
+from . import journal, locate, storepath
+from .record import Record, store
+
+# How long a hook waits for a spool another process holds locked. Writers
+# hold it for milliseconds; past this bound the record goes to the journal.
+BUSY_TIMEOUT_SECONDS = 2.0
+BALLAST_SUFFIX = ".ballast"
+
+
+def _say(level: str, message: str) -> None:
+    try:  # noqa: SIM105 - contextlib is one more import on every build
+        print(f"nixspool: {level}: {message}", file=sys.stderr, flush=True)
+    except Exception:  # noqa: S110 - stderr closed: nothing left to tell, the build goes on
+        pass
+
+
+def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Record:
+    """Validate DRV_PATH and OUT_PATHS into a record of what to store."""
+    store_dir = storepath.store_dir(environ)
+    rejects: list[tuple[str, str]] = []
+    drv_path = environ.get("DRV_PATH", "")
+    if drv_path:
+        reason = storepath.why_invalid(drv_path, store_dir)
+        if reason is None and not drv_path.endswith(".drv"):
+            reason = "is not a derivation (.drv)"
+        if reason is not None:
+            rejects.append((storepath.shown(drv_path), "DRV_PATH " + reason))
+            drv_path = ""
+    outputs, bad_outputs = storepath.split_paths(environ.get("OUT_PATHS", ""), store_dir)
+    rejects += [(value, "OUT_PATHS entry " + reason) for value, reason in bad_outputs]
+    return Record(drv_path, outputs, rejects, now)
+
+
+def _check_directory(directory: str) -> None:
+    # A row is a request to sign and upload, and this runs as root: refuse a
+    # spool directory that others could write to (planted rows, symlinks).
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return  # the journal creates it, 0700
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{directory} is writable by group or others; "
+            f"run 'chmod 0700 {directory}' (see README#ownership)"
+        )
+
+
+def write_spool(spool: str, record: Record) -> None:
+    """Store the record in the SQLite spool or raise."""
+    if os.path.islink(spool):
+        raise PermissionError(f"{spool} is a symbolic link; refusing to follow it as root")
+    # mode=rw: never create the spool here. A missing spool is created, with
+    # its schema and owner, by the next `nixspool` command; until then
+    # records wait in the journal.
+    uri = "file:" + spool.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    con = sqlite3.connect(
+        uri + "?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
+    )
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        store(con, [record])
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def write_journal(spool: str, record: Record) -> str:
+    """Append the record to the fallback journal; free the ballast if the disk is full."""
+    path = locate.fallback_journal(spool)
+    try:
+        journal.append(path, record)
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        os.unlink(spool + BALLAST_SUFFIX)  # FileNotFoundError: no ballast left
+        journal.append(path, record)
+        return path + " (disk full: used the ballast; free some space)"
+    return path
+
+
+def _describe(record: Record) -> str:
+    return record.drv_path or " ".join(record.outputs) or "this build"
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, sqlite3.OperationalError) and "unable to open" in str(error):
+        return "it does not exist yet (any nixspool command creates it)"
+    return str(error) or type(error).__name__
+
+
+def run(environ: dict[str, str] | os._Environ[str]) -> None:
+    os.umask(0o077)
+    record = read_record(environ, time.time())
+    if not record.path_rows() and not record.rejects:
+        _say("error", "DRV_PATH and OUT_PATHS are empty: run me as Nix's post-build-hook")
+        return
+    try:
+        spool = locate.hook_spool(environ)
+    except Exception as e:
+        spool = locate.default_spool(environ)
+        _say("warning", f"config: {e}; using the default spool {spool}")
+    try:
+        _check_directory(os.path.dirname(spool))
+    except OSError as e:
+        _say("error", f"did not record {_describe(record)}: {e}")
+        return
+    try:
+        write_spool(spool, record)
+        return
+    except Exception as e:
+        spool_error = _why(e)
+    try:
+        where = write_journal(spool, record)
+    except Exception as e:
+        _say(
+            "error",
+            f"did not record {_describe(record)}: spool {spool}: {spool_error}; "
+            f"fallback journal: {e}",
+        )
+        return
+    _say("warning", f"spool {spool}: {spool_error}; recorded in {where}")
+
+
+def main() -> int:
+    try:
+        run(os.environ)
+    except BaseException as e:  # the build must go on whatever happens here
+        _say("error", f"unexpected {type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""One hook run's findings, and the SQL that stores them in the spool.
+
+Standard library only. The hook stores records directly; `nixspool` stores
+the ones the hook had to put in the fallback journal. Both use `store()`, so
+the two paths cannot drift apart. These statements are the hook's whole view
+of the schema: migrations in spool.py must keep them valid (a test checks).
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+
+INSERT_PATH = (
+    "INSERT INTO paths (path, drv_path, needs_outputs, recorded_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (path) DO NOTHING"
+)
+INSERT_REJECT = (
+    "INSERT INTO rejects (value, reason, drv_path, recorded_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+
+
+class Record:
+    """What one hook run saw, already validated.
+
+    A plain class, not a frozen dataclass as elsewhere: importing dataclasses
+    costs the hook more than the rest of its work.
+    """
+
+    __slots__ = ("drv_path", "outputs", "recorded_at", "rejects")
+
+    def __init__(
+        self,
+        drv_path: str,
+        outputs: list[str],
+        rejects: list[tuple[str, str]],
+        recorded_at: float,
+    ) -> None:
+        self.drv_path = drv_path  # "" when DRV_PATH was missing or rejected
+        self.outputs = outputs  # empty: resolve from drv_path later (Nix 2.8.0)
+        self.rejects = rejects  # (shown value, reason)
+        self.recorded_at = recorded_at
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and all(
+            getattr(self, f) == getattr(other, f) for f in self.__slots__
+        )
+
+    def __repr__(self) -> str:
+        return f"Record({self.drv_path!r}, {self.outputs!r}, {self.rejects!r})"
+
+    def path_rows(self) -> list[tuple[str, str, int, float]]:
+        if self.outputs:
+            return [(p, self.drv_path, 0, self.recorded_at) for p in self.outputs]
+        if self.drv_path:  # Nix 2.8.0: OUT_PATHS empty; the flusher resolves them
+            return [(self.drv_path, self.drv_path, 1, self.recorded_at)]
+        return []
+
+
+def store(con: sqlite3.Connection, records: list[Record]) -> None:
+    """Insert records; the caller owns the transaction."""
+    for record in records:
+        con.executemany(INSERT_PATH, record.path_rows())
+        con.executemany(
+            INSERT_REJECT, [(v, r, record.drv_path, record.recorded_at) for v, r in record.rejects]
+        )
