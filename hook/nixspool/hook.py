@@ -19,13 +19,20 @@ Where a record goes, first choice first:
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 import sys
 import time
 
-from . import journal, locate, storepath
+from . import locate, storepath
 from .record import Record, store
+
+# The C module behind `sqlite3`, without the DB-API layer's datetime adapters
+# and their imports: about a third of an interpreter start saved on every
+# build. It has the same connect() and exceptions; it is CPython's own.
+try:
+    import _sqlite3 as sqlite3
+except ImportError:  # pragma: no cover - an interpreter without the split
+    import sqlite3  # type: ignore[no-redef]
 
 # How long a hook waits for a spool another process holds locked. Writers
 # hold it for milliseconds; past this bound the record goes to the journal.
@@ -79,19 +86,41 @@ def write_spool(spool: str, record: Record) -> None:
     # its schema and owner, by the next `nixspool` command; until then
     # records wait in the journal.
     uri = "file:" + spool.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    con = sqlite3.connect(
-        uri + "?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
-    )
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        store(con, [record])
-        con.execute("COMMIT")
-    finally:
-        con.close()
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        con = sqlite3.connect(
+            uri + "?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
+        )
+        try:
+            # As durable as Nix's own record of the build: Nix keeps its store
+            # database in WAL mode with synchronous = normal too. A commit
+            # survives any process crash; it costs no fsync of its own.
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.execute("BEGIN IMMEDIATE")
+            store(con, [record])
+            con.execute("COMMIT")
+            _committed.append(con)  # see launch(): not closed on purpose
+            return
+        except sqlite3.OperationalError as e:
+            con.close()
+            # WAL recovery and some lock upgrades answer "locked" at once,
+            # without the busy handler: keep trying until our own bound.
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        except BaseException:
+            con.close()
+            raise
+        time.sleep(0.005)
+
+
+# Connections whose transaction committed; launch() exits without closing them.
+_committed: list[sqlite3.Connection] = []
 
 
 def write_journal(spool: str, record: Record) -> str:
     """Append the record to the fallback journal; free the ballast if the disk is full."""
+    from . import journal  # only on this rare path: it is not free to import
+
     path = locate.fallback_journal(spool)
     try:
         journal.append(path, record)
@@ -117,7 +146,6 @@ def _why(error: BaseException) -> str:
 
 
 def run(environ: dict[str, str] | os._Environ[str]) -> None:
-    os.umask(0o077)
     record = read_record(environ, time.time())
     if not record.path_rows() and not record.rejects:
         _say("error", "DRV_PATH and OUT_PATHS are empty: run me as Nix's post-build-hook")
@@ -151,11 +179,31 @@ def run(environ: dict[str, str] | os._Environ[str]) -> None:
 
 def main() -> int:
     try:
+        os.umask(0o077)  # whatever the hook creates is for root and the spool's owner
         run(os.environ)
     except BaseException as e:  # the build must go on whatever happens here
         _say("error", f"unexpected {type(e).__name__}: {e}")
     return 0
 
 
+def launch() -> None:
+    """The installed nixspool-hook's entry point: main(), then exit at once.
+
+    Closing the last connection to a WAL database checkpoints it (copies the
+    WAL into the database and fsyncs it) and deletes -wal and -shm, which the
+    next hook must then create again: together most of the hook's own cost.
+    Exiting without closing is safe by SQLite's design: the commit is already
+    durable in the WAL, the locks die with the process, and the next
+    connection uses the WAL as it is. `nixspool` commands, which close
+    normally, checkpoint it.
+    """
+    code = main()
+    try:  # noqa: SIM105 - contextlib is one more import on every build
+        sys.stderr.flush()
+    except Exception:  # noqa: S110 - stderr closed: nothing left to tell
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    launch()

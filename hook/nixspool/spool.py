@@ -156,11 +156,13 @@ def check_permissions(path: str, owner: Owner | None) -> None:
             f"uploads; run 'chmod {mode} {path}' (see README#ownership)"
         )
     if st.st_uid not in _trusted_owners(owner):
-        who = owner.name if owner else "root"
-        raise SpoolError(
-            f"spool {kind} {path} belongs to uid {st.st_uid}, not to root or {who}; "
-            f"run 'chown -R {who} {os.path.dirname(path) if kind == 'file' else path}'"
-        )
+        fix = path if kind == "directory" else os.path.dirname(path)
+        if owner is None:
+            raise SpoolError(f"spool {kind} {path} belongs to uid {st.st_uid}, not to root; if "
+                             "that is the flusher's user, set 'user' in the config, else run "
+                             f"'chown -R root {fix}'")
+        raise SpoolError(f"spool {kind} {path} belongs to uid {st.st_uid}, not to root or "
+                         f"{owner.name}; run 'chown -R {owner.name} {fix}'")
 
 
 class Spool:

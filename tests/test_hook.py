@@ -1,0 +1,415 @@
+"""nixspool-hook: fast path, input hygiene, and the hook under fire."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lab
+import pytest
+from nixspool import hook, locate
+from nixspool.spool import Owner, Spool
+
+STORE = "/nix/store"
+H = "0123456789abcdfghijklmnpqrsvwxyz"  # a valid 32-char hash
+
+
+def out(name: str, digest: str = H) -> str:
+    return f"{STORE}/{digest}-{name}"
+
+
+def paths_in(spool: Path, owner: Owner | None = None) -> set[str]:
+    with Spool.open(str(spool), owner) as s:  # imports the journal, like any command
+        return {row[0] for row in s.conn.execute("SELECT path FROM paths")}
+
+
+def unique_out(i: int) -> str:
+    digest = "".join(H[(i >> (5 * k)) & 31] for k in range(7)) + H[7:]
+    return out(f"p{i}", digest)
+
+
+# -- the module itself ---------------------------------------------------------
+
+THIRD_PARTY = (
+    "typer",
+    "click",
+    "sqlite_utils",
+    "paramiko",
+    "nacl",
+    "tenacity",
+    "platformdirs",
+    "rich",
+    "tomllib",
+    "dataclasses",
+)
+
+
+def test_importing_the_hook_loads_only_the_standard_library() -> None:
+    package_dir = Path(__file__).parents[1] / "hook"
+    code = (
+        f"import sys; sys.path.insert(0, {str(package_dir)!r}); import nixspool.hook; "
+        f"print(' '.join(m for m in {THIRD_PARTY!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], text=True, capture_output=True, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_the_installed_hook_runs_python_isolated_without_site() -> None:
+    launcher = Path(lab.installed_program("nixspool-hook")).read_text()
+    assert launcher.startswith("#!/bin/sh\n")
+    assert '-IS "$0"' in launcher
+
+
+# -- input hygiene -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("drv", "outs", "outputs", "reasons"),
+    [
+        (out("a.drv"), out("a"), [out("a")], []),
+        (out("a.drv"), f"{out('a')} {out('a-dev')}", [out("a"), out("a-dev")], []),
+        (out("a.drv"), f"{out('a')}  {out('a')} ", [out("a")], []),  # dedup, extra spaces
+        (out("a.drv"), "", [], []),  # Nix 2.8.0: the .drv row stands for its outputs
+        ("", out("a"), [out("a")], []),
+        (out("a.drv"), "relative/path", [], ["OUT_PATHS entry is not an absolute path"]),
+        (
+            out("a.drv"),
+            f"{STORE}/../etc/passwd",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            f"{out('a')}/sub",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            "/tmp/" + H + "-a",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            f"{STORE}/short-a",
+            [],
+            ["OUT_PATHS entry does not start with a 32-character Nix hash"],
+        ),
+        (
+            out("a.drv"),
+            f"{STORE}/{'e' * 32}-a",
+            [],  # e is not in Nix's base-32
+            ["OUT_PATHS entry does not start with a 32-character Nix hash"],
+        ),
+        (out("a.drv"), out("a\nb"), [], ["OUT_PATHS entry contains control characters"]),
+        (out("a.drv"), out("a\tb"), [], ["OUT_PATHS entry contains control characters"]),
+        (out("a.drv"), out("a\udcffb"), [], ["OUT_PATHS entry is not valid UTF-8"]),
+        (out("a.drv"), out("a b"), [out("a")], ["OUT_PATHS entry is not an absolute path"]),
+        (
+            out("a.drv"),
+            out("a$(rm -rf /)"),
+            [],  # splits into three values, all refused
+            [
+                "OUT_PATHS entry has an invalid store path name",
+                "OUT_PATHS entry is not an absolute path",
+                "OUT_PATHS entry is not directly in the Nix store /nix/store",
+            ],
+        ),
+        (out("a.drv"), out(".hidden"), [], ["OUT_PATHS entry has an invalid store path name"]),
+        (
+            "/etc/passwd",
+            out("a"),
+            [out("a")],
+            ["DRV_PATH is not directly in the Nix store /nix/store"],
+        ),
+        (out("a"), out("a"), [out("a")], ["DRV_PATH is not a derivation (.drv)"]),
+    ],
+)
+def test_read_record(drv: str, outs: str, outputs: list[str], reasons: list[str]) -> None:
+    record = hook.read_record({"DRV_PATH": drv, "OUT_PATHS": outs}, 1.0)
+    assert record.outputs == outputs
+    assert [reason for _, reason in record.rejects] == reasons
+
+
+def test_nix_store_dir_is_respected() -> None:
+    env = {"NIX_STORE_DIR": "/gnu/store/", "OUT_PATHS": f"/gnu/store/{H}-a {out('b')}"}
+    record = hook.read_record(env, 1.0)
+    assert record.outputs == [f"/gnu/store/{H}-a"]
+    assert record.rejects[0][1] == "OUT_PATHS entry is not directly in the Nix store /gnu/store"
+
+
+def test_a_hundred_thousand_bad_values_are_bounded_and_fast(tmp_path: Path) -> None:
+    env = {
+        "OUT_PATHS": " ".join(f"x{i}" for i in range(100_000)),
+        "DRV_PATH": out("a.drv"),
+        "NIXSPOOL_CONFIG": str(tmp_path / "c.toml"),
+    }
+    (tmp_path / "c.toml").write_text(f'spool = "{tmp_path}/s/spool.sqlite"\n')
+    Spool.open(str(tmp_path / "s" / "spool.sqlite")).close()
+    hook.run(env)  # in-process: the kernel caps one variable at 128 KiB for exec
+    with Spool.open(str(tmp_path / "s" / "spool.sqlite")) as s:
+        rejects = s.rejects()
+    assert len(rejects) == 21  # 20 shown and one line counting the rest
+    assert rejects[0]["value"] == "(99980 more values)"
+
+
+# -- the installed hook, run as Nix runs it -----------------------------------
+
+
+def test_success_prints_nothing_and_records_each_output(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    result = run_hook(hook_env(out("a.drv"), f"{out('a')} {out('a-dev')}"))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert paths_in(spool) == {out("a"), out("a-dev")}
+    assert not Path(locate.fallback_journal(str(spool))).exists()
+
+
+def test_the_same_path_twice_is_one_row(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    for _ in range(2):
+        assert run_hook(hook_env(out("a.drv"), out("a"))).returncode == 0
+    with Spool.open(str(spool)) as s:
+        assert s.status()["paths"] == 1
+
+
+def test_not_run_by_nix_says_so_and_exits_0(hook_env, run_hook) -> None:
+    result = run_hook(hook_env("", ""))
+    assert result.returncode == 0
+    assert result.stderr == (
+        "nixspool: error: DRV_PATH and OUT_PATHS are empty: run me as Nix's post-build-hook\n"
+    )
+
+
+def test_bytes_that_are_not_utf8_are_rejected(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    env = {k.encode(): v.encode() for k, v in hook_env(out("a.drv"), "").items()}
+    env[b"OUT_PATHS"] = out("a").encode() + b" " + out("b").encode() + b"\xff\xfe"
+    result = subprocess.run(
+        [lab.installed_program("nixspool-hook")],
+        env=env,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+    with Spool.open(str(spool)) as s:
+        assert [r["reason"] for r in s.rejects()] == ["OUT_PATHS entry is not valid UTF-8"]
+        assert s.rejects()[0]["value"].endswith("-b\\xff\\xfe")
+    assert paths_in(spool) == {out("a")}
+
+
+def test_a_variable_at_the_kernel_limit_passes_through(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    many = [unique_out(i) for i in range(128 * 1024 // 50)]
+    value = " ".join(many)
+    assert len(value) < 128 * 1024
+    result = run_hook(hook_env(out("a.drv"), value))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert paths_in(spool) == set(many)
+
+
+def test_an_unsafe_spool_directory_is_refused(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    spool.parent.chmod(0o777)
+    result = run_hook(hook_env(out("a.drv"), out("a")))
+    assert result.returncode == 0
+    assert "writable by group or others" in result.stderr
+    spool.parent.chmod(0o700)
+    assert paths_in(spool) == set()
+
+
+def test_a_broken_config_still_records_in_the_default_spool(tmp_path, run_hook) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('spool = "relative/path"\n')
+    home = tmp_path / "home"
+    env = {
+        "NIXSPOOL_CONFIG": str(config),
+        "HOME": str(home),
+        "DRV_PATH": out("a.drv"),
+        "OUT_PATHS": out("a"),
+        "PATH": os.environ["PATH"],
+    }
+    result = subprocess.run(
+        [lab.installed_program("nixspool-hook")],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "must be an absolute path" in result.stderr
+    # As root the default is /var/lib/nixspool; do not touch the real one.
+    if os.geteuid() != 0:
+        assert (home / ".local/share/nixspool/spool.sqlite.fallback.jsonl").exists()
+
+
+# -- under fire ----------------------------------------------------------------
+
+
+def test_32_concurrent_hooks_lose_nothing(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    expected = [unique_out(i) for i in range(1000)]
+
+    def record(i: int) -> subprocess.CompletedProcess[str]:
+        return run_hook(hook_env(out(f"d{i}.drv"), expected[i]))
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(record, range(1000)))
+    assert all(r.returncode == 0 for r in results)
+    assert paths_in(spool) == set(expected)
+
+
+def test_a_locked_spool_waits_a_bounded_time_then_uses_the_journal(
+    hook_env, run_hook, tmp_path
+) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    holder = sqlite3.connect(spool, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        result = run_hook(hook_env(out("a.drv"), out("a")))
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 0
+    assert "database is locked; recorded in" in result.stderr
+    assert hook.BUSY_TIMEOUT_SECONDS <= waited < hook.BUSY_TIMEOUT_SECONDS + 10
+    assert Path(locate.fallback_journal(str(spool))).exists()
+    assert paths_in(spool) == {out("a")}
+    assert not Path(locate.fallback_journal(str(spool))).exists()
+
+
+def test_a_read_only_spool_uses_the_journal(tmp_path: Path) -> None:
+    # Root ignores file modes, so this runs the hook as an ordinary user.
+    lab.require_lab()
+    lab.ensure_user(lab.BUILDER)
+    home = Path(os.path.expanduser(f"~{lab.BUILDER}"))
+    work = home / "ro-test"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    work.mkdir(mode=0o700)
+    spool = work / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    config = work / "config.toml"
+    config.write_text(f'spool = "{spool}"\n')
+    subprocess.run(["chown", "-R", lab.BUILDER, str(work)], check=True)
+    spool.chmod(0o400)
+    result = lab.run_as(
+        lab.BUILDER,
+        [lab.installed_program("nixspool-hook")],
+        {"NIXSPOOL_CONFIG": str(config), "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
+    )
+    assert result.returncode == 0
+    assert "readonly database; recorded in" in result.stderr
+    spool.chmod(0o600)
+    assert paths_in(spool, Owner.of_user(lab.BUILDER)) == {out("a")}
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    lab.require_lab("mount")
+    mountpoint = tmp_path / "fs"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until the filesystem is full (unbuffered: no late flush)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_still_records_through_the_ballast(
+    small_filesystem, hook_env, run_hook
+) -> None:
+    spool = small_filesystem / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()  # creates the spool and its ballast
+    filler = small_filesystem / "filler"
+    fill(filler)
+    result = run_hook(hook_env(out("a.drv"), out("a"), spool=spool))
+    assert result.returncode == 0
+    assert "used the ballast" in result.stderr
+    filler.unlink()
+    assert paths_in(spool) == {out("a")}
+    assert Path(str(spool) + hook.BALLAST_SUFFIX).exists()  # kept again for next time
+
+
+def test_nothing_left_anywhere_gives_one_error_line_and_exit_0(
+    small_filesystem, hook_env, run_hook
+) -> None:
+    spool = small_filesystem / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    Path(str(spool) + hook.BALLAST_SUFFIX).unlink()
+    fill(small_filesystem / "filler")
+    result = run_hook(hook_env(out("a.drv"), out("a"), spool=spool))
+    assert result.returncode == 0
+    assert result.stderr.startswith(f"nixspool: error: did not record {out('a.drv')}: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_sigkill_at_any_moment_keeps_every_committed_row(hook_env, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    hook_program = lab.installed_program("nixspool-hook")
+    completed: set[str] = set()
+    rng = random.Random(7)
+    for i in range(60):
+        proc = subprocess.Popen(
+            [hook_program],
+            env=hook_env(out(f"d{i}.drv"), unique_out(i)),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0, 0.04))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        if proc.wait() == 0:
+            completed.add(unique_out(i))
+    con = sqlite3.connect(spool)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    recorded = paths_in(spool)
+    assert completed <= recorded  # every hook that finished kept its row
+    assert recorded <= {unique_out(i) for i in range(60)}
+    assert 0 < len(completed) < 60, "the kill timing did not hit both cases; adjust it"
+
+
+def test_a_hook_in_a_spool_with_a_newer_schema_uses_the_journal(
+    hook_env, run_hook, tmp_path
+) -> None:
+    # Whatever a future migration does to `paths`, a failing INSERT loses nothing.
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    con = sqlite3.connect(spool)
+    con.execute("ALTER TABLE paths RENAME TO paths_v2")
+    con.close()
+    result = run_hook(hook_env(out("a.drv"), out("a")))
+    assert result.returncode == 0
+    assert "no such table: paths; recorded in" in result.stderr
