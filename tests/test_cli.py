@@ -1,0 +1,117 @@
+"""The CLI through typer's CliRunner: output, --json shapes, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from nixspool import record
+from nixspool.cli import app
+from nixspool.spool import Spool
+from typer.testing import CliRunner
+
+H = "0123456789abcdfghijklmnpqrsvwxyz"
+runner = CliRunner()
+
+
+def p(name: str) -> str:
+    return f"/nix/store/{H}-{name}"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    spool = tmp_path / "spool" / "spool.sqlite"
+    path.write_text(f'spool = "{spool}"\n\n[remotes.pi]\nurl = "file://{tmp_path}/cache"\n')
+    with Spool.open(str(spool)) as s, s.transaction():
+        record.store(s.conn, [record.Record(p("a.drv"), [p("a"), p("a-dev")], [("x", "bad")], 1.0)])
+    return path
+
+
+def nixspool(config: Path, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["--config", str(config), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_status_human_and_json(config: Path) -> None:
+    code, out, _ = nixspool(config, "status")
+    assert code == 0
+    assert re.search(r"^pi\s+2\s+0\s+0\s+\d+d", out, re.MULTILINE), out
+    assert "1 values rejected by the hook" in out
+    code, out, _ = nixspool(config, "status", "--json")
+    data = json.loads(out)
+    assert data["totals"] == {"queued": 2, "delivered": 0, "failed": 0}
+    assert data["remotes"]["pi"]["configured"] is True
+
+
+def test_list_filters_and_json(config: Path) -> None:
+    _, out, _ = nixspool(config, "list", "--json", "--state", "queued", "--remote", "pi")
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == [p("a"), p("a-dev")]
+    assert set(rows[0]) == {
+        "id",
+        "path",
+        "remote",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+        "recorded_at",
+        "delivered_at",
+        "needs_outputs",
+        "drv_path",
+    }
+    assert nixspool(config, "list", "--state", "delivered")[1] == ""
+    code, out, _ = nixspool(config, "list", "--rejected")
+    assert (code, "bad: x" in out) == (0, True)
+
+
+def test_retry_drop_and_their_errors(config: Path) -> None:
+    code, out, _ = nixspool(config, "drop", "1")
+    assert (code, out.strip()) == (0, "dropped 1 rows; 1 paths left the spool")
+    code, _, err = nixspool(config, "retry", "99")
+    assert (code, err.strip()) == (2, "error: not in the spool: 99; see `nixspool list`")
+    code, _, err = nixspool(config, "retry", "nonsense")
+    assert code == 2 and "neither a row id nor a store path" in err
+    code, _, err = nixspool(config, "drop", "--remote", "nas", "--all-failed")
+    assert code == 2 and "unknown remote 'nas' (known: pi)" in err
+    code, out, _ = nixspool(config, "retry", "--all-failed")
+    assert (code, out.strip()) == (0, "requeued 0 rows")
+
+
+def test_config_shows_values_and_where_they_came_from(config: Path) -> None:
+    code, out, _ = nixspool(config, "config")
+    assert code == 0
+    assert f'url = "file://{config.parent}/cache"  # {config}:4' in out
+    assert "connect_timeout = 10.0  # default" in out
+    data = json.loads(nixspool(config, "config", "--json")[1])
+    assert data["chosen_by"] == "--config"
+    assert data["sources"]["spool"] == f"{config}:1"
+
+
+def test_config_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[remotes.pi]\nurl = 3\n")
+    code, _, err = nixspool(bad, "status")
+    assert code == 1
+    assert err == f"error: {bad}:2: 'url' must be a string, not 3\n"
+
+
+def test_an_unreadable_spool_is_one_line(tmp_path: Path) -> None:
+    spool = tmp_path / "spool.sqlite"
+    spool.write_text("not sqlite" * 1000)
+    spool.chmod(0o600)
+    tmp_path.chmod(0o700)
+    config = tmp_path / "c.toml"
+    config.write_text(f'spool = "{spool}"\n')
+    code, _, err = nixspool(config, "status")
+    assert code == 1
+    assert err.startswith(f"error: spool {spool}: file is not a database")
+
+
+def test_flush_to_a_file_cache_needs_nix(config: Path, tmp_path: Path) -> None:
+    # Only the argument handling here; real flushes are in the integration tests.
+    code, _, err = nixspool(config, "flush", "--remote", "nope")
+    assert code == 2 and "unknown remote 'nope'" in err

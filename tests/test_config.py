@@ -1,0 +1,84 @@
+"""Config: defaults, per-remote inheritance, and errors that name file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from nixspool import config
+from nixspool.errors import ConfigError, UsageError
+
+
+def load(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return config.load(str(path), environ={})
+
+
+def test_no_file_means_defaults(tmp_path: Path) -> None:
+    cfg = config.load(None, environ={"NIXSPOOL_CONFIG": ""} | {"HOME": str(tmp_path)})
+    assert cfg.remotes == ()
+    assert cfg.sources["connect_timeout"] == "default"
+
+
+def test_minimal_config_from_design_md(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        'spool = "/var/lib/nixspool/spool.sqlite"\nuser = "alice"\n\n'
+        '[remotes.pi]\nurl = "ssh-ng://pi"\n',
+    )
+    assert cfg.user == "alice"
+    (pi,) = cfg.remotes
+    assert (pi.name, pi.url, pi.uses_ssh, pi.connect_timeout) == ("pi", "ssh-ng://pi", True, 10.0)
+    assert cfg.sources["remotes.pi.url"] == f"{tmp_path}/config.toml:5"
+    assert cfg.sources["user"] == f"{tmp_path}/config.toml:2"
+
+
+def test_remote_values_override_and_inherit(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        'connect_timeout = 3\n[remotes.a]\nurl = "file:///c"\n'
+        '[remotes.b]\nurl = "ssh://b"\nconnect_timeout = 7.5\n',
+    )
+    assert [r.connect_timeout for r in cfg.remotes] == [3.0, 7.5]
+    assert cfg.sources["remotes.a.connect_timeout"].endswith(":1 (top level)")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("spool = \n", r"config.toml: invalid TOML: .*line 1"),
+        ('spol = "/x"\n', r"config.toml:1: unknown key 'spol'"),
+        ('\n\nbatch_size = "ten"\n', r"config.toml:3: 'batch_size' must be a whole number"),
+        ("batch_size = true\n", r"'batch_size' must be a whole number, not True"),
+        ("connect_timeout = 0\n", r"'connect_timeout' must be greater than 0"),
+        ("gc_roots = 1\n", r"'gc_roots' must be true or false"),
+        ('spool = "relative"\n', r"config.toml:1: 'spool' must be an absolute path"),
+        ("retry_min = 100\nretry_max = 10\n", r"config.toml:2: 'retry_max' must be at least"),
+        ('[remotes.pi]\nuser = "x"\n', r"config.toml:2: unknown key 'user' in \[remotes.pi\]"),
+        ('[remotes.pi]\nssh_key = "/k"\n', r"\[remotes.pi\] needs a url"),
+        ('[remotes.pi]\nurl = "pi"\n', r"config.toml:2: url 'pi' is not a store URL"),
+        ('[remotes."bad name"]\nurl = "ssh://x"\n', r"remote name 'bad name'"),
+        ("remotes = 3\n", r"'remotes' must be tables"),
+    ],
+)
+def test_invalid_configs_say_where_and_what(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(str(tmp_path / "nope.toml"), environ={})
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(None, environ={"NIXSPOOL_CONFIG": str(tmp_path / "nope.toml")})
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'user = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(str(bad), environ={})
+
+
+def test_unknown_remote_names_the_known_ones(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[remotes.pi]\nurl = "ssh-ng://pi"\n')
+    with pytest.raises(UsageError, match=r"unknown remote 'nas' \(known: pi\)"):
+        cfg.remote("nas")

@@ -1,0 +1,228 @@
+"""The spool against real SQLite files: schema, fan-out, leases, retry and drop."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from nixspool import journal, locate, record
+from nixspool.errors import SpoolError, UsageError
+from nixspool.spool import SCHEMA_VERSION, Selector, Spool, State
+
+H = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def p(name: str) -> str:
+    return f"/nix/store/{H}-{name}"
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool.open(str(tmp_path / "spool" / "spool.sqlite"))
+    yield s
+    s.close()
+
+
+def add(s: Spool, *names: str, drv: str = "") -> None:
+    with s.transaction():
+        record.store(s.conn, [record.Record(drv, [p(n) for n in names], [], 1.0)])
+
+
+def test_new_spool_has_schema_wal_and_safe_modes(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "spool.sqlite"
+    Spool.open(str(path)).close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    assert Path(str(path) + ".ballast").stat().st_size == 1 << 20
+
+
+def test_the_hooks_statements_are_valid_against_the_current_schema(spool: Spool) -> None:
+    add(spool, "a", drv=p("a.drv"))
+    with spool.transaction():
+        record.store(spool.conn, [record.Record(p("b.drv"), [], [("x", "why")], 2.0)])
+    assert spool.status()["paths"] == 2
+    assert spool.status()["unresolved_derivations"] == 1
+    assert spool.status()["rejected"] == 1
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "spool.sqlite"
+    Spool.open(str(path)).close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.close()
+    with pytest.raises(SpoolError, match="newer than this nixspool knows"):
+        Spool.open(str(path))
+
+
+def test_unsafe_modes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "spool.sqlite"
+    Spool.open(str(path)).close()
+    path.chmod(0o666)
+    with pytest.raises(SpoolError, match=r"writable by group or others.*chmod 0600"):
+        Spool.open(str(path))
+    path.chmod(0o600)
+    path.parent.chmod(0o770)
+    with pytest.raises(SpoolError, match=r"directory .* writable by group or others"):
+        Spool.open(str(path))
+
+
+def test_a_symlinked_spool_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "s" / "real.sqlite"
+    Spool.open(str(real)).close()
+    (tmp_path / "s" / "spool.sqlite").symlink_to(real)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        Spool.open(str(tmp_path / "s" / "spool.sqlite"))
+
+
+def test_a_corrupt_spool_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "spool.sqlite"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(b"this is not a database" * 100)
+    path.chmod(0o600)
+    with pytest.raises(SpoolError, match="file is not a database"):
+        Spool.open(str(path))
+
+
+def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> None:
+    add(spool, "a", "b")
+    spool.sync_remotes(["pi", "nas"])
+    add(spool, "c")
+    spool.sync_remotes(["pi", "nas"])
+    status = spool.status()
+    assert status["totals"] == {"queued": 6, "delivered": 0, "failed": 0}
+    ids = [i for i, _ in spool.claim("pi", "me", 10, 60)]
+    assert spool.delivered("pi", "me", ids) == 3
+    status = spool.status()
+    assert status["remotes"]["pi"]["delivered"] == 3
+    assert status["remotes"]["nas"]["queued"] == 3
+
+
+def test_a_lease_hides_rows_until_it_runs_out(spool: Spool) -> None:
+    add(spool, "a", "b")
+    spool.sync_remotes(["pi"])
+    first = spool.claim("pi", "one", 10, 60, now=100)
+    assert len(first) == 2
+    assert spool.claim("pi", "two", 10, 60, now=120) == []  # held by the first flusher
+    assert spool.claim("pi", "two", 10, 60, now=161) == first  # it died; the lease ran out
+    # The first flusher comes back late: it no longer holds the lease, marks nothing.
+    assert spool.delivered("pi", "one", [i for i, _ in first]) == 0
+    assert spool.delivered("pi", "two", [i for i, _ in first]) == 2
+
+
+def test_deferred_rows_wait_and_released_rows_do_not_count_an_attempt(spool: Spool) -> None:
+    add(spool, "a", "b")
+    spool.sync_remotes(["pi"])
+    (a, _), (b, _) = spool.claim("pi", "me", 10, 60, now=0)
+    spool.deferred("pi", "me", [a], "timeout", retry_at=500, now=0)
+    spool.released("pi", "me", [b])
+    assert spool.attempts("pi", [a, b]) == {a: 1, b: 0}
+    assert [i for i, _ in spool.claim("pi", "me", 10, 60, now=100)] == [b]
+    assert spool.claim("pi", "me2", 10, 60, now=150) == []  # a waits, b is leased
+    # At 500 a is due again and b's lease (taken at 100 for 60 s) has run out.
+    assert [i for i, _ in spool.claim("pi", "me2", 10, 60, now=500)] == [a, b]
+
+
+def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
+    add(spool, "a", "b", "c")
+    spool.sync_remotes(["pi", "nas"])
+    rows = spool.claim("pi", "me", 10, 60)
+    spool.failed("pi", "me", [rows[0][0], rows[1][0]], "lacks a valid signature")
+    assert spool.status()["remotes"]["pi"]["last_error"] == "lacks a valid signature"
+    assert spool.retry(Selector(ids=(rows[0][0],), remote="pi")) == 1
+    assert spool.retry(Selector(all_failed=True)) == 1
+    assert spool.status()["totals"]["failed"] == 0
+    spool.released("pi", "me", [rows[2][0]])
+    assert spool.drop(Selector(paths=(p("a"),), remote="pi")) == []  # nas still wants it
+    assert spool.drop(Selector(paths=(p("a"),))) == [p("a")]
+    assert spool.status()["paths"] == 2
+    spool.sync_remotes(["pi", "nas"])  # a dropped row does not come back
+    assert spool.status()["totals"]["queued"] == 4
+
+
+def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
+    with pytest.raises(UsageError, match="not in the spool: 42"):
+        spool.retry(Selector(ids=(42,)))
+    with pytest.raises(UsageError, match="name rows"):
+        spool.drop(Selector())
+
+
+def test_resolving_a_derivation_replaces_its_row_by_its_outputs(spool: Spool) -> None:
+    with spool.transaction():
+        record.store(spool.conn, [record.Record(p("x.drv"), [], [], 5.0)])
+    spool.sync_remotes(["pi"])
+    ((drv_id, _),) = spool.unresolved()
+    assert spool.claim("pi", "me", 10, 60) == []  # not uploadable until resolved
+    spool.resolve(drv_id, [p("x"), p("x-dev")])
+    spool.sync_remotes(["pi"])
+    assert [path for _, path in spool.claim("pi", "me", 10, 60)] == [p("x"), p("x-dev")]
+    assert spool.unresolved() == []
+
+
+def test_journal_records_are_imported_once_even_if_imported_twice(tmp_path: Path) -> None:
+    path = str(tmp_path / "s" / "spool.sqlite")
+    Spool.open(path).close()
+    rec = record.Record(p("a.drv"), [p("a")], [("bad", "why")], 3.0)
+    journal.append(locate.fallback_journal(path), rec)
+    # Simulate an importer that died after committing but before unlinking.
+    os.rename(locate.fallback_journal(path), locate.fallback_journal(path) + ".importing")
+    with open(locate.fallback_journal(path) + ".importing", "ab") as f:
+        f.write(journal.encode(rec) + b'{"half a line')
+    with Spool.open(path) as s:
+        assert s.status()["paths"] == 1
+        reasons = sorted(r["reason"] for r in s.rejects())
+    assert reasons == ["unreadable line in the fallback journal", "why"]
+    assert not os.path.exists(locate.fallback_journal(path) + ".importing")
+
+
+def test_appends_racing_an_import_are_never_lost(tmp_path: Path) -> None:
+    path = str(tmp_path / "s" / "spool.sqlite")
+    Spool.open(path).close()
+    names = [f"r{i}" for i in range(400)]
+
+    def writer(chunk: list[str]) -> None:
+        for n in chunk:
+            journal.append(locate.fallback_journal(path), record.Record("", [p(n)], [], 1.0))
+
+    threads = [threading.Thread(target=writer, args=(names[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    imported = 0
+    while any(t.is_alive() for t in threads):
+        with Spool.open(path) as s:
+            imported = s.status()["paths"]
+    for t in threads:
+        t.join()
+    with Spool.open(path) as s:
+        assert s.status()["paths"] == 400
+    assert imported <= 400
+
+
+def test_status_shape_is_stable(spool: Spool) -> None:
+    add(spool, "a")
+    spool.sync_remotes(["pi"])
+    status = spool.status(now=11.0)
+    assert set(status) == {
+        "spool",
+        "paths",
+        "unresolved_derivations",
+        "rejected",
+        "totals",
+        "remotes",
+    }
+    assert status["remotes"]["pi"] == {
+        "queued": 1,
+        "delivered": 0,
+        "failed": 0,
+        "oldest_queued_at": 1.0,
+        "oldest_queued_age_seconds": 10.0,
+        "last_error": None,
+        "last_error_at": None,
+    }
+    assert [r.state for r in spool.rows()] == [State.QUEUED]
