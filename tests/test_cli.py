@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from nixspool import record
 from nixspool.cli import app
 from nixspool.spool import Spool
-from typer.testing import CliRunner
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
 runner = CliRunner()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from nixspool import config
 from nixspool.errors import ConfigError, UsageError
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import lab
 import pytest
+
+import lab
 from nixspool import config, spool
 from nixspool.flush import Flusher
 

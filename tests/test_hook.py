@@ -12,8 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import lab
 import pytest
+
+import lab
 from nixspool import hook, locate
 from nixspool.spool import Owner, Spool
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import platformdirs
 import pytest
+
 from nixspool import locate
 
 

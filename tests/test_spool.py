@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from nixspool import journal, locate, record
 from nixspool.errors import SpoolError, UsageError
 from nixspool.spool import SCHEMA_VERSION, Selector, Spool, State
