@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -188,3 +189,196 @@ def expected_outputs(daemon: NixDaemon, expr: Path, args: Mapping[str, str]) -> 
         check=True,
     ).stdout.split()
     return set(outs)
+
+
+# -- the LAN host: sshd in a network namespace, with a chroot Nix store -------
+
+ALICE = "nixspool-alice"  # owns the SSH key on the building machine
+CACHE = "nixspool-cache"  # the account on the LAN host whose store receives uploads
+
+
+def sh(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), text=True, capture_output=True, check=check,
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def signing_key(directory: Path, name: str = "nixspool-lab") -> tuple[Path, str]:
+    """A Nix signing key pair: (secret key file, public key text)."""
+    secret, public = directory / f"{name}.sec", directory / f"{name}.pub"
+    if not secret.exists():
+        sh("nix-store", "--generate-binary-cache-key", name, str(secret), str(public))
+        secret.chmod(0o600)
+    return secret, public.read_text().strip()
+
+
+class LanHost:
+    """A host on its own address in a network namespace, running sshd.
+
+    `link_down()` makes it vanish the way a LAN host does when the laptop
+    leaves home: packets go nowhere and connections hang until their timeout.
+    `stop_sshd()` gives the quick "connection refused" case instead.
+    """
+
+    def __init__(self, root: Path, index: int, trusted_key: str) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        tag = f"{os.getpid() % 10000}{index}"
+        self.netns = f"nsplan{tag}"
+        self.veth_host, self.veth_lan = f"vsh{tag}", f"vsl{tag}"
+        # Addresses of our own namespace: the only non-loopback ones ever used.
+        self.address = f"10.231.{77 + index}.2"
+        self.host_address = f"10.231.{77 + index}.1"
+        self.alias = f"lanhost{index}"
+        self.store = root / "store-root"
+        self.sshd_log = root / "sshd.log"
+        self._netns_up()
+        self._remote_user(trusted_key)
+        self._sshd_config()
+        self.sshd: subprocess.Popen[str] | None = None
+        self.start_sshd()
+
+    def _netns_up(self) -> None:
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_lan)
+        sh("ip", "link", "set", self.veth_lan, "netns", self.netns)
+        sh("ip", "addr", "add", f"{self.host_address}/30", "dev", self.veth_host)
+        sh("ip", "link", "set", self.veth_host, "up")
+        self.in_ns("ip", "addr", "add", f"{self.address}/30", "dev", self.veth_lan)
+        self.in_ns("ip", "link", "set", self.veth_lan, "up")
+        self.in_ns("ip", "link", "set", "lo", "up")
+
+    def in_ns(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.netns, *argv, check=check)
+
+    def _remote_user(self, trusted_key: str) -> None:
+        ensure_user(CACHE)
+        home = Path(os.path.expanduser(f"~{CACHE}"))
+        self.store.mkdir(exist_ok=True)
+        sh("chown", "-R", CACHE, str(self.store))
+        nix_conf = home / ".config" / "nix" / "nix.conf"
+        nix_conf.parent.mkdir(parents=True, exist_ok=True)
+        # The LAN host checks signatures, as a real cache does: it trusts the
+        # lab's key, which the lab's nix-daemon signs every build with.
+        nix_conf.write_text(f"store = local?root={self.store}\n"
+                            f"trusted-public-keys = {trusted_key}\n"
+                            "experimental-features = nix-command\n")
+        sh("chown", "-R", CACHE, str(home / ".config"))
+
+    def _sshd_config(self) -> None:
+        key = self.root / "ssh_host_ed25519_key"
+        if not key.exists():
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+        self.host_key = (self.root / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        (self.root / "sshd_config").write_text(textwrap.dedent(f"""\
+            Port 22
+            ListenAddress {self.address}
+            HostKey {key}
+            PidFile {self.root}/sshd.pid
+            UsePAM no
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            PubkeyAuthentication yes
+            PermitRootLogin no
+            StrictModes yes
+            LogLevel VERBOSE
+            AuthorizedKeysFile .ssh/authorized_keys
+            """))
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
+
+    def start_sshd(self) -> None:
+        self.sshd = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, shutil.which("sshd") or "/usr/sbin/sshd",
+             "-D", "-e", "-f", str(self.root / "sshd_config")],
+            stdout=subprocess.DEVNULL, stderr=open(self.sshd_log, "a"),  # noqa: SIM115
+            text=True, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while "Server listening" not in self.sshd_log.read_text():
+            assert self.sshd.poll() is None, self.sshd_log.read_text()
+            assert time.monotonic() < deadline, "sshd did not start"
+            time.sleep(0.05)
+
+    def stop_sshd(self) -> None:
+        if self.sshd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.sshd.pid, signal.SIGTERM)
+            self.sshd.wait(timeout=10)
+            self.sshd = None
+
+    def link_down(self) -> None:
+        self.in_ns("ip", "link", "set", self.veth_lan, "down")
+
+    def link_up(self) -> None:
+        """Bring the host back, and wait (bounded) until its sshd answers again: the
+        kernel remembers the failed neighbour lookup for a few seconds otherwise."""
+        self.in_ns("ip", "link", "set", self.veth_lan, "up")
+        sh("ip", "neigh", "flush", "dev", self.veth_host, check=False)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection((self.address, 22), timeout=1).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, f"{self.address} did not come back"
+                time.sleep(0.1)
+
+    def authorize(self, public_key: str) -> None:
+        ssh_dir = Path(os.path.expanduser(f"~{CACHE}")) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text(public_key + "\n")
+        sh("chown", "-R", CACHE, str(ssh_dir))
+
+    def remote_valid(self, paths: Iterable[str]) -> set[str]:
+        """The paths the LAN host's store holds, asked on the LAN host, as its user."""
+        paths = list(paths)
+        if not paths:
+            return set()
+        result = run_as(CACHE, ["nix-store", "--check-validity", "--print-invalid", *paths], {})
+        assert result.returncode == 0, result.stderr
+        return set(paths) - set(result.stdout.split())
+
+    def logins(self) -> list[str]:
+        """sshd's 'Accepted publickey for USER ... KEYTYPE FINGERPRINT' lines."""
+        return [line for line in self.sshd_log.read_text().splitlines()
+                if "Accepted publickey for" in line]
+
+    def close(self) -> None:
+        self.stop_sshd()
+        sh("ip", "netns", "del", self.netns, check=False)
+        sh("ip", "link", "del", self.veth_host, check=False)
+
+
+class KeyOwner:
+    """The local user who owns the SSH key (the config's `user`)."""
+
+    def __init__(self, lab_root: Path) -> None:
+        ensure_user(ALICE, groups=["nix-users"])
+        self.home = Path(os.path.expanduser(f"~{ALICE}"))
+        self.ssh_dir = self.home / ".ssh"
+        sh("rm", "-rf", str(self.ssh_dir))
+        self.ssh_dir.mkdir(mode=0o700)
+        self.key = self.ssh_dir / "id_ed25519"
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@lab", "-f", str(self.key))
+        self.public_key = Path(str(self.key) + ".pub").read_text().strip()
+        self.fingerprint = sh("ssh-keygen", "-l", "-f", str(self.key)).stdout.split()[1]
+        self.uid_log = lab_root / "ssh-uids"
+        self.uid_log.write_text("")
+        self.uid_log.chmod(0o666)
+        self.hosts: list[LanHost] = []
+
+    def know(self, host: LanHost) -> None:
+        """Add the host to alice's ~/.ssh/config (alias) and known_hosts."""
+        self.hosts.append(host)
+        config = []
+        for h in self.hosts:
+            # LocalCommand runs on this machine, as whoever runs ssh: it records
+            # the uid, so tests see who really talked SSH.
+            config.append(f"Host {h.alias}\n  HostName {h.address}\n  User {CACHE}\n"
+                          f"  PermitLocalCommand yes\n  LocalCommand id -u >> {self.uid_log}\n")
+        (self.ssh_dir / "config").write_text("\n".join(config))
+        (self.ssh_dir / "known_hosts").write_text(
+            "".join(f"{h.address} {' '.join(h.host_key)}\n" for h in self.hosts))
+        sh("chown", "-R", ALICE, str(self.ssh_dir))
+
+    def ssh_uids(self) -> list[int]:
+        return [int(line) for line in self.uid_log.read_text().split()]

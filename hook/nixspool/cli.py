@@ -7,12 +7,13 @@ before it reads or changes anything, so what it shows is complete.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -309,7 +310,8 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             )
             raise typer.Exit(flush_mod.EX_TEMPFAIL)
         started = time.monotonic()
-        reports = flush_mod.Flusher(cfg, spool, _progress()).run(remote)
+        with _progress(enabled=not json_output) as progress:
+            reports = flush_mod.Flusher(cfg, spool, progress).run(remote)
     code = flush_mod.exit_code(reports)
     if json_output:
         print_json(
@@ -325,19 +327,40 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
                 f"{r.remote}: {r.delivered} delivered, {r.failed} failed, "
                 f"{r.queued} still queued ({r.seconds:.1f} s)"
             )
-            if r.unreachable:
-                line += f"; unreachable: {r.error}"
+            if r.error:
+                line += f"; {'unreachable' if r.unreachable else 'error'}: {r.error}"
             typer.echo(line, err=True)
             for failure in r.failures:
                 typer.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
     raise typer.Exit(code)
 
 
-def _progress() -> Callable[[str, int], None]:
-    def report(remote: str, delivered: int) -> None:
-        log.info("%s: delivered %d paths", remote, delivered)
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on a terminal; plain log lines (journald-friendly) otherwise."""
+    if not enabled or not sys.stderr.isatty():
 
-    return report
+        def log_line(remote: str, done: int, total: int) -> None:
+            log.info("%s: %d of %d paths delivered", remote, done, total)
+
+        yield log_line
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bars: dict[str, Any] = {}
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ) as bar:
+
+        def update(remote: str, done: int, total: int) -> None:
+            if remote not in bars:
+                bars[remote] = bar.add_task(remote, total=total)
+            bar.update(bars[remote], completed=done)
+
+        yield update
 
 
 # -- config --------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .errors import ConfigError, UsageError
 GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
     "spool": (str, None, "the SQLite spool file"),
     "user": (str, None, "run ssh and nix copy as this user when started as root"),
-    "ssh_as_root": (bool, False, "allow ssh and nix copy as root when no user is set"),
+    "run_as_root": (bool, False, "allow ssh and nix copy as root when no user is set"),
     "connect_timeout": (float, 10.0, "seconds for each network connect (probe, ssh)"),
     "copy_timeout": (float, 3600.0, "seconds one nix copy may take in all"),
     "batch_size": (int, 500, "store paths per nix copy"),
@@ -63,7 +63,7 @@ class Remote:
 class Config:
     spool: str
     user: str | None = None
-    ssh_as_root: bool = False
+    run_as_root: bool = False
     connect_timeout: float = 10.0
     copy_timeout: float = 3600.0
     batch_size: int = 500
@@ -215,5 +215,9 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
         for key in ("ssh_key", "sign_key_file"):
             if remote.get(key):
                 remote[key] = os.path.expanduser(remote[key])
+                kwhere = sources[f"remotes.{name}.{key}"]
+                if not os.path.isabs(remote[key]) or any(c.isspace() for c in remote[key]):
+                    # Nix splits NIX_SSHOPTS on whitespace: such a path cannot reach ssh.
+                    raise ConfigError(f"{kwhere}: '{key}' must be an absolute path without spaces")
         remotes.append(Remote(name=name, **remote))
     return Config(remotes=tuple(remotes), path=path, sources=sources, **values)

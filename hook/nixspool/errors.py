@@ -37,3 +37,7 @@ class PrivilegeError(NixspoolError):
 
 class UnreachableError(NixspoolError):
     """A remote cannot be reached now; its rows stay queued."""
+
+
+class RemoteConfigError(NixspoolError):
+    """A remote answers but will not take uploads until someone acts (keys, host key)."""

@@ -1,43 +1,55 @@
 """`nixspool flush`: deliver the spool's due rows to each remote.
 
-For each remote: resolve .drv rows into their outputs, check that the
-remote can be reached (a bounded probe; an unreachable remote costs no
-attempt and keeps its rows as they were), then lease batches of due rows,
-drop the ones whose path was garbage-collected, and `nix copy` each batch.
-A batch that fails for a reason retrying will not fix is split in halves
-until the bad paths are found, so one bad path fails only its own row.
+For each remote: resolve .drv rows into their outputs, check that the remote
+can be reached (a bounded probe; an unreachable remote costs no attempt and
+keeps its rows as they were), then lease batches of due rows, fail the ones
+whose path was garbage-collected, and `nix copy` each batch as the configured
+user. A batch the remote rejects is split in halves until the bad paths are
+found, so one bad path fails only its own row. A batch that fails for an
+unclear reason is retried within this flush (tenacity, exponential backoff
+with jitter, re-probing first), then deferred to a later flush with a
+growing delay.
 """
 
 from __future__ import annotations
 
 import enum
 import fcntl
+import json
 import logging
 import os
 import random
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from . import nix
+import tenacity
+
+from . import gcroots, nix, privileges
 from .config import Config, Remote
-from .errors import CommandError, UnreachableError
-from .run import last_line
+from .errors import CommandError, RemoteConfigError, UnreachableError
+from .remote import ProbeRequest, ProbeResult, Verdict, probe, ssh_options
+from .run import last_line, run
 from .spool import Spool
 
 log = logging.getLogger(__name__)
 
 EX_OK, EX_FAILED, EX_TEMPFAIL = 0, 1, 75
+# Within one flush: how often a batch is tried for an unclear failure, and how
+# long to wait in between (seconds, exponential with jitter).
+ATTEMPTS_PER_FLUSH = 3
+RETRY_WAIT = (1.0, 10.0)
 
 
 class Outcome(enum.Enum):
     """How a failed `nix copy` is handled, from what it printed."""
 
     UNREACHABLE = "unreachable"  # the host went away: stop this remote, rows untouched
-    TRANSIENT = "transient"  # try again later, with backoff
+    TRANSIENT = "transient"  # try again, then later, with backoff
     PERMANENT = "permanent"  # the remote or the path says no: fail the row
 
 
@@ -70,8 +82,8 @@ _PERMANENT = (
     "is not a valid store path",
     "read-only file system",
     "cannot add path",
-    "invalid",
     "no space left",
+    "host key verification failed",
 )
 
 
@@ -105,7 +117,7 @@ class RemoteReport:
     failures: list[dict[str, str]] = field(default_factory=list)
 
 
-Progress = Callable[[str, int], None]  # (remote, paths just delivered)
+Progress = Callable[[str, int, int], None]  # (remote, delivered just now, due in all)
 
 
 @contextmanager
@@ -123,14 +135,24 @@ def single_flusher(spool_path: str) -> Iterator[bool]:
         os.close(fd)
 
 
+class _Transient(Exception):
+    """A copy failed for a reason that may go away: tenacity retries it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Flusher:
     """One flush run over one open spool."""
 
     def __init__(self, cfg: Config, spool: Spool, progress: Progress | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
-        self.progress = progress or (lambda remote, n: None)
+        self.progress = progress or (lambda remote, done, total: None)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.account = privileges.remote_account(cfg)  # refuses before touching anything
+        self.drop_root = os.geteuid() != self.account.uid
 
     # -- resolving .drv rows -----------------------------------------------------
 
@@ -146,40 +168,94 @@ class Flusher:
                 continue
             self.spool.resolve(drv_id, outputs)
 
+    def protect(self) -> None:
+        if self.cfg.gc_roots:
+            added, removed = gcroots.sync(self.spool.protected_paths())
+            log.debug("GC roots: %d added, %d removed", added, removed)
+
     # -- delivering ----------------------------------------------------------------
 
     def run(self, only: str | None = None) -> list[RemoteReport]:
+        """Flush; the caller holds the flush lock (see single_flusher)."""
         remotes = self.cfg.selected(only)
+        stale = self.spool.reclaim_leases()
+        if stale:
+            log.info("took back %d rows leased by a flusher that did not finish", stale)
         self.resolve_derivations()
         self.spool.sync_remotes(r.name for r in self.cfg.remotes)
-        return [self.flush_remote(remote) for remote in remotes]
+        self.protect()
+        try:
+            return [self.flush_remote(remote) for remote in remotes]
+        finally:
+            self.protect()
 
     def flush_remote(self, remote: Remote) -> RemoteReport:
         report = RemoteReport(remote.name)
         started = time.monotonic()
         try:
-            if self.spool.due_count(remote.name):
+            due = self.spool.due_count(remote.name)
+            if due:
                 self.check_reachable(remote)
-                self._deliver(remote, report)
+                self._deliver(remote, report, due)
         except UnreachableError as e:
             report.unreachable, report.error = True, str(e)
             log.warning("%s: unreachable, rows stay queued: %s", remote.name, e)
+        except RemoteConfigError as e:
+            report.error = str(e)
+            log.error("%s: %s", remote.name, e)
         report.queued = self.spool.queued_count(remote.name)
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
     def check_reachable(self, remote: Remote) -> None:
-        """Raise UnreachableError unless the remote answers (a bounded probe)."""
-        # Non-ssh stores (file://, local, ...) have nothing to probe.
+        """Raise UnreachableError or RemoteConfigError unless the remote lets us in."""
+        if not remote.uses_ssh:
+            return  # file://, local, ...: nix copy itself says what is wrong
+        result = self._probe(remote)
+        log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
+        if result.verdict is Verdict.UNREACHABLE:
+            raise UnreachableError(result.message)
+        if result.verdict is Verdict.MISCONFIGURED:
+            raise RemoteConfigError(result.message)
 
-    def copy_env(self, remote: Remote) -> dict[str, str] | None:
-        return None
+    def _probe(self, remote: Remote) -> ProbeResult:
+        request = ProbeRequest(
+            url=remote.url,
+            home=self.account.home,
+            local_user=self.account.name,
+            connect_timeout=remote.connect_timeout,
+            ssh_key=remote.ssh_key,
+            accept_new_host_keys=self.cfg.accept_new_host_keys,
+            agent_socket=privileges.agent_socket(self.account),
+        )
+        if not self.drop_root:
+            return probe(request)
+        # paramiko runs in-process; to run it as the user, run it in a child.
+        try:
+            result = run(
+                [sys.executable, "-m", "nixspool.remote"],
+                input=json.dumps(asdict(request)),
+                account=self.account,
+                env=privileges.child_env(self.account),
+                timeout=5 * remote.connect_timeout + 10,
+            )
+            return ProbeResult.from_json(result.stdout)
+        except (CommandError, ValueError, KeyError) as e:
+            return ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
 
-    def _deliver(self, remote: Remote, report: RemoteReport) -> None:
-        lease = remote.copy_timeout + 60
+    def copy_env(self, remote: Remote) -> dict[str, str]:
+        extra = {"NIX_SSHOPTS": ssh_options(remote, self.cfg.accept_new_host_keys)}
+        return privileges.child_env(self.account, extra)
+
+    def _deliver(self, remote: Remote, report: RemoteReport, due: int) -> None:
+        lease = remote.copy_timeout * ATTEMPTS_PER_FLUSH + 60
+        done = 0
         while batch := self.spool.claim(remote.name, self.owner, remote.batch_size, lease):
             try:
+                before = report.delivered
                 self._deliver_batch(remote, batch, report)
+                done += report.delivered - before
+                self.progress(remote.name, done, due)
             except BaseException:
                 # Unreachable, interrupted or a bug: what this batch did not
                 # finish goes back untouched, and the next flush resumes.
@@ -202,30 +278,63 @@ class Flusher:
     def _copy(self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport) -> None:
         ids = [i for i, _ in batch]
         try:
-            nix.copy(
-                remote.url,
-                [p for _, p in batch],
-                timeout=remote.copy_timeout,
-                env=self.copy_env(remote),
-            )
-        except CommandError as e:
-            outcome = classify(e.stderr or str(e))
+            self._copy_with_retries(remote, [p for _, p in batch])
+        except _Transient as e:
+            self._defer(remote, ids, e.reason, report)
+            return
+        except CommandError as e:  # PERMANENT: the remote or a path says no
             reason = last_line(e.stderr) if e.stderr else str(e)
-            if outcome is Outcome.UNREACHABLE:
-                raise UnreachableError(f"{remote.url}: {reason}") from None
-            if outcome is Outcome.PERMANENT and len(batch) > 1:
+            if len(batch) > 1:
                 middle = len(batch) // 2  # find the bad paths; the others go through
                 self._copy(remote, batch[:middle], report)
                 self._copy(remote, batch[middle:], report)
                 return
-            if outcome is Outcome.PERMANENT:
-                report.failed += self.spool.failed(remote.name, self.owner, ids, reason)
-                report.failures.append({"path": batch[0][1], "error": reason})
-                return
-            self._defer(remote, ids, reason, report)
+            report.failed += self.spool.failed(remote.name, self.owner, ids, reason)
+            report.failures.append({"path": batch[0][1], "error": reason})
+            log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
             return
         report.delivered += self.spool.delivered(remote.name, self.owner, ids)
-        self.progress(remote.name, len(ids))
+
+    def _copy_with_retries(self, remote: Remote, paths: list[str]) -> None:
+        """nix copy; retried here for unclear failures, re-probing the remote first."""
+
+        def before_retry(state: tenacity.RetryCallState) -> None:
+            log.info(
+                "%s: retrying a batch of %d paths (%s)",
+                remote.name,
+                len(paths),
+                state.outcome.exception() if state.outcome else "",
+            )
+            self.check_reachable(remote)  # gone meanwhile: UnreachableError ends it
+
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Transient),
+            stop=tenacity.stop_after_attempt(ATTEMPTS_PER_FLUSH),
+            wait=tenacity.wait_exponential_jitter(initial=RETRY_WAIT[0], max=RETRY_WAIT[1]),
+            before_sleep=before_retry,
+            reraise=True,
+        ):
+            with attempt:
+                self._copy_once(remote, paths)
+
+    def _copy_once(self, remote: Remote, paths: list[str]) -> None:
+        try:
+            nix.copy(
+                remote.url,
+                paths,
+                timeout=remote.copy_timeout,
+                env=self.copy_env(remote),
+                account=self.account if self.drop_root else None,
+            )
+        except CommandError as e:
+            text = e.stderr or str(e)
+            outcome = classify(text)
+            reason = last_line(e.stderr) if e.stderr else str(e)
+            if outcome is Outcome.UNREACHABLE:
+                raise UnreachableError(f"{remote.url}: {reason}") from None
+            if outcome is Outcome.TRANSIENT:
+                raise _Transient(reason) from None
+            raise
 
     def _defer(self, remote: Remote, ids: list[int], reason: str, report: RemoteReport) -> None:
         now = time.time()
@@ -237,9 +346,10 @@ class Flusher:
 
 
 def exit_code(reports: Sequence[RemoteReport]) -> int:
-    """DESIGN.md: 75 if a remote was unreachable, else 1 if rows failed, else 0."""
+    """DESIGN.md's codes. 1 wins over 75: failed rows and a remote that refuses us
+    need a person, while an unreachable remote is retried by the timer anyway."""
+    if any(r.failed or (r.error and not r.unreachable) for r in reports):
+        return EX_FAILED
     if any(r.unreachable or r.deferred for r in reports):
         return EX_TEMPFAIL
-    if any(r.failed for r in reports):
-        return EX_FAILED
     return EX_OK

@@ -158,11 +158,15 @@ def check_permissions(path: str, owner: Owner | None) -> None:
     if st.st_uid not in _trusted_owners(owner):
         fix = path if kind == "directory" else os.path.dirname(path)
         if owner is None:
-            raise SpoolError(f"spool {kind} {path} belongs to uid {st.st_uid}, not to root; if "
-                             "that is the flusher's user, set 'user' in the config, else run "
-                             f"'chown -R root {fix}'")
-        raise SpoolError(f"spool {kind} {path} belongs to uid {st.st_uid}, not to root or "
-                         f"{owner.name}; run 'chown -R {owner.name} {fix}'")
+            raise SpoolError(
+                f"spool {kind} {path} belongs to uid {st.st_uid}, not to root; if "
+                "that is the flusher's user, set 'user' in the config, else run "
+                f"'chown -R root {fix}'"
+            )
+        raise SpoolError(
+            f"spool {kind} {path} belongs to uid {st.st_uid}, not to root or "
+            f"{owner.name}; run 'chown -R {owner.name} {fix}'"
+        )
 
 
 class Spool:
@@ -532,6 +536,15 @@ class Spool:
             )
         return [(path_id, path) for path_id, path in rows]
 
+    def reclaim_leases(self) -> int:
+        """Free every lease. Only for a flusher that holds the flush lock: then no
+        other flusher is alive, and leases left by a killed one are stale."""
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = 0"
+                " WHERE lease_owner IS NOT NULL"
+            ).rowcount
+
     def _finish(
         self, remote: str, owner: str, ids: Sequence[int], sql: str, params: Sequence[Any]
     ) -> int:
@@ -615,6 +628,16 @@ class Spool:
                 (remote, now),
             ).fetchone()[0]
         )
+
+    def protected_paths(self) -> list[str]:
+        """Paths some remote still waits for (and .drv rows not yet resolved)."""
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT path FROM paths WHERE needs_outputs = 1 OR id IN"
+                " (SELECT path_id FROM deliveries WHERE state = 'queued')"
+            )
+        ]
 
     def queued_count(self, remote: str) -> int:
         return int(

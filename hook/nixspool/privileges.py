@@ -1,0 +1,102 @@
+"""Who runs ssh and nix copy, and with what environment.
+
+Started as root (by NetworkManager or systemd), the flusher keeps root for
+the spool and the GC roots, and runs everything that talks to a remote as
+the configured `user`: the owner of the SSH key, with their ~/.ssh/config,
+known_hosts and agent. Started as that user, it runs directly. Started as
+anyone else, it refuses. ssh and nix copy run as root only if the config
+says `run_as_root = true`.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import stat
+
+from .config import Config
+from .errors import PrivilegeError
+from .run import Account
+
+# Variables a child must not inherit: they would point nix at another store or
+# change its settings behind the config's back (DESIGN.md).
+DROPPED = ("NIX_CONFIG", "NIX_REMOTE")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def account_of(name: str) -> Account:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise PrivilegeError(f"user '{name}' (the config's 'user') does not exist") from None
+    groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != entry.pw_gid)
+    return Account(
+        entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir, entry.pw_shell or "/bin/sh"
+    )
+
+
+def current_account() -> Account:
+    entry = pwd.getpwuid(os.geteuid())
+    return Account(
+        entry.pw_name,
+        entry.pw_uid,
+        entry.pw_gid,
+        tuple(os.getgroups()),
+        os.environ.get("HOME", entry.pw_dir),
+        entry.pw_shell or "/bin/sh",
+    )
+
+
+def remote_account(cfg: Config) -> Account:
+    """The account that runs ssh and nix copy; PrivilegeError if this process may not."""
+    euid = os.geteuid()
+    if cfg.user:
+        account = account_of(cfg.user)
+        if euid in (0, account.uid):
+            return account
+        me = pwd.getpwuid(euid).pw_name
+        raise PrivilegeError(
+            f"nixspool flush runs as root or as {cfg.user} (the config's 'user'), not as {me}"
+        )
+    if euid == 0 and not cfg.run_as_root:
+        raise PrivilegeError(
+            "started as root, and the config names no 'user': ssh and nix copy "
+            'would run as root. Set user = "NAME" (who owns the SSH key), or '
+            "run_as_root = true to allow it (see README#ssh)"
+        )
+    return current_account()
+
+
+def agent_socket(account: Account, environ: dict[str, str] | None = None) -> str | None:
+    """SSH_AUTH_SOCK, but only a socket that exists and belongs to that account."""
+    path = (environ if environ is not None else os.environ).get("SSH_AUTH_SOCK")
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path if stat.S_ISSOCK(st.st_mode) and st.st_uid == account.uid else None
+
+
+def child_env(account: Account, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment for commands run as `account`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(("NIX_", "LANG", "LC_", "TZ")) and k not in DROPPED
+    }
+    nix_dir = os.path.dirname(shutil.which("nix") or "/usr/bin/nix")
+    env.update(
+        HOME=account.home,
+        USER=account.name,
+        LOGNAME=account.name,
+        SHELL=account.shell,
+        PATH=f"{nix_dir}:{DEFAULT_PATH}",
+    )
+    sock = agent_socket(account)
+    if sock:
+        env["SSH_AUTH_SOCK"] = sock
+    env.update(extra or {})
+    return env

@@ -1,0 +1,270 @@
+"""Can this remote be reached now? A bounded SSH probe, and the ssh options for nix copy.
+
+The probe does what `ssh` would do as the configured user, each step bounded
+by `connect_timeout`: resolve the host through the user's ~/.ssh/config, open
+TCP, read the SSH banner, check the host key against the user's known_hosts,
+authenticate with the agent or the user's keys. It tells apart
+
+- UNREACHABLE: no route, no answer, refused, no banner. The laptop left home;
+  rows stay queued, the flush exits 75, and no attempt is counted;
+- MISCONFIGURED: the host answers but will not let us in (unknown or changed
+  host key, no key accepted). Retrying will not help until someone acts, so
+  the flush says so loudly and exits 1, and the rows still stay queued.
+
+paramiko costs ~0.13 s to import: it is imported inside `probe()`, only
+when there is an ssh remote with due rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import socket
+import sys
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import SSH_SCHEMES, Remote
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    UNREACHABLE = "unreachable"
+    MISCONFIGURED = "misconfigured"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    verdict: Verdict
+    stage: str  # the step that decided: resolve, tcp, banner, hostkey, auth, done
+    message: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeResult:
+        data = json.loads(text)
+        return cls(Verdict(data["verdict"]), data["stage"], data["message"])
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where an ssh:// or ssh-ng:// store URL points, before ~/.ssh/config."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    ssh_key: str | None = None  # Nix's ?ssh-key= parameter
+
+    @classmethod
+    def from_url(cls, url: str) -> SshTarget:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme + "://" not in SSH_SCHEMES or not parsed.hostname:
+            raise ValueError(f"{url!r} is not an ssh:// or ssh-ng:// store URL with a host")
+        query = urllib.parse.parse_qs(parsed.query)
+        return cls(
+            host=parsed.hostname,
+            user=urllib.parse.unquote(parsed.username) if parsed.username else None,
+            port=parsed.port,
+            ssh_key=query.get("ssh-key", [None])[0],
+        )
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What the probe needs; crosses into a child process as JSON when dropping root."""
+
+    url: str
+    home: str
+    local_user: str
+    connect_timeout: float
+    ssh_key: str | None = None
+    accept_new_host_keys: bool = False
+    agent_socket: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
+    """NIX_SSHOPTS for `nix copy`: every ssh step bounded, never a prompt.
+
+    Nix splits this on whitespace, so a key path with spaces cannot be passed
+    (config.py refuses one).
+    """
+    alive = max(1, int(remote.connect_timeout / 2))
+    options = [
+        "-o",
+        f"ConnectTimeout={max(1, int(remote.connect_timeout))}",
+        "-o",
+        "BatchMode=yes",  # a prompt would hang a flush started by systemd
+        "-o",
+        f"ServerAliveInterval={alive}",  # the link went down mid-copy
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        f"StrictHostKeyChecking={'accept-new' if accept_new_host_keys else 'yes'}",
+    ]
+    if remote.ssh_key:
+        options += ["-i", remote.ssh_key, "-o", "IdentitiesOnly=yes"]
+    return " ".join(options)
+
+
+def _resolve(request: ProbeRequest, target: SshTarget) -> tuple[str, int, str, list[str]]:
+    """(hostname, port, user, identity files) as ssh would see them for this user."""
+    import paramiko
+
+    ssh_config = paramiko.SSHConfig()
+    for path in ("/etc/ssh/ssh_config", os.path.join(request.home, ".ssh", "config")):
+        if os.path.exists(path):
+            with open(path) as f:
+                ssh_config.parse(f)
+    found = ssh_config.lookup(target.host)
+    hostname = found.get("hostname", target.host)
+    port = target.port or int(found.get("port", 22))
+    user = target.user or found.get("user") or request.local_user
+    keys = [k for k in (request.ssh_key, target.ssh_key) if k]
+    # The probe runs as the user with their HOME, so ~ is theirs.
+    keys += [os.path.expanduser(k) for k in found.get("identityfile", [])]
+    keys += [
+        os.path.join(request.home, ".ssh", name) for name in ("id_ed25519", "id_ecdsa", "id_rsa")
+    ]
+    return hostname, port, user, list(dict.fromkeys(keys))
+
+
+def probe(request: ProbeRequest) -> ProbeResult:
+    """Try to reach and log in to the remote, each step within connect_timeout."""
+    import paramiko
+
+    target = SshTarget.from_url(request.url)
+    timeout = request.connect_timeout
+    try:
+        hostname, port, user, key_files = _resolve(request, target)
+    except (OSError, ValueError, paramiko.SSHException) as e:
+        return ProbeResult(Verdict.MISCONFIGURED, "resolve", f"reading ~/.ssh/config: {e}")
+    where = f"{hostname}:{port}"
+    try:
+        sock = socket.create_connection((hostname, port), timeout=timeout)
+    except socket.gaierror as e:
+        return ProbeResult(
+            Verdict.UNREACHABLE, "resolve", f"cannot resolve {hostname}: {e.strerror}"
+        )
+    except TimeoutError:
+        return ProbeResult(
+            Verdict.UNREACHABLE, "tcp", f"no answer from {where} within {timeout:g} s"
+        )
+    except OSError as e:
+        return ProbeResult(
+            Verdict.UNREACHABLE, "tcp", f"cannot connect to {where}: {e.strerror or e}"
+        )
+    transport = paramiko.Transport(sock)
+    transport.banner_timeout = timeout
+    transport.auth_timeout = timeout
+    transport.handshake_timeout = timeout
+    try:
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            return ProbeResult(
+                Verdict.UNREACHABLE,
+                "banner",
+                f"no SSH handshake with {where}: {e or type(e).__name__}",
+            )
+        verdict = _check_host_key(request, transport, hostname, port)
+        if verdict is not None:
+            return verdict
+        return _authenticate(request, transport, user, key_files, where)
+    finally:
+        transport.close()
+
+
+def _check_host_key(
+    request: ProbeRequest, transport: Any, hostname: str, port: int
+) -> ProbeResult | None:
+    import paramiko
+
+    key = transport.get_remote_server_key()
+    name = hostname if port == 22 else f"[{hostname}]:{port}"
+    known = paramiko.HostKeys()
+    user_file = os.path.join(request.home, ".ssh", "known_hosts")
+    for path in ("/etc/ssh/ssh_known_hosts", user_file):
+        if os.path.exists(path):
+            known.load(path)
+    entries = known.lookup(name)
+    if entries is not None and key.get_name() in entries:
+        if entries[key.get_name()] == key:
+            return None
+        return ProbeResult(
+            Verdict.MISCONFIGURED,
+            "hostkey",
+            f"the host key of {name} has CHANGED since it was recorded in "
+            f"{request.local_user}'s known_hosts: check it before anything else",
+        )
+    if request.accept_new_host_keys:
+        os.makedirs(os.path.dirname(user_file), mode=0o700, exist_ok=True)
+        with open(user_file, "a") as f:
+            f.write(f"{name} {key.get_name()} {key.get_base64()}\n")
+        return None
+    return ProbeResult(
+        Verdict.MISCONFIGURED,
+        "hostkey",
+        f"{name} is not in {request.local_user}'s known_hosts; as "
+        f"{request.local_user}, run `ssh {name}` once and check the key, or set "
+        "accept_new_host_keys = true (see README#ssh)",
+    )
+
+
+def _authenticate(
+    request: ProbeRequest, transport: Any, user: str, key_files: list[str], where: str
+) -> ProbeResult:
+    import paramiko
+
+    tried: list[str] = []
+    keys: list[tuple[str, Any]] = []
+    if request.agent_socket:
+        os.environ["SSH_AUTH_SOCK"] = request.agent_socket
+        with contextlib.suppress(paramiko.SSHException):  # a dead agent: try the files
+            keys += [(f"agent key {k.get_name()}", k) for k in paramiko.Agent().get_keys()]
+    for path in key_files:
+        if not os.path.exists(path):
+            continue
+        try:
+            keys.append((path, paramiko.PKey.from_path(path)))
+        except paramiko.PasswordRequiredException:
+            tried.append(f"{path} (encrypted; add it to an agent)")
+        except (paramiko.SSHException, OSError, ValueError) as e:
+            tried.append(f"{path} ({e})")
+    for label, key in keys:
+        try:
+            transport.auth_publickey(user, key)
+        except paramiko.AuthenticationException:
+            tried.append(label)
+            continue
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            return ProbeResult(
+                Verdict.UNREACHABLE, "auth", f"{where} went away during authentication: {e}"
+            )
+        if transport.is_authenticated():
+            return ProbeResult(Verdict.OK, "done", f"logged in to {where} as {user} with {label}")
+    return ProbeResult(
+        Verdict.MISCONFIGURED,
+        "auth",
+        f"{where} accepted none of {request.local_user}'s keys for user {user} "
+        f"(tried: {', '.join(tried) or 'no key found'}); see README#ssh",
+    )
+
+
+def main() -> None:
+    """`python -m nixspool.remote`: one probe, request and result as JSON (for dropping root)."""
+    request = ProbeRequest(**json.loads(sys.stdin.read()))
+    try:
+        result = probe(request)
+    except Exception as e:  # a bug or a surprise from paramiko: report, do not hang
+        result = ProbeResult(Verdict.UNREACHABLE, "error", f"{type(e).__name__}: {e}")
+    sys.stdout.write(result.to_json())
+
+
+if __name__ == "__main__":
+    main()
