@@ -39,6 +39,7 @@ mkdir -p "$demo/nix/etc" "$demo/nix/socket"
 chmod 755 "$demo"
 cat > "$demo/config.toml" <<EOF
 spool = "$demo/spool/spool.sqlite"
+run_as_root = true   # a demo as root, no SSH involved; normally: user = "alice"
 
 [remotes.cache]
 url = "file://$demo/cache"

@@ -81,8 +81,11 @@ class SshLab:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.secret_key, self.public_key = lab.signing_key(root)
-        self.daemon = lab.NixDaemon(root / "nix", lab.installed_program("nixspool-hook"),
-                                    extra_conf=f"secret-key-files = {self.secret_key}\n")
+        self.daemon = lab.NixDaemon(
+            root / "nix",
+            lab.installed_program("nixspool-hook"),
+            extra_conf=f"secret-key-files = {self.secret_key}\n",
+        )
         self.alice = lab.KeyOwner(root)
         self.hosts = [lab.LanHost(root / f"lan{i}", i, self.public_key) for i in range(2)]
         for host in self.hosts:
@@ -95,18 +98,33 @@ class SshLab:
         """A nixspool config in `work`: its own spool, alice as user, both hosts."""
         work.mkdir(parents=True, exist_ok=True)
         work.chmod(0o755)
-        settings = {"spool": str(work / "spool" / "spool.sqlite"), "user": lab.ALICE,
-                    "connect_timeout": 3, "retry_min": 1, "retry_max": 5, **top}
+        settings = {
+            "spool": str(work / "spool" / "spool.sqlite"),
+            "user": lab.ALICE,
+            "connect_timeout": 3,
+            "retry_min": 1,
+            "retry_max": 5,
+            **top,
+        }
         lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-        text = "\n".join(lines) + "\n" + (body or (
-            f'\n[remotes.pi]\nurl = "ssh-ng://{self.hosts[0].alias}"\n'
-            f'\n[remotes.nas]\nurl = "ssh://{self.hosts[1].alias}"\n'))
+        text = (
+            "\n".join(lines)
+            + "\n"
+            + (
+                body
+                or (
+                    f'\n[remotes.pi]\nurl = "ssh-ng://{self.hosts[0].alias}"\n'
+                    f'\n[remotes.nas]\nurl = "ssh://{self.hosts[1].alias}"\n'
+                )
+            )
+        )
         path = work / "config.toml"
         path.write_text(text)
         return path
 
-    def build(self, count: int = 6, bytes_each: int = 0,
-              daemon: lab.NixDaemon | None = None) -> set[str]:
+    def build(
+        self, count: int = 6, bytes_each: int = 0, daemon: lab.NixDaemon | None = None
+    ) -> set[str]:
         """Build `count` fresh derivations (some with 2 outputs, some with a dependency)
         and return all their outputs."""
         args = {"nonce": lab.nonce(), "count": str(count), "bytes": str(bytes_each)}
@@ -120,14 +138,20 @@ class SshLab:
         with Spool.open(cfg.spool, owner) as s, s.transaction():
             record.store(s.conn, [record.Record("", sorted(outputs), [], time.time())])
 
-    def nixspool(self, config: Path, *args: str, timeout: float = 300) \
-            -> subprocess.CompletedProcess[str]:
+    def nixspool(
+        self, config: Path, *args: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
         """The installed `nixspool`, as root, as systemd or NetworkManager would start it."""
         env = {"PATH": os.environ["PATH"], **self.daemon.client_env()}
         env.pop("NIX_REMOTE")
-        return subprocess.run([lab.installed_program("nixspool"), "--config", str(config),
-                               *args], env=env, text=True, capture_output=True,
-                              timeout=timeout, check=False)
+        return subprocess.run(
+            [lab.installed_program("nixspool"), "--config", str(config), *args],
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def close(self) -> None:
         for host in self.hosts:

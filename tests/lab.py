@@ -154,7 +154,7 @@ let
       if [ -n "$dev" ]; then echo dev-${nonce} > $dev; fi
       if [ -n "$dep" ]; then echo $dep >> $out; fi
       if [ ${toString size} -gt 0 ]; then
-        head -c ${toString size} /dev/urandom >> $out
+        /usr/bin/head -c ${toString size} /dev/urandom >> $out
       fi
     '') ];
   } // (if i > 0 && i - (i / 4) * 4 == 0 then { dep = mk (i - 1); } else {}));
@@ -198,8 +198,7 @@ CACHE = "nixspool-cache"  # the account on the LAN host whose store receives upl
 
 
 def sh(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), text=True, capture_output=True, check=check,
-                          **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(list(argv), text=True, capture_output=True, check=check, **kwargs)  # type: ignore[call-overload]
 
 
 def signing_key(directory: Path, name: str = "nixspool-lab") -> tuple[Path, str]:
@@ -260,9 +259,11 @@ class LanHost:
         nix_conf.parent.mkdir(parents=True, exist_ok=True)
         # The LAN host checks signatures, as a real cache does: it trusts the
         # lab's key, which the lab's nix-daemon signs every build with.
-        nix_conf.write_text(f"store = local?root={self.store}\n"
-                            f"trusted-public-keys = {trusted_key}\n"
-                            "experimental-features = nix-command\n")
+        nix_conf.write_text(
+            f"store = local?root={self.store}\n"
+            f"trusted-public-keys = {trusted_key}\n"
+            "experimental-features = nix-command\n"
+        )
         sh("chown", "-R", CACHE, str(home / ".config"))
 
     def _sshd_config(self) -> None:
@@ -270,7 +271,8 @@ class LanHost:
         if not key.exists():
             sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
         self.host_key = (self.root / "ssh_host_ed25519_key.pub").read_text().split()[:2]
-        (self.root / "sshd_config").write_text(textwrap.dedent(f"""\
+        (self.root / "sshd_config").write_text(
+            textwrap.dedent(f"""\
             Port 22
             ListenAddress {self.address}
             HostKey {key}
@@ -283,15 +285,28 @@ class LanHost:
             StrictModes yes
             LogLevel VERBOSE
             AuthorizedKeysFile .ssh/authorized_keys
-            """))
+            """)
+        )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
 
     def start_sshd(self) -> None:
         self.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, shutil.which("sshd") or "/usr/sbin/sshd",
-             "-D", "-e", "-f", str(self.root / "sshd_config")],
-            stdout=subprocess.DEVNULL, stderr=open(self.sshd_log, "a"),  # noqa: SIM115
-            text=True, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                shutil.which("sshd") or "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                str(self.root / "sshd_config"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.sshd_log, "a"),  # noqa: SIM115
+            text=True,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while "Server listening" not in self.sshd_log.read_text():
             assert self.sshd.poll() is None, self.sshd_log.read_text()
@@ -339,8 +354,11 @@ class LanHost:
 
     def logins(self) -> list[str]:
         """sshd's 'Accepted publickey for USER ... KEYTYPE FINGERPRINT' lines."""
-        return [line for line in self.sshd_log.read_text().splitlines()
-                if "Accepted publickey for" in line]
+        return [
+            line
+            for line in self.sshd_log.read_text().splitlines()
+            if "Accepted publickey for" in line
+        ]
 
     def close(self) -> None:
         self.stop_sshd()
@@ -373,11 +391,14 @@ class KeyOwner:
         for h in self.hosts:
             # LocalCommand runs on this machine, as whoever runs ssh: it records
             # the uid, so tests see who really talked SSH.
-            config.append(f"Host {h.alias}\n  HostName {h.address}\n  User {CACHE}\n"
-                          f"  PermitLocalCommand yes\n  LocalCommand id -u >> {self.uid_log}\n")
+            config.append(
+                f"Host {h.alias}\n  HostName {h.address}\n  User {CACHE}\n"
+                f"  PermitLocalCommand yes\n  LocalCommand id -u >> {self.uid_log}\n"
+            )
         (self.ssh_dir / "config").write_text("\n".join(config))
         (self.ssh_dir / "known_hosts").write_text(
-            "".join(f"{h.address} {' '.join(h.host_key)}\n" for h in self.hosts))
+            "".join(f"{h.address} {' '.join(h.host_key)}\n" for h in self.hosts)
+        )
         sh("chown", "-R", ALICE, str(self.ssh_dir))
 
     def ssh_uids(self) -> list[int]:

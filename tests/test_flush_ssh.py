@@ -36,8 +36,17 @@ def test_ssh_ng_and_ssh_deliver_every_path_and_its_closure(ssh_lab) -> None:
 
 
 def queued_rows(config: Path, remote: str) -> list[dict]:
-    rows = json.loads(lab.sh(lab.installed_program("nixspool"), "--config", str(config), "list",
-                             "--json", "--remote", remote).stdout)
+    rows = json.loads(
+        lab.sh(
+            lab.installed_program("nixspool"),
+            "--config",
+            str(config),
+            "list",
+            "--json",
+            "--remote",
+            remote,
+        ).stdout
+    )
     return [r for r in rows if r["state"] == "queued"]
 
 
@@ -124,3 +133,144 @@ def test_root_without_a_user_refuses_to_run_ssh(ssh_lab) -> None:
     result = ssh_lab.nixspool(config, "flush")
     assert result.returncode == 1
     assert "the config names no 'user'" in result.stderr
+
+
+def test_a_path_garbage_collected_before_the_flush_fails_with_that_reason(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "gcd", gc_roots=False)
+    outputs = sorted(ssh_lab.build(2))  # three paths, none depends on another
+    ssh_lab.spool_in(config, set(outputs))
+    lab.sh("nix-store", "--delete", outputs[0])
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 1
+    (failure,) = json.loads(result.stdout)["remotes"]["pi"]["failures"]
+    assert failure["path"] == outputs[0]
+    assert "garbage-collected" in failure["error"]
+    assert ssh_lab.hosts[0].remote_valid(outputs) == set(outputs[1:])
+    status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)
+    assert "garbage-collected" in status["remotes"]["pi"]["last_error"]
+
+
+def test_queued_paths_are_gc_roots_until_delivered(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "roots", connect_timeout=1)
+    outputs = sorted(ssh_lab.build(1))
+    ssh_lab.spool_in(config, set(outputs))
+    ssh_lab.hosts[0].stop_sshd()
+    try:
+        assert ssh_lab.nixspool(config, "flush", "--remote", "pi").returncode == 75
+    finally:
+        ssh_lab.hosts[0].start_sshd()
+    deleted = lab.sh("nix-store", "--delete", outputs[0], check=False)
+    assert deleted.returncode != 0 and "still alive" in deleted.stderr
+    assert ssh_lab.nixspool(config, "flush").returncode == 0  # both remotes now
+    lab.sh("nix-store", "--delete", outputs[0])  # delivered everywhere: no longer a root
+
+
+def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "kill", batch_size=4)
+    outputs = ssh_lab.build(12, bytes_each=4 << 20)
+    ssh_lab.spool_in(config, outputs)
+    env = {"PATH": lab.os.environ["PATH"], **ssh_lab.daemon.client_env()}
+    env.pop("NIX_REMOTE")
+    flusher = lab.subprocess.Popen(
+        [lab.installed_program("nixspool"), "--config", str(config), "flush", "--remote", "pi"],
+        env=env,
+        stderr=lab.subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not ssh_lab.hosts[0].remote_valid(outputs):  # kill it once uploads have begun
+        assert flusher.poll() is None, "the flush finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    flusher.kill()
+    flusher.wait()
+    time.sleep(0.5)
+    orphans = lab.sh(
+        "pgrep", "-f", f"nix.*copy --to ssh-ng://{ssh_lab.hosts[0].alias}", check=False
+    ).stdout.split()
+    assert orphans == [], "nix copy outlived the flusher"
+    partly = ssh_lab.hosts[0].remote_valid(outputs)
+    assert 0 < len(partly) < len(outputs)
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi")
+    assert result.returncode == 0, result.stderr
+    assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
+    rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
+    assert {r["state"] for r in rows} == {"delivered"}
+    assert {r["attempts"] for r in rows} == {1}  # marked once, by the flush that copied it
+
+
+def test_two_flushers_started_together_deliver_everything_once(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "two")
+    outputs = ssh_lab.build(6)
+    ssh_lab.spool_in(config, outputs)
+    env = {"PATH": lab.os.environ["PATH"], **ssh_lab.daemon.client_env()}
+    env.pop("NIX_REMOTE")
+    argv = [lab.installed_program("nixspool"), "--config", str(config), "flush"]
+    procs = [
+        lab.subprocess.Popen(argv, env=env, stderr=lab.subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    codes = sorted(p.wait(timeout=120) for p in procs)
+    assert codes in ([0, 0], [0, 75]), [p.stderr.read() for p in procs]
+    for host in ssh_lab.hosts:
+        assert host.remote_valid(outputs) == outputs
+    rows = json.loads(ssh_lab.nixspool(config, "list", "--json").stdout)
+    assert len(rows) == 2 * len(outputs)
+    assert {(r["state"], r["attempts"]) for r in rows} == {("delivered", 1)}
+
+
+def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "reject")
+    signed = ssh_lab.build(5)
+    # A daemon without the signing key builds one path the LAN host will refuse.
+    unsigning = lab.NixDaemon(ssh_lab.root / "nix-unsigned", None)
+    try:
+        unsigned = ssh_lab.build(1, daemon=unsigning)
+    finally:
+        unsigning.stop()
+    ssh_lab.spool_in(config, signed | unsigned)
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert len(unsigned) == 2  # one derivation, two outputs
+    assert (report["delivered"], report["failed"]) == (len(signed), len(unsigned))
+    assert {f["path"] for f in report["failures"]} == unsigned
+    assert all("lacks a valid signature" in f["error"] for f in report["failures"])
+    assert ssh_lab.hosts[0].remote_valid(signed | unsigned) == signed
+
+
+def test_an_unknown_host_key_is_refused_loudly_and_rows_stay(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "hostkey")
+    outputs = ssh_lab.build(1)
+    ssh_lab.spool_in(config, outputs)
+    known_hosts = ssh_lab.alice.ssh_dir / "known_hosts"
+    saved = known_hosts.read_text()
+    known_hosts.write_text("")
+    try:
+        result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+        assert result.returncode == 1
+        error = json.loads(result.stdout)["remotes"]["pi"]["error"]
+        assert f"not in {lab.ALICE}'s known_hosts" in error
+        assert len(queued_rows(config, "pi")) == len(outputs)
+        # Told to, it records the key and goes on.
+        config.write_text(
+            config.read_text().replace("retry_min", "accept_new_host_keys = true\nretry_min")
+        )
+        result = ssh_lab.nixspool(config, "flush", "--remote", "pi")
+        assert result.returncode == 0, result.stderr
+        assert ssh_lab.hosts[0].address in known_hosts.read_text()
+    finally:
+        known_hosts.write_text(saved)
+
+
+def test_a_key_the_host_does_not_accept_is_refused_loudly(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "badkey")
+    ssh_lab.spool_in(config, ssh_lab.build(1))
+    ssh_lab.hosts[1].authorize(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJv8ZrSSxcuMqYT9KBIvlMlr0CtLl"
+        "Jq9oXqYkVp+nWmc someone-else"
+    )
+    try:
+        result = ssh_lab.nixspool(config, "flush", "--remote", "nas", "--json")
+    finally:
+        ssh_lab.hosts[1].authorize(ssh_lab.alice.public_key)
+    assert result.returncode == 1
+    assert "accepted none of" in json.loads(result.stdout)["remotes"]["nas"]["error"]

@@ -135,6 +135,19 @@ def single_flusher(spool_path: str) -> Iterator[bool]:
         os.close(fd)
 
 
+def resolve_derivations(spool: Spool) -> None:
+    """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs."""
+    for drv_id, drv_path in spool.unresolved():
+        try:
+            outputs = nix.outputs_of(drv_path)
+        except CommandError as e:
+            reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
+            log.warning("%s", reason)
+            spool.fail_unresolved(drv_id, reason)
+            continue
+        spool.resolve(drv_id, outputs)
+
+
 class _Transient(Exception):
     """A copy failed for a reason that may go away: tenacity retries it."""
 
@@ -154,20 +167,6 @@ class Flusher:
         self.account = privileges.remote_account(cfg)  # refuses before touching anything
         self.drop_root = os.geteuid() != self.account.uid
 
-    # -- resolving .drv rows -----------------------------------------------------
-
-    def resolve_derivations(self) -> None:
-        """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs."""
-        for drv_id, drv_path in self.spool.unresolved():
-            try:
-                outputs = nix.outputs_of(drv_path)
-            except CommandError as e:
-                reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
-                log.warning("%s", reason)
-                self.spool.fail_unresolved(drv_id, reason)
-                continue
-            self.spool.resolve(drv_id, outputs)
-
     def protect(self) -> None:
         if self.cfg.gc_roots:
             added, removed = gcroots.sync(self.spool.protected_paths())
@@ -181,7 +180,7 @@ class Flusher:
         stale = self.spool.reclaim_leases()
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
-        self.resolve_derivations()
+        resolve_derivations(self.spool)
         self.spool.sync_remotes(r.name for r in self.cfg.remotes)
         self.protect()
         try:

@@ -12,7 +12,7 @@ import os
 import shlex
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import CommandError
@@ -61,6 +61,7 @@ def run(
             errors="replace",
             env=dict(env) if env is not None else None,
             start_new_session=True,  # its own process group, killed as one on timeout
+            preexec_fn=_die_with(os.getpid()),
             cwd="/",
             **user_args,  # type: ignore[call-overload]
         )
@@ -90,6 +91,21 @@ def run(
             returncode=proc.returncode,
         )
     return result
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """In the child: get SIGKILL when nixspool dies, even by SIGKILL, so no nix copy
+    or ssh is left running unbounded. Runs after the uid change (which clears it)."""
+
+    def set_parent_death_signal() -> None:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl: too late for it
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:
