@@ -439,20 +439,26 @@ class Spool:
         return where, params
 
     def _check_exists(self, selector: Selector) -> None:
-        known_ids = {r[0] for r in self.conn.execute("SELECT DISTINCT path_id FROM deliveries")}
-        missing = [str(i) for i in selector.ids if i not in known_ids]
-        known_paths = (
-            {
+        missing: list[str] = []
+        if selector.ids:
+            marks = ",".join("?" * len(selector.ids))
+            known_ids = {
                 r[0]
                 for r in self.conn.execute(
-                    f"SELECT path FROM paths WHERE path IN ({','.join('?' * len(selector.paths))})",
-                    selector.paths,
+                    f"SELECT DISTINCT path_id FROM deliveries WHERE path_id IN ({marks})",
+                    selector.ids,
                 )
             }
-            if selector.paths
-            else set()
-        )
-        missing += [p for p in selector.paths if p not in known_paths]
+            missing += [str(i) for i in selector.ids if i not in known_ids]
+        if selector.paths:
+            marks = ",".join("?" * len(selector.paths))
+            known_paths = {
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT path FROM paths WHERE path IN ({marks})", selector.paths
+                )
+            }
+            missing += [p for p in selector.paths if p not in known_paths]
         if missing:
             raise UsageError(f"not in the spool: {', '.join(missing)}; see `nixspool list`")
 
@@ -526,7 +532,7 @@ class Spool:
                 "SELECT d.path_id, p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
                 " WHERE d.remote = ? AND d.state = 'queued' AND d.next_attempt_at <= ?"
                 " AND d.lease_until <= ? AND p.needs_outputs = 0"
-                " ORDER BY d.path_id LIMIT ?",
+                " ORDER BY d.next_attempt_at, d.path_id LIMIT ?",  # walks deliveries_due
                 (remote, now, now, limit),
             ).fetchall()
             self.conn.executemany(
