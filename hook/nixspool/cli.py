@@ -72,7 +72,8 @@ def _global_options(
     settings.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
-        format="%(message)s",
+        # With --debug, milliseconds since start: where does a slow flush spend its time?
+        format="%(relativeCreated)7.0fms %(message)s" if debug else "%(message)s",
         stream=sys.stderr,
         force=True,
     )

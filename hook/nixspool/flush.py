@@ -32,8 +32,8 @@ import tenacity
 from . import gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, RemoteConfigError, UnreachableError
-from .remote import ProbeRequest, ProbeResult, Verdict, probe, ssh_options
-from .run import last_line, run
+from .remote import ProbeRequest, ProbeResult, Verdict, ssh_options
+from .run import Running, last_line, spawn
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ _PERMANENT = (
     "permission denied",
     "not allowed",
     "refusing",
+    "there is no substituter that can build it",  # a path gone from the local store
     "is not a valid store path",
     "read-only file system",
     "cannot add path",
@@ -137,15 +138,23 @@ def single_flusher(spool_path: str) -> Iterator[bool]:
 
 def resolve_derivations(spool: Spool) -> None:
     """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs."""
-    for drv_id, drv_path in spool.unresolved():
-        try:
-            outputs = nix.outputs_of(drv_path)
-        except CommandError as e:
-            reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
-            log.warning("%s", reason)
-            spool.fail_unresolved(drv_id, reason)
-            continue
-        spool.resolve(drv_id, outputs)
+    unresolved = spool.unresolved()
+    if not unresolved:
+        return
+    try:  # one call for all of them, the common case
+        outputs = nix.outputs_of_many([drv for _, drv in unresolved])
+    except CommandError:  # some derivation is gone: find it, one by one
+        outputs = {}
+        for drv_id, drv_path in unresolved:
+            try:
+                outputs[drv_path] = nix.outputs_of(drv_path)
+            except CommandError as e:
+                reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
+                log.warning("%s", reason)
+                spool.fail_unresolved(drv_id, reason)
+    for drv_id, drv_path in unresolved:
+        if drv_path in outputs:
+            spool.resolve(drv_id, outputs[drv_path])
 
 
 class _Transient(Exception):
@@ -166,6 +175,8 @@ class Flusher:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.account = privileges.remote_account(cfg)  # refuses before touching anything
         self.drop_root = os.geteuid() != self.account.uid
+        # Probes started but not yet asked for their verdict, by remote name.
+        self._probes: dict[str, Running] = {}
 
     def protect(self) -> None:
         if self.cfg.gc_roots:
@@ -180,12 +191,21 @@ class Flusher:
         stale = self.spool.reclaim_leases()
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
-        resolve_derivations(self.spool)
         self.spool.sync_remotes(r.name for r in self.cfg.remotes)
-        self.protect()
+        # Probes take a few hundred ms (a Python child, paramiko, an SSH login):
+        # start them now, so they run while the local work below and the first
+        # copy do; each remote's verdict is still awaited before anything counts.
+        for remote in remotes:
+            if remote.uses_ssh and self.spool.due_count(remote.name):
+                self._probes[remote.name] = self._start_probe(remote)
         try:
+            resolve_derivations(self.spool)
+            self.spool.sync_remotes(r.name for r in self.cfg.remotes)
+            self.protect()
             return [self.flush_remote(remote) for remote in remotes]
         finally:
+            for running in self._probes.values():
+                running.kill()
             self.protect()
 
     def flush_remote(self, remote: Remote) -> RemoteReport:
@@ -194,8 +214,10 @@ class Flusher:
         try:
             due = self.spool.due_count(remote.name)
             if due:
-                self.check_reachable(remote)
                 self._deliver(remote, report, due)
+            pending = self._probes.pop(remote.name, None)
+            if pending is not None:  # nothing was copied; still say if it is reachable
+                self._require(self._verdict(remote, pending))
         except UnreachableError as e:
             report.unreachable, report.error = True, str(e)
             log.warning("%s: unreachable, rows stay queued: %s", remote.name, e)
@@ -206,18 +228,10 @@ class Flusher:
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
-    def check_reachable(self, remote: Remote) -> None:
-        """Raise UnreachableError or RemoteConfigError unless the remote lets us in."""
-        if not remote.uses_ssh:
-            return  # file://, local, ...: nix copy itself says what is wrong
-        result = self._probe(remote)
-        log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
-        if result.verdict is Verdict.UNREACHABLE:
-            raise UnreachableError(result.message)
-        if result.verdict is Verdict.MISCONFIGURED:
-            raise RemoteConfigError(result.message)
+    # -- reachability --------------------------------------------------------------
 
-    def _probe(self, remote: Remote) -> ProbeResult:
+    def _start_probe(self, remote: Remote) -> Running:
+        """The probe in a child: as the user when dropping root, bounded in all."""
         request = ProbeRequest(
             url=remote.url,
             home=self.account.home,
@@ -227,24 +241,39 @@ class Flusher:
             accept_new_host_keys=self.cfg.accept_new_host_keys,
             agent_socket=privileges.agent_socket(self.account),
         )
-        if not self.drop_root:
-            return probe(request)
-        # paramiko runs in-process; to run it as the user, run it in a child.
+        return spawn(
+            [sys.executable, "-m", "nixspool.remote"],
+            input=json.dumps(asdict(request)),
+            account=self.account if self.drop_root else None,
+            env=privileges.child_env(self.account),
+            timeout=4 * remote.connect_timeout + 5,
+        )
+
+    def _verdict(self, remote: Remote, running: Running) -> ProbeResult:
         try:
-            result = run(
-                [sys.executable, "-m", "nixspool.remote"],
-                input=json.dumps(asdict(request)),
-                account=self.account,
-                env=privileges.child_env(self.account),
-                timeout=5 * remote.connect_timeout + 10,
-            )
-            return ProbeResult.from_json(result.stdout)
+            result = ProbeResult.from_json(running.wait().stdout)
         except (CommandError, ValueError, KeyError) as e:
-            return ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
+            result = ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
+        log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
+        return result
+
+    @staticmethod
+    def _require(result: ProbeResult) -> None:
+        if result.verdict is Verdict.UNREACHABLE:
+            raise UnreachableError(result.message)
+        if result.verdict is Verdict.MISCONFIGURED:
+            raise RemoteConfigError(result.message)
+
+    def check_reachable(self, remote: Remote) -> None:
+        """Raise UnreachableError or RemoteConfigError unless the remote lets us in."""
+        if remote.uses_ssh:  # file://, local, ...: nix copy itself says what is wrong
+            self._require(self._verdict(remote, self._start_probe(remote)))
 
     def copy_env(self, remote: Remote) -> dict[str, str]:
         extra = {"NIX_SSHOPTS": ssh_options(remote, self.cfg.accept_new_host_keys)}
         return privileges.child_env(self.account, extra)
+
+    # -- copying -------------------------------------------------------------------
 
     def _deliver(self, remote: Remote, report: RemoteReport, due: int) -> None:
         lease = remote.copy_timeout * ATTEMPTS_PER_FLUSH + 60
@@ -252,7 +281,7 @@ class Flusher:
         while batch := self.spool.claim(remote.name, self.owner, remote.batch_size, lease):
             try:
                 before = report.delivered
-                self._deliver_batch(remote, batch, report)
+                self._copy(remote, batch, report)
                 done += report.delivered - before
                 self.progress(remote.name, done, due)
             except BaseException:
@@ -261,19 +290,6 @@ class Flusher:
                 self.spool.released(remote.name, self.owner, [i for i, _ in batch])
                 raise
 
-    def _deliver_batch(
-        self, remote: Remote, batch: list[tuple[int, str]], report: RemoteReport
-    ) -> None:
-        gone = nix.invalid_paths([p for _, p in batch])
-        if gone:
-            ids = [i for i, p in batch if p in gone]
-            reason = "no longer in the local store (garbage-collected before upload)"
-            report.failed += self.spool.failed(remote.name, self.owner, ids, reason)
-            report.failures += [{"path": p, "error": reason} for p in sorted(gone)]
-            batch = [(i, p) for i, p in batch if p not in gone]
-        if batch:
-            self._copy(remote, batch, report)
-
     def _copy(self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport) -> None:
         ids = [i for i, _ in batch]
         try:
@@ -281,18 +297,40 @@ class Flusher:
         except _Transient as e:
             self._defer(remote, ids, e.reason, report)
             return
-        except CommandError as e:  # PERMANENT: the remote or a path says no
-            reason = last_line(e.stderr) if e.stderr else str(e)
-            if len(batch) > 1:
-                middle = len(batch) // 2  # find the bad paths; the others go through
-                self._copy(remote, batch[:middle], report)
-                self._copy(remote, batch[middle:], report)
-                return
-            report.failed += self.spool.failed(remote.name, self.owner, ids, reason)
-            report.failures.append({"path": batch[0][1], "error": reason})
-            log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
+        except CommandError as e:  # the remote or a path says no
+            self._refused(remote, batch, e, report)
             return
         report.delivered += self.spool.delivered(remote.name, self.owner, ids)
+
+    def _refused(
+        self,
+        remote: Remote,
+        batch: Sequence[tuple[int, str]],
+        error: CommandError,
+        report: RemoteReport,
+    ) -> None:
+        """Find which paths of a refused batch are bad; deliver the others."""
+        # Paths garbage-collected since they were queued are the usual suspects,
+        # and cheap to find: asked only now, never for a batch that went through.
+        gone = nix.invalid_paths([p for _, p in batch])
+        if gone:
+            reason = "no longer in the local store (garbage-collected before upload)"
+            bad = [(i, p) for i, p in batch if p in gone]
+            report.failed += self.spool.failed(remote.name, self.owner, [i for i, _ in bad], reason)
+            report.failures += [{"path": p, "error": reason} for _, p in bad]
+            rest = [(i, p) for i, p in batch if p not in gone]
+            if rest:
+                self._copy(remote, rest, report)
+            return
+        if len(batch) > 1:
+            middle = len(batch) // 2  # bisect: the good halves go through
+            self._copy(remote, batch[:middle], report)
+            self._copy(remote, batch[middle:], report)
+            return
+        reason = last_line(error.stderr) if error.stderr else str(error)
+        report.failed += self.spool.failed(remote.name, self.owner, [batch[0][0]], reason)
+        report.failures.append({"path": batch[0][1], "error": reason})
+        log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
 
     def _copy_with_retries(self, remote: Remote, paths: list[str]) -> None:
         """nix copy; retried here for unclear failures, re-probing the remote first."""
@@ -317,17 +355,25 @@ class Flusher:
                 self._copy_once(remote, paths)
 
     def _copy_once(self, remote: Remote, paths: list[str]) -> None:
+        running = nix.start_copy(
+            remote.url,
+            paths,
+            timeout=remote.copy_timeout,
+            env=self.copy_env(remote),
+            account=self.account if self.drop_root else None,
+        )
+        pending = self._probes.pop(remote.name, None)
+        if pending is not None:
+            # The first copy ran alongside the probe; the probe's verdict decides.
+            try:
+                self._require(self._verdict(remote, pending))
+            except BaseException:
+                running.kill()
+                raise
         try:
-            nix.copy(
-                remote.url,
-                paths,
-                timeout=remote.copy_timeout,
-                env=self.copy_env(remote),
-                account=self.account if self.drop_root else None,
-            )
+            running.wait()
         except CommandError as e:
-            text = e.stderr or str(e)
-            outcome = classify(text)
+            outcome = classify(e.stderr or str(e))
             reason = last_line(e.stderr) if e.stderr else str(e)
             if outcome is Outcome.UNREACHABLE:
                 raise UnreachableError(f"{remote.url}: {reason}") from None

@@ -6,9 +6,11 @@ every version since has.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
-from .run import Account, run
+from .errors import CommandError
+from .run import Account, Running, run, spawn
 
 # `nix copy` is behind the nix-command feature on 2.4 and later; naming it
 # explicitly keeps nixspool independent of the user's nix.conf.
@@ -27,6 +29,21 @@ def outputs_of(drv_path: str, timeout: float = 60) -> list[str]:
     return result.stdout.split()
 
 
+def outputs_of_many(drv_paths: Sequence[str], timeout: float = 120) -> dict[str, list[str]]:
+    """{drv: its outputs} in one `nix show-derivation` per chunk.
+
+    CommandError if any of them is not valid: the caller then asks one by one.
+    """
+    outputs: dict[str, list[str]] = {}
+    for chunk in _chunks(drv_paths):
+        shown = json.loads(run([*NIX, "show-derivation", *chunk], timeout=timeout).stdout)
+        for drv, info in shown.items():
+            outputs[drv] = sorted(o["path"] for o in info["outputs"].values() if o.get("path"))
+    if set(outputs) != set(drv_paths):
+        raise CommandError("nix show-derivation did not describe every derivation")
+    return outputs
+
+
 def invalid_paths(paths: Sequence[str], timeout: float = 60) -> set[str]:
     """The paths that are not (or no longer) valid in the local store."""
     invalid: set[str] = set()
@@ -36,16 +53,16 @@ def invalid_paths(paths: Sequence[str], timeout: float = 60) -> set[str]:
     return invalid
 
 
-def copy(
+def start_copy(
     url: str,
     paths: Sequence[str],
     *,
     timeout: float,
     env: Mapping[str, str] | None = None,
     account: Account | None = None,
-) -> None:
-    """`nix copy --to url paths` (their closures too; paths the remote has are skipped)."""
-    run([*NIX, "copy", "--to", url, *paths], timeout=timeout, env=env, account=account)
+) -> Running:
+    """Start `nix copy --to url paths`: their closures too; what the remote has is skipped."""
+    return spawn([*NIX, "copy", "--to", url, *paths], timeout=timeout, env=env, account=account)
 
 
 def version() -> str:

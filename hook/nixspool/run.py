@@ -2,16 +2,21 @@
 
 argv lists only (never a shell), `check=True` by default, the argv logged at
 debug level, a wall-clock bound that kills the whole process group (so an
-ssh started by nix copy dies with it), and optionally as another user.
+ssh started by nix copy dies with it), a parent-death signal (so nothing
+outlives a killed nixspool), and optionally as another user. `spawn()`
+starts a program and returns at once, for work that may overlap; `run()`
+waits for it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +37,60 @@ class Account:
     shell: str
 
 
-def run(
+class Running:
+    """A started program: wait() for its result, or kill() it."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        proc: subprocess.Popen[str],
+        input: str | None,
+        timeout: float | None,
+        check: bool,
+    ) -> None:
+        self.argv = list(argv)
+        self.proc = proc
+        self.input = input
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timeout = timeout
+        self.check = check
+
+    def wait(self) -> subprocess.CompletedProcess[str]:
+        """The program's result; CommandError if it failed or ran past its bound."""
+        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        try:
+            stdout, stderr = self.proc.communicate(self.input, timeout=remaining)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            stdout, stderr = self.proc.communicate()
+            raise CommandError(
+                f"{self.argv[0]} did not finish within {self.timeout:g} s and was stopped",
+                stderr=stderr,
+                returncode=None,
+            ) from None
+        except BaseException:
+            self.kill()  # interrupted: leave no child behind
+            raise
+        result = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
+        if self.check and self.proc.returncode != 0:
+            raise CommandError(
+                f"{shlex.join(self.argv[:3])}... failed (exit "
+                f"{self.proc.returncode}): {last_line(stderr)}",
+                stderr=stderr,
+                returncode=self.proc.returncode,
+            )
+        return result
+
+    def kill(self) -> None:
+        """Stop the program and everything it started; reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.proc.kill()
+        self.proc.wait()
+
+
+def spawn(
     argv: Sequence[str],
     *,
     check: bool = True,
@@ -40,8 +98,8 @@ def run(
     env: Mapping[str, str] | None = None,
     account: Account | None = None,
     input: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run argv and capture its output; CommandError on failure or timeout."""
+) -> Running:
+    """Start argv (as `account` if given) and return without waiting."""
     log.debug("$ %s", shlex.join(argv))
     user_args: dict[str, object] = {}
     if account is not None and os.geteuid() != account.uid:
@@ -69,50 +127,42 @@ def run(
         raise CommandError(
             f"cannot run {argv[0]}: {e.strerror}; is it installed and on PATH?"
         ) from None
-    try:
-        stdout, stderr = proc.communicate(input, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        stdout, stderr = proc.communicate()
-        raise CommandError(
-            f"{argv[0]} did not finish within {timeout:g} s and was stopped",
-            stderr=stderr,
-            returncode=None,
-        ) from None
-    except BaseException:
-        _kill_group(proc)  # interrupted: leave no child behind
-        proc.wait()
-        raise
-    result = subprocess.CompletedProcess(list(argv), proc.returncode, stdout, stderr)
-    if check and proc.returncode != 0:
-        raise CommandError(
-            f"{shlex.join(argv[:3])}... failed (exit {proc.returncode}): {last_line(stderr)}",
-            stderr=stderr,
-            returncode=proc.returncode,
-        )
-    return result
+    return Running(argv, proc, input, timeout, check)
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    account: Account | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv and capture its output; CommandError on failure or timeout."""
+    return spawn(argv, check=check, timeout=timeout, env=env, account=account, input=input).wait()
+
+
+@functools.cache
+def _prctl() -> Callable[[int, int], int]:
+    import ctypes  # once, in nixspool, not after every fork
+
+    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
 
 
 def _die_with(parent: int) -> Callable[[], None]:
     """In the child: get SIGKILL when nixspool dies, even by SIGKILL, so no nix copy
-    or ssh is left running unbounded. Runs after the uid change (which clears it)."""
+    or ssh is left running unbounded. Runs after the uid change (which clears it).
+    nixspool starts no threads, so a preexec_fn is safe here."""
+    prctl = _prctl()
 
     def set_parent_death_signal() -> None:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG, <linux/prctl.h>
         if os.getppid() != parent:  # the parent died before prctl: too late for it
             os._exit(1)
 
     return set_parent_death_signal
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
 
 
 def last_line(text: str) -> str:

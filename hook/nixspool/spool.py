@@ -21,6 +21,7 @@ mode when root creates them; nixspool does the same for its own files.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import pwd
 import sqlite3
@@ -30,8 +31,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import sqlite_utils
 
 from . import journal, locate, record
 from .errors import SpoolError, UsageError
@@ -175,7 +174,14 @@ class Spool:
     def __init__(self, path: str, conn: sqlite3.Connection) -> None:
         self.path = path
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+
+    @functools.cached_property
+    def db(self) -> Any:
+        """sqlite-utils over the same connection, for reading; imported only when
+        used (about 50 ms, which a flush does not need to pay)."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
 
     # -- opening ---------------------------------------------------------------
 

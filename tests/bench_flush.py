@@ -1,0 +1,213 @@
+"""Benchmark: nixspool flush against a hand-written nix copy, as ratios from one run.
+
+    python tests/bench_flush.py [--big 500] [--big-mb 1] [--tiny 500] [--naive 50]
+                                [--rows 100000] [--rounds 2]
+
+Run as root after `bash tests/run` (which installs the lab). It builds the
+lab (a signing nix-daemon, a LAN host in a network namespace with sshd and a
+chroot store, the key owner alice) and prints:
+1. BIG paths (random bytes, shared closures) to ssh-ng: `nixspool flush` wall
+   time / one raw `nix copy --to` of the same paths, run as alice; target <= 1.10;
+2. TINY paths: the same ratio (target <= 1.5) and nixspool's fixed cost in s;
+3. NAIVE: one `nix copy` per path, as a naive post-build-hook does, / one raw copy;
+4. SCALE: `nixspool status` and claiming a batch at ROWS rows / at 100 rows,
+   and the flusher's peak memory over ROWS rows.
+The LAN host's store is emptied between variants, and the order of the
+variants alternates round by round, so both meet the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lab
+from nixspool import record
+from nixspool.spool import Spool
+
+H = "0123456789abcdfghijklmnpqrsvwxyz"
+
+
+def wipe(host: lab.LanHost) -> None:
+    shutil.rmtree(host.store)
+    host.store.mkdir()
+    lab.sh("chown", lab.CACHE, str(host.store))
+
+
+def raw_copy(the_lab: lab.SshLab, paths: list[str]) -> float:
+    env = the_lab.daemon.client_env()
+    env.pop("NIX_REMOTE")
+    argv = [
+        "nix",
+        "--extra-experimental-features",
+        "nix-command",
+        "copy",
+        "--to",
+        f"ssh-ng://{the_lab.hosts[0].alias}",
+        *paths,
+    ]
+    started = time.perf_counter()
+    result = lab.run_as(lab.ALICE, argv, env)
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return took
+
+
+def naive_copies(the_lab: lab.SshLab, paths: list[str]) -> float:
+    return sum(raw_copy(the_lab, [p]) for p in paths)
+
+
+def flush(the_lab: lab.SshLab, work: Path, paths: list[str]) -> float:
+    shutil.rmtree(work, ignore_errors=True)
+    config = the_lab.config(work, f'\n[remotes.pi]\nurl = "ssh-ng://{the_lab.hosts[0].alias}"\n')
+    the_lab.spool_in(config, set(paths))
+    started = time.perf_counter()
+    result = the_lab.nixspool(config, "flush")
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return took
+
+
+def side_by_side(
+    the_lab: lab.SshLab, work: Path, paths: list[str], rounds: int
+) -> tuple[float, float]:
+    """Median seconds of (nixspool flush, raw nix copy), alternating which goes first."""
+    host = the_lab.hosts[0]
+    flushes, raws = [], []
+    for i in range(rounds):
+        for variant in ("flush", "raw") if i % 2 == 0 else ("raw", "flush"):
+            wipe(host)
+            if variant == "flush":
+                flushes.append(flush(the_lab, work, paths))
+            else:
+                raws.append(raw_copy(the_lab, paths))
+        assert host.remote_valid(paths) == set(paths)
+    return statistics.median(flushes), statistics.median(raws)
+
+
+def synthetic_spool(path: Path, rows: int) -> None:
+    shutil.rmtree(path.parent, ignore_errors=True)
+    with Spool.open(str(path)) as s, s.transaction():
+        outs = [f"/nix/store/{i:032d}"[:43].replace("e", "f") + f"-bench-{i}" for i in range(rows)]
+        outs = [o[:11] + "".join(H[int(c)] for c in o[11:43]) + o[43:] for o in outs]
+        record.store(s.conn, [record.Record("", outs, [], time.time())])
+
+
+def scale(the_lab: lab.SshLab, work: Path, rows: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for n in (100, rows):
+        spool_path = work / f"scale-{n}" / "spool" / "spool.sqlite"
+        synthetic_spool(spool_path, n)
+        config = work / f"scale-{n}" / "config.toml"
+        config.write_text(
+            f'spool = "{spool_path}"\nrun_as_root = true\ngc_roots = false\n'
+            f'[remotes.cache]\nurl = "file://{work}/scale-cache"\n'
+        )
+        the_lab.nixspool(config, "status")  # fan out once, as the first command would
+        status = [timed_status(the_lab, config) for _ in range(5)]
+        results[f"status_{n}"] = statistics.median(status)
+        with Spool.open(str(spool_path)) as s:
+            claims = []
+            for _ in range(5):
+                started = time.perf_counter()
+                batch = s.claim("cache", "bench", 500, 60)
+                claims.append(time.perf_counter() - started)
+                s.released("cache", "bench", [i for i, _ in batch])
+        results[f"claim_{n}"] = statistics.median(claims)
+        # The whole flush over n rows (their paths are not in the store: each is
+        # marked failed), for its peak memory.
+        env = {"PATH": os.environ["PATH"], **the_lab.daemon.client_env()}
+        env.pop("NIX_REMOTE")
+        proc = subprocess.Popen(
+            [lab.installed_program("nixspool"), "--config", str(config), "flush"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started = time.perf_counter()
+        _, _, usage = os.wait4(proc.pid, 0)
+        results[f"flush_{n}"] = time.perf_counter() - started
+        results[f"flush_rss_mb_{n}"] = usage.ru_maxrss / 1024
+    return results
+
+
+def timed_status(the_lab: lab.SshLab, config: Path) -> float:
+    started = time.perf_counter()
+    assert the_lab.nixspool(config, "status").returncode == 0
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", type=int, default=500)
+    parser.add_argument("--big-mb", type=float, default=1.0)
+    parser.add_argument("--tiny", type=int, default=500)
+    parser.add_argument("--naive", type=int, default=50)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    lab.ensure_user(lab.BUILDER, groups=["nix-users"])
+    root = Path(tempfile.mkdtemp(prefix="nixspool-bench-"))
+    root.chmod(0o755)
+    the_lab = lab.SshLab(root / "lab")
+    try:
+        nix_version = lab.sh("nix", "--version").stdout.strip()
+        print(
+            f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
+            f"ssh-ng to a LAN host in a network namespace; medians of {args.rounds} rounds"
+        )
+        big = sorted(the_lab.build(args.big, bytes_each=int(args.big_mb * (1 << 20))))
+        size = sum(int(lab.sh("du", "-sb", p).stdout.split()[0]) for p in big)
+        f, r = side_by_side(the_lab, root / "big", big, args.rounds)
+        print(
+            f"big:   {len(big)} paths, {size / 1e6:.0f} MB: nixspool flush {f:6.2f} s, "
+            f"raw nix copy {r:6.2f} s, ratio {f / r:.3f} (target <= 1.10)"
+        )
+        tiny = sorted(the_lab.build(args.tiny))
+        f, r = side_by_side(the_lab, root / "tiny", tiny, max(3, args.rounds))
+        print(
+            f"tiny:  {len(tiny)} paths: nixspool flush {f:6.2f} s, raw nix copy {r:6.2f} s, "
+            f"ratio {f / r:.3f} (target <= 1.5), nixspool's fixed cost {f - r:.2f} s"
+        )
+        some = tiny[: args.naive]
+        wipe(the_lab.hosts[0])
+        naive = naive_copies(the_lab, some)
+        wipe(the_lab.hosts[0])
+        one = raw_copy(the_lab, some)
+        print(
+            f"naive: one nix copy per path for {len(some)} paths {naive:6.2f} s "
+            f"({naive / len(some):.3f} s per path), one nix copy of them {one:.2f} s, "
+            f"ratio {naive / one:.1f}"
+        )
+        sc = scale(the_lab, root / "scale", args.rows)
+        print(
+            f"scale: nixspool status {sc['status_100'] * 1000:.0f} ms at 100 rows, "
+            f"{sc[f'status_{args.rows}'] * 1000:.0f} ms at {args.rows}: ratio "
+            f"{sc[f'status_{args.rows}'] / sc['status_100']:.2f}"
+        )
+        print(
+            f"scale: claiming a batch of 500 {sc['claim_100'] * 1000:.1f} ms at 100 rows, "
+            f"{sc[f'claim_{args.rows}'] * 1000:.1f} ms at {args.rows}: ratio "
+            f"{sc[f'claim_{args.rows}'] / sc['claim_100']:.2f}"
+        )
+        print(
+            f"scale: a flush over {args.rows} rows took {sc[f'flush_{args.rows}']:.1f} s, "
+            f"peak memory {sc[f'flush_rss_mb_{args.rows}']:.0f} MB "
+            f"({sc['flush_rss_mb_100']:.0f} MB at 100 rows)"
+        )
+    finally:
+        the_lab.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
