@@ -80,6 +80,7 @@ _PERMANENT = (
     "not allowed",
     "refusing",
     "there is no substituter that can build it",  # a path gone from the local store
+    "no such file or directory",
     "is not a valid store path",
     "read-only file system",
     "cannot add path",
