@@ -1,7 +1,7 @@
 """Benchmark: nixspool flush against a hand-written nix copy, as ratios from one run.
 
-    python tests/bench_flush.py [--big 500] [--big-mb 1] [--tiny 500] [--naive 50]
-                                [--rows 100000] [--rounds 2]
+    python tests/bench_flush.py [--derivations 375] [--big-mb 1.4] [--naive 50]
+                                [--rows 100000] [--rounds 3]
 
 Run as root after `bash tests/run` (which installs the lab). It builds the
 lab (a signing nix-daemon, a LAN host in a network namespace with sshd and a
@@ -155,12 +155,13 @@ def timed_status(the_lab: lab.SshLab, config: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--big", type=int, default=500)
-    parser.add_argument("--big-mb", type=float, default=1.0)
-    parser.add_argument("--tiny", type=int, default=500)
+    # 375 derivations of the lab's expression have exactly 500 outputs (every
+    # third has two); at 1.4 MiB each that is over 500 MB.
+    parser.add_argument("--derivations", type=int, default=375)
+    parser.add_argument("--big-mb", type=float, default=1.4)
     parser.add_argument("--naive", type=int, default=50)
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     root = Path(tempfile.mkdtemp(prefix="nixspool-bench-"))
@@ -172,14 +173,14 @@ def main() -> None:
             f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
             f"ssh-ng to a LAN host in a network namespace; medians of {args.rounds} rounds"
         )
-        big = sorted(the_lab.build(args.big, bytes_each=int(args.big_mb * (1 << 20))))
+        big = sorted(the_lab.build(args.derivations, bytes_each=int(args.big_mb * (1 << 20))))
         size = sum(int(lab.sh("du", "-sb", p).stdout.split()[0]) for p in big)
         f, r = side_by_side(the_lab, root / "big", big, args.rounds)
         print(
             f"big:   {len(big)} paths, {size / 1e6:.0f} MB: nixspool flush {f:6.2f} s, "
             f"raw nix copy {r:6.2f} s, ratio {f / r:.3f} (target <= 1.10)"
         )
-        tiny = sorted(the_lab.build(args.tiny))
+        tiny = sorted(the_lab.build(args.derivations))
         f, r = side_by_side(the_lab, root / "tiny", tiny, max(3, args.rounds))
         print(
             f"tiny:  {len(tiny)} paths: nixspool flush {f:6.2f} s, raw nix copy {r:6.2f} s, "

@@ -275,3 +275,25 @@ def test_a_key_the_host_does_not_accept_is_refused_loudly(ssh_lab) -> None:
         ssh_lab.hosts[1].authorize(ssh_lab.alice.public_key)
     assert result.returncode == 1
     assert "accepted none of" in json.loads(result.stdout)["remotes"]["nas"]["error"]
+
+
+def test_started_as_the_user_it_runs_directly(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "byalice")
+    outputs = ssh_lab.build(2)
+    ssh_lab.spool_in(config, outputs)
+    env = ssh_lab.daemon.client_env()
+    env.pop("NIX_REMOTE")
+    result = lab.run_as(lab.ALICE, [lab.installed_program("nixspool"), "--config", str(config),
+                                    "flush", "--remote", "pi"], env)
+    assert result.returncode == 0, result.stderr
+    assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
+
+
+def test_started_as_another_user_it_refuses(ssh_lab) -> None:
+    config = ssh_lab.config(ssh_lab.root / "byother")
+    ssh_lab.spool_in(config, ssh_lab.build(1))
+    result = lab.run_as(lab.BUILDER, [lab.installed_program("nixspool"), "--config",
+                                      str(config), "flush"], ssh_lab.daemon.client_env())
+    assert result.returncode == 1
+    assert result.stderr == (f"error: nixspool flush runs as root or as {lab.ALICE} (the "
+                             f"config's 'user'), not as {lab.BUILDER}\n")

@@ -20,6 +20,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from . import config as config_mod
+from . import privileges
 from .errors import NixspoolError, UsageError
 from .spool import Owner, Selector, Spool, State
 
@@ -302,6 +303,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     cfg = load_config()
     if remote is not None:
         cfg.remote(remote)
+    privileges.remote_account(cfg)  # who may flush: refuse before touching the spool
     if not cfg.remotes:
         raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
     with open_spool(cfg) as spool, flush_mod.single_flusher(spool.path) as alone:

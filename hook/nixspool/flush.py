@@ -202,11 +202,12 @@ class Flusher:
         try:
             resolve_derivations(self.spool)
             self.spool.sync_remotes(r.name for r in self.cfg.remotes)
-            self.protect()
             return [self.flush_remote(remote) for remote in remotes]
         finally:
             for running in self._probes.values():
                 running.kill()
+            # Roots for what is still queued, once, at the end: rooting paths that
+            # are about to be delivered would cost a symlink each, for nothing.
             self.protect()
 
     def flush_remote(self, remote: Remote) -> RemoteReport:
