@@ -6,7 +6,8 @@
 Run as root after `bash tests/run` (which installs the lab). It builds the
 lab (a signing nix-daemon, a LAN host in a network namespace with sshd and a
 chroot store, the key owner alice) and prints:
-1. BIG paths (random bytes, shared closures) to ssh-ng: `nixspool flush` wall
+1. BIG paths (random bytes, shared closures) to ssh-ng over a link shaped
+   to --lan-rate (default 1gbit, a real LAN; 'none' for the bare veth pair): `nixspool flush` wall
    time / one raw `nix copy --to` of the same paths, run as alice; target <= 1.10;
 2. TINY paths: the same ratio (target <= 1.5) and nixspool's fixed cost in s;
 3. NAIVE: one `nix copy` per path, as a naive post-build-hook does, / one raw copy;
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=50)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lan-rate", default="1gbit",
+                        help="shape the link to the LAN host (tc tbf), or 'none'")
     args = parser.parse_args()
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     root = Path(tempfile.mkdtemp(prefix="nixspool-bench-"))

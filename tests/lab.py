@@ -342,6 +342,14 @@ class LanHost:
                 assert time.monotonic() < deadline, f"{self.address} did not come back"
                 time.sleep(0.1)
 
+    def shape(self, rate: str | None) -> None:
+        """Limit the link towards the host to `rate` (e.g. "1gbit"), like a real LAN;
+        None: as fast as the machine's veth pair goes."""
+        sh("tc", "qdisc", "del", "dev", self.veth_host, "root", check=False)
+        if rate:
+            sh("tc", "qdisc", "add", "dev", self.veth_host, "root", "tbf", "rate", rate,
+               "burst", "512kb", "latency", "50ms")
+
     def authorize(self, public_key: str) -> None:
         ssh_dir = Path(os.path.expanduser(f"~{CACHE}")) / ".ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
