@@ -38,12 +38,6 @@ from nixspool.spool import Spool
 H = "0123456789abcdfghijklmnpqrsvwxyz"
 
 
-def wipe(host: lab.LanHost) -> None:
-    shutil.rmtree(host.store)
-    host.store.mkdir()
-    lab.sh("chown", lab.CACHE, str(host.store))
-
-
 def raw_copy(the_lab: lab.SshLab, paths: list[str]) -> float:
     env = the_lab.daemon.client_env()
     env.pop("NIX_REMOTE")
@@ -83,12 +77,12 @@ def side_by_side(
 ) -> tuple[float, float]:
     """Median seconds of (nixspool flush, raw nix copy), alternating which goes first."""
     host = the_lab.hosts[0]
-    wipe(host)
+    host.wipe()
     raw_copy(the_lab, paths)  # warm-up, not counted: the first copy reads cold NARs
     flushes, raws = [], []
     for i in range(rounds):
         for variant in ("flush", "raw") if i % 2 == 0 else ("raw", "flush"):
-            wipe(host)
+            host.wipe()
             if variant == "flush":
                 flushes.append(flush(the_lab, work, paths))
             else:
@@ -190,9 +184,9 @@ def main() -> None:
             f"ratio {f / r:.3f} (target <= 1.5), nixspool's fixed cost {f - r:.2f} s"
         )
         some = tiny[: args.naive]
-        wipe(the_lab.hosts[0])
+        the_lab.hosts[0].wipe()
         naive = naive_copies(the_lab, some)
-        wipe(the_lab.hosts[0])
+        the_lab.hosts[0].wipe()
         one = raw_copy(the_lab, some)
         print(
             f"naive: one nix copy per path for {len(some)} paths {naive:6.2f} s "

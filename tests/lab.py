@@ -199,7 +199,7 @@ def expected_outputs(daemon: NixDaemon, expr: Path, args: Mapping[str, str]) -> 
 # -- the LAN host: sshd in a network namespace, with a chroot Nix store -------
 
 ALICE = "nixspool-alice"  # owns the SSH key on the building machine
-CACHE = "nixspool-cache"  # the account on the LAN host whose store receives uploads
+CACHE = "nixspool-cache"  # + the host's index: the account whose store receives uploads
 
 
 def sh(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -234,6 +234,9 @@ class LanHost:
         self.address = f"10.231.{77 + index}.2"
         self.host_address = f"10.231.{77 + index}.1"
         self.alias = f"lanhost{index}"
+        # Each host its own account: the store a login writes to is set in that
+        # account's nix.conf, so two hosts sharing one would share a store.
+        self.user = f"{CACHE}{index}"
         self.store = root / "store-root"
         self.sshd_log = root / "sshd.log"
         self._netns_up()
@@ -256,10 +259,10 @@ class LanHost:
         return sh("ip", "netns", "exec", self.netns, *argv, check=check)
 
     def _remote_user(self, trusted_key: str) -> None:
-        ensure_user(CACHE)
-        home = Path(os.path.expanduser(f"~{CACHE}"))
+        ensure_user(self.user)
+        home = Path(os.path.expanduser(f"~{self.user}"))
         self.store.mkdir(exist_ok=True)
-        sh("chown", "-R", CACHE, str(self.store))
+        sh("chown", "-R", self.user, str(self.store))
         nix_conf = home / ".config" / "nix" / "nix.conf"
         nix_conf.parent.mkdir(parents=True, exist_ok=True)
         # The LAN host checks signatures, as a real cache does: it trusts the
@@ -269,7 +272,7 @@ class LanHost:
             f"trusted-public-keys = {trusted_key}\n"
             "experimental-features = nix-command\n"
         )
-        sh("chown", "-R", CACHE, str(home / ".config"))
+        sh("chown", "-R", self.user, str(home / ".config"))
 
     def _sshd_config(self) -> None:
         key = self.root / "ssh_host_ed25519_key"
@@ -351,17 +354,24 @@ class LanHost:
                "burst", "512kb", "latency", "50ms")
 
     def authorize(self, public_key: str) -> None:
-        ssh_dir = Path(os.path.expanduser(f"~{CACHE}")) / ".ssh"
+        ssh_dir = Path(os.path.expanduser(f"~{self.user}")) / ".ssh"
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(public_key + "\n")
-        sh("chown", "-R", CACHE, str(ssh_dir))
+        sh("chown", "-R", self.user, str(ssh_dir))
+
+    def wipe(self) -> None:
+        """Empty the host's store, as if it had never received anything."""
+        shutil.rmtree(self.store)
+        self.store.mkdir()
+        sh("chown", self.user, str(self.store))
 
     def remote_valid(self, paths: Iterable[str]) -> set[str]:
         """The paths the LAN host's store holds, asked on the LAN host, as its user."""
         paths = list(paths)
         if not paths:
             return set()
-        result = run_as(CACHE, ["nix-store", "--check-validity", "--print-invalid", *paths], {})
+        result = run_as(self.user, ["nix-store", "--check-validity", "--print-invalid", *paths],
+                        {})
         assert result.returncode == 0, result.stderr
         return set(paths) - set(result.stdout.split())
 
@@ -405,7 +415,7 @@ class KeyOwner:
             # LocalCommand runs on this machine, as whoever runs ssh: it records
             # the uid, so tests see who really talked SSH.
             config.append(
-                f"Host {h.alias}\n  HostName {h.address}\n  User {CACHE}\n"
+                f"Host {h.alias}\n  HostName {h.address}\n  User {h.user}\n"
                 f"  PermitLocalCommand yes\n  LocalCommand id -u >> {self.uid_log}\n"
             )
         (self.ssh_dir / "config").write_text("\n".join(config))

@@ -92,6 +92,16 @@ def test_sshd_stopped_is_unreachable_at_once(ssh_lab) -> None:
     assert "Connection refused" in json.loads(result.stdout)["remotes"]["nas"]["error"]
 
 
+def test_each_lan_host_has_its_own_store(ssh_lab) -> None:
+    # The remote-side checks below mean something only if the hosts are distinct.
+    config = ssh_lab.config(ssh_lab.root / "distinct")
+    outputs = ssh_lab.build(1)
+    ssh_lab.spool_in(config, outputs)
+    assert ssh_lab.nixspool(config, "flush", "--remote", "nas").returncode == 0
+    assert ssh_lab.hosts[1].remote_valid(outputs) == outputs
+    assert ssh_lab.hosts[0].remote_valid(outputs) == set()
+
+
 def test_one_remote_down_does_not_hold_up_the_other(ssh_lab) -> None:
     config = ssh_lab.config(ssh_lab.root / "onedown", connect_timeout=2)
     outputs = ssh_lab.build(3)
@@ -118,11 +128,12 @@ def test_started_as_root_ssh_runs_as_the_user(ssh_lab) -> None:
     # Locally: every ssh that connected ran as alice (her ~/.ssh/config's LocalCommand).
     alice_uid = int(lab.sh("id", "-u", lab.ALICE).stdout)
     assert ssh_lab.alice.ssh_uids() and set(ssh_lab.alice.ssh_uids()) == {alice_uid}
-    # Remotely: the login was the cache account (from alice's ~/.ssh/config) with
+    # Remotely: the login was the host's cache account (from alice's ~/.ssh/config) with
     # alice's key (the probe's login and nix copy's).
     new = ssh_lab.hosts[0].logins()[logins_before:]
     assert len(new) >= 2
-    assert all(f"for {lab.CACHE} " in line and ssh_lab.alice.fingerprint in line for line in new)
+    assert all(f"for {ssh_lab.hosts[0].user} " in line and ssh_lab.alice.fingerprint in line
+               for line in new)
 
 
 def test_root_without_a_user_refuses_to_run_ssh(ssh_lab) -> None:

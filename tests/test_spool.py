@@ -227,3 +227,16 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "last_error_at": None,
     }
     assert [r.state for r in spool.rows()] == [State.QUEUED]
+
+
+def test_gc_roots_of_two_spools_do_not_touch_each_other(tmp_path: Path) -> None:
+    from nixspool import gcroots
+
+    env = {"NIX_STATE_DIR": str(tmp_path / "state")}
+    one, two = gcroots.roots_dir("/a/spool.sqlite", env), gcroots.roots_dir("/b/spool.sqlite", env)
+    assert one != two
+    assert gcroots.sync("/a/spool.sqlite", [p("x")], one) == (1, 0)
+    assert gcroots.sync("/b/spool.sqlite", [p("y")], two) == (1, 0)
+    assert gcroots.sync("/a/spool.sqlite", [], one) == (0, 1)
+    assert os.listdir(two) == [os.path.basename(p("y"))]
+    assert os.readlink(os.path.join(two, os.path.basename(p("y")))) == p("y")

@@ -181,7 +181,7 @@ class Flusher:
 
     def protect(self) -> None:
         if self.cfg.gc_roots:
-            added, removed = gcroots.sync(self.spool.protected_paths())
+            added, removed = gcroots.sync(self.spool.path, self.spool.protected_paths())
             log.debug("GC roots: %d added, %d removed", added, removed)
 
     # -- delivering ----------------------------------------------------------------
