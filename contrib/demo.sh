@@ -83,4 +83,4 @@ say "Delivered"
 nixspool status
 nixspool list
 echo
-ls "$demo/cache" | head
+find "$demo/cache" -maxdepth 1 -name "*.narinfo"

@@ -6,8 +6,8 @@
 Run as root after `bash tests/run` (which installs the lab). It builds the
 lab (a signing nix-daemon, a LAN host in a network namespace with sshd and a
 chroot store, the key owner alice) and prints:
-1. BIG paths (random bytes, shared closures) to ssh-ng over a link shaped
-   to --lan-rate (default 1gbit, a real LAN; 'none' for the bare veth pair): `nixspool flush` wall
+1. BIG paths (random bytes, shared closures) to ssh-ng over the bare veth
+   pair (or a link shaped with --lan-rate, e.g. 1gbit, like a real LAN): `nixspool flush` wall
    time / one raw `nix copy --to` of the same paths, run as alice; target <= 1.10;
 2. TINY paths: the same ratio (target <= 1.5) and nixspool's fixed cost in s;
 3. NAIVE: one `nix copy` per path, as a naive post-build-hook does, / one raw copy;
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=50)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--lan-rate", default="1gbit",
+    parser.add_argument("--lan-rate", default="none",
                         help="shape the link to the LAN host (tc tbf), or 'none'")
     args = parser.parse_args()
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
@@ -165,11 +165,12 @@ def main() -> None:
     root.chmod(0o755)
     the_lab = lab.SshLab(root / "lab")
     try:
+        rate = None if args.lan_rate == "none" else args.lan_rate
+        the_lab.hosts[0].shape(rate)
         nix_version = lab.sh("nix", "--version").stdout.strip()
-        print(
-            f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
-            f"ssh-ng to a LAN host in a network namespace; medians of {args.rounds} rounds"
-        )
+        print(f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
+              f"ssh-ng to a LAN host in a network namespace, link "
+              f"{rate or 'unshaped (veth)'}; medians of {args.rounds} rounds")
         big = sorted(the_lab.build(args.derivations, bytes_each=int(args.big_mb * (1 << 20))))
         size = sum(int(lab.sh("du", "-sb", p).stdout.split()[0]) for p in big)
         f, r = side_by_side(the_lab, root / "big", big, args.rounds)

@@ -20,7 +20,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from . import config as config_mod
-from . import privileges
+from . import locate, privileges
 from .errors import NixspoolError, UsageError
 from .spool import Owner, Selector, Spool, State
 
@@ -364,6 +364,111 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             bar.update(bars[remote], completed=done)
 
         yield update
+
+
+# -- setup and doctor ------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def setup(
+    user: Annotated[
+        str,
+        typer.Option(
+            "--user",
+            "-u",
+            help="Who owns the SSH key; ssh and nix copy run as this user.",
+            show_default=False,
+        ),
+    ],
+    remote: Annotated[
+        list[str],
+        typer.Option(
+            "--remote",
+            "-r",
+            help="NAME=URL, e.g. pi=ssh-ng://pi; repeat for more.",
+            show_default=False,
+        ),
+    ],
+    spool: Annotated[
+        str | None, typer.Option(help="Spool file (default: /var/lib/nixspool/spool.sqlite).")
+    ] = None,
+    ssh_key: Annotated[
+        str | None,
+        typer.Option(help="SSH private key for the remotes (default: the user's agent and keys)."),
+    ] = None,
+    interface: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these network interfaces trigger a flush; repeat."),
+    ] = None,
+    connection: Annotated[
+        list[str] | None, typer.Option(help="Only these NetworkManager connections trigger one.")
+    ] = None,
+    config_file: Annotated[
+        str, typer.Option("--config-file", help="Where to write the config.")
+    ] = locate.SYSTEM_CONFIG,
+    root: Annotated[
+        str,
+        typer.Option(
+            help="Install units and dispatcher scripts under this directory instead of /."
+        ),
+    ] = "/",
+    force: Annotated[bool, typer.Option(help="Replace a config with other content.")] = False,
+) -> None:
+    """Write the config, create the spool, install the units and the dispatcher script.
+
+    Prints the nix.conf line to add; never edits nix.conf. Running it again with the
+    same options changes nothing.
+    """
+    from . import provision
+
+    pairs = []
+    for item in remote:
+        name, eq, url = item.partition("=")
+        if not eq or not name or not url:
+            raise UsageError(f"--remote takes NAME=URL, e.g. pi=ssh-ng://pi, not {item!r}")
+        pairs.append((name, url))
+    report = provision.setup(
+        provision.SetupRequest(
+            config_path=config_file,
+            user=user,
+            remotes=tuple(pairs),
+            spool=spool,
+            ssh_key=ssh_key,
+            interfaces=tuple(interface or ()),
+            connections=tuple(connection or ()),
+            root=root,
+            force=force,
+        )
+    )
+    for path in report.changed:
+        typer.echo(f"wrote     {path}")
+    for path in report.unchanged:
+        typer.echo(f"unchanged {path}")
+    if not report.changed:
+        typer.echo("nothing to change")
+    for note in report.notes:
+        typer.echo(f"\n{note}")
+
+
+@app.command()
+@reports_errors
+def doctor(json_output: JsonOption = False) -> None:
+    """Check the setup: nix.conf, the spool, each remote (SSH, Nix, trust), key files.
+
+    One line per check, with the fix for what is wrong. Exits 1 if anything is.
+    """
+    from . import doctor as doctor_mod
+
+    checks = doctor_mod.diagnose(settings.config_path)
+    if json_output:
+        print_json([c.as_dict() for c in checks])
+    else:
+        for c in checks:
+            typer.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<12} {c.detail}")
+            if c.fix:
+                typer.echo(f"{'':18}fix: {c.fix}")
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 
 
 # -- config --------------------------------------------------------------------

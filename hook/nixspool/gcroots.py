@@ -49,6 +49,10 @@ def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tup
                 os.symlink(want[name], os.path.join(directory, name))
                 added += 1
     except OSError as e:
-        log.warning("cannot keep GC roots in %s: %s; queued paths are not protected from "
-                    "garbage collection (see README#gc-roots)", directory, e.strerror)
+        log.warning(
+            "cannot keep GC roots in %s: %s; queued paths are not protected from "
+            "garbage collection (see README#gc-roots)",
+            directory,
+            e.strerror,
+        )
     return added, removed

@@ -197,8 +197,10 @@ class Spool:
             check_permissions(directory, owner)
             check_permissions(path, owner)
         except PermissionError:
-            raise SpoolError(f"spool {path}: permission denied; run nixspool as root or as "
-                             "the spool's owner (see README#ownership)") from None
+            raise SpoolError(
+                f"spool {path}: permission denied; run nixspool as root or as "
+                "the spool's owner (see README#ownership)"
+            ) from None
         if not os.path.exists(path) and not create:
             raise SpoolError(
                 f"spool {path} does not exist; run `nixspool status` as root to create it"

@@ -1,0 +1,54 @@
+# nixspool as a Nix package: `pkgs.callPackage ./package.nix { }`.
+{
+  lib,
+  python3Packages,
+}:
+
+let
+  pyproject = lib.importTOML ../../pyproject.toml;
+  python = python3Packages.python;
+in
+python3Packages.buildPythonApplication {
+  pname = pyproject.project.name;
+  version = pyproject.project.version;
+  pyproject = true;
+
+  src = lib.cleanSource ../..;
+
+  build-system = [ python3Packages.setuptools ];
+
+  dependencies = with python3Packages; [
+    typer
+    sqlite-utils
+    paramiko
+    pynacl
+    tenacity
+    platformdirs
+  ];
+
+  # The installed hook is a sh preamble that finds the venv's python; here the
+  # interpreter is known at build time, so the hook starts it directly with
+  # -IS (no site: it is on every build's critical path) and needs nothing
+  # but nixspool's own package, which uses only the standard library.
+  postFixup = ''
+    rm -f $out/bin/.nixspool-hook-wrapped
+    cat > $out/bin/nixspool-hook <<HOOK
+    #!${python.interpreter} -IS
+    import sys
+    sys.path.append("$out/${python.sitePackages}")
+    from nixspool.hook import launch
+    launch()
+    HOOK
+    chmod 0755 $out/bin/nixspool-hook
+  '';
+
+  # The test suite needs root, a nix-daemon, sshd and network namespaces.
+  doCheck = false;
+
+  meta = {
+    description = pyproject.project.description;
+    license = lib.licenses.mit;
+    mainProgram = "nixspool";
+    platforms = lib.platforms.linux;
+  };
+}

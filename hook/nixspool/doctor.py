@@ -1,0 +1,365 @@
+"""`nixspool doctor`: is this machine set up right? One line per check, with the fix.
+
+Checks, in the order a setup goes wrong: the config; the post-build-hook in
+Nix's effective settings; the spool's owner and modes; the GC roots
+directory; the user; then for each remote: name resolution, TCP, SSH login
+as the user (the flusher's own probe), Nix on the remote, and whether the
+remote will accept uploads (a trusted user there, or a signature by a key
+it trusts); and the key files' permissions. Secret keys are opened only to
+read their name, and never shown.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import stat
+import sys
+from dataclasses import asdict, dataclass
+
+from . import config as config_mod
+from . import gcroots, nix, privileges
+from .config import Config, Remote
+from .errors import CommandError, NixspoolError
+from .remote import ProbeRequest, ProbeResult, SshTarget, Verdict, ssh_options
+from .run import Account, run
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _mode(path: str) -> str:
+    return oct(stat.S_IMODE(os.stat(path).st_mode))[2:].rjust(4, "0")
+
+
+def nix_settings(timeout: float = 30) -> dict[str, str]:
+    """Nix's effective settings (nix.conf and its includes), as `nix show-config` says."""
+    out = run([*nix.NIX, "show-config"], timeout=timeout).stdout
+    return dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+
+
+def check_hook(settings: dict[str, str]) -> Check:
+    hook = settings.get("post-build-hook", "").strip()
+    fix = (
+        f"add `post-build-hook = {_installed('nixspool-hook')}` to /etc/nix/nix.conf and "
+        "restart nix-daemon"
+    )
+    if not hook:
+        return Check("nix.conf", False, "post-build-hook is not set", fix)
+    if not os.path.basename(hook).startswith("nixspool-hook"):
+        return Check("nix.conf", False, f"post-build-hook is {hook}, not nixspool-hook", fix)
+    if not os.access(hook, os.X_OK):
+        return Check("nix.conf", False, f"post-build-hook {hook} is not an executable", fix)
+    return Check("nix.conf", True, f"post-build-hook = {hook}")
+
+
+def _installed(name: str) -> str:
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else name
+
+
+def check_spool(cfg: Config) -> list[Check]:
+    directory = os.path.dirname(cfg.spool)
+    owner = cfg.user or "root"
+    checks = []
+    for path, want, kind in ((directory, "0700", "directory"), (cfg.spool, "0600", "file")):
+        if not os.path.exists(path):
+            checks.append(
+                Check(
+                    "spool",
+                    False,
+                    f"{path} does not exist",
+                    "run `nixspool setup` (or any nixspool command as root)",
+                )
+            )
+            return checks
+        st = os.stat(path)
+        who = pwd.getpwuid(st.st_uid).pw_name if _known_uid(st.st_uid) else str(st.st_uid)
+        if _mode(path) != want or who != owner:
+            checks.append(
+                Check(
+                    "spool",
+                    False,
+                    f"{kind} {path} is {who} {_mode(path)}, should be {owner} {want}",
+                    f"chown {owner} {path} && chmod {want} {path}",
+                )
+            )
+        else:
+            checks.append(Check("spool", True, f"{kind} {path} is {owner} {want}"))
+    return checks
+
+
+def _known_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def check_user(cfg: Config) -> Check | None:
+    if not cfg.user:
+        return None
+    try:
+        account = privileges.account_of(cfg.user)
+    except NixspoolError as e:
+        return Check("user", False, str(e), f"useradd {cfg.user}, or fix 'user' in the config")
+    try:
+        nix_users = grp.getgrnam("nix-users").gr_gid
+    except KeyError:
+        return Check("user", True, f"{cfg.user} exists")
+    if nix_users not in (account.gid, *account.groups):
+        return Check(
+            "user",
+            False,
+            f"{cfg.user} is not in group nix-users: nix copy cannot reach nix-daemon",
+            f"usermod -a -G nix-users {cfg.user}",
+        )
+    return Check("user", True, f"{cfg.user} exists and may use nix-daemon")
+
+
+def check_gc_roots(cfg: Config) -> Check | None:
+    if not cfg.gc_roots or not cfg.user:
+        return None
+    directory = os.path.dirname(gcroots.roots_dir(cfg.spool))
+    if not os.path.isdir(directory):
+        return Check(
+            "gc roots",
+            False,
+            f"{directory} does not exist",
+            f"install -d -o {cfg.user} {directory}",
+        )
+    owner = pwd.getpwuid(os.stat(directory).st_uid).pw_name
+    if owner not in (cfg.user, "root"):
+        return Check(
+            "gc roots", False, f"{directory} belongs to {owner}", f"chown {cfg.user} {directory}"
+        )
+    return Check("gc roots", True, f"{directory} keeps queued paths alive")
+
+
+def check_remote(cfg: Config, remote: Remote, account: Account, our_keys: set[str]) -> list[Check]:
+    name = f"remote {remote.name}"
+    if not remote.uses_ssh:
+        return [_ping(remote, account, name)]
+    result = _probe(cfg, remote, account)
+    stages = ["resolve", "tcp", "banner", "hostkey", "auth"]
+    labels = {
+        "resolve": "name resolution",
+        "tcp": "TCP",
+        "banner": "SSH handshake",
+        "hostkey": "host key",
+        "auth": f"SSH login as {account.name}",
+    }
+    checks = []
+    failed_at = stages.index(result.stage) if result.stage in stages else len(stages)
+    for i, stage in enumerate(stages):
+        if result.verdict is Verdict.OK or i < failed_at:
+            checks.append(Check(name, True, labels[stage]))
+        else:
+            checks.append(
+                Check(
+                    name,
+                    False,
+                    f"{labels[stage]}: {result.message}",
+                    _probe_fix(stage, remote, account),
+                )
+            )
+            return checks
+    checks.append(_ping(remote, account, name))
+    if checks[-1].ok:
+        checks.append(_trust(cfg, remote, account, our_keys, name))
+    return checks
+
+
+def _probe(cfg: Config, remote: Remote, account: Account) -> ProbeResult:
+    request = ProbeRequest(
+        url=remote.url,
+        home=account.home,
+        local_user=account.name,
+        connect_timeout=remote.connect_timeout,
+        ssh_key=remote.ssh_key,
+        accept_new_host_keys=False,
+        agent_socket=privileges.agent_socket(account),
+    )
+    try:
+        out = run(
+            [sys.executable, "-m", "nixspool.remote"],
+            input=json.dumps(asdict(request)),
+            account=account,
+            env=privileges.child_env(account),
+            timeout=4 * remote.connect_timeout + 5,
+        ).stdout
+        return ProbeResult.from_json(out)
+    except (CommandError, ValueError, KeyError) as e:
+        return ProbeResult(Verdict.UNREACHABLE, "error", str(e))
+
+
+def _probe_fix(stage: str, remote: Remote, account: Account) -> str:
+    target = SshTarget.from_url(remote.url).host
+    return {
+        "resolve": f"check the host name in {remote.url} and {account.name}'s ~/.ssh/config",
+        "tcp": f"is {target} on and on this network? is sshd running there?",
+        "banner": f"is it sshd that listens on {target}?",
+        "hostkey": f"as {account.name}, run `ssh {target}` once and check the host key",
+        "auth": f"add {account.name}'s public key to ~/.ssh/authorized_keys on {target}, "
+        "or set ssh_key for this remote",
+    }.get(stage, "see README#ssh")
+
+
+def _ssh_env(remote: Remote, account: Account) -> dict[str, str]:
+    return privileges.child_env(account, {"NIX_SSHOPTS": ssh_options(remote, False)})
+
+
+def _ping(remote: Remote, account: Account, name: str) -> Check:
+    try:
+        run(
+            [*nix.NIX, "store", "ping", "--store", remote.url],
+            account=account,
+            env=_ssh_env(remote, account),
+            timeout=4 * remote.connect_timeout + 10,
+        )
+    except CommandError as e:
+        return Check(
+            name,
+            False,
+            f"Nix on the remote: {e}",
+            "install Nix on the remote, on the remote user's PATH",
+        )
+    return Check(name, True, "Nix answers on the remote")
+
+
+def _trust(cfg: Config, remote: Remote, account: Account, our_keys: set[str], name: str) -> Check:
+    """Will the remote accept our uploads? Ask its own Nix, over ssh, as the user."""
+    target = SshTarget.from_url(remote.url)
+    host = f"{target.user}@{target.host}" if target.user else target.host
+    argv = [
+        "ssh",
+        *ssh_options(remote, False).split(),
+        host,
+        "--",
+        "nix",
+        "--extra-experimental-features",
+        "nix-command",
+        "show-config",
+    ]
+    try:
+        out = run(
+            argv,
+            account=account,
+            env=privileges.child_env(account),
+            timeout=4 * remote.connect_timeout + 10,
+        ).stdout
+        login = run(
+            ["ssh", "-G", host], account=account, env=privileges.child_env(account), timeout=10
+        ).stdout
+    except CommandError as e:
+        return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
+    remote_settings = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+    remote_user = next(
+        (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
+    )
+    trusted_users = remote_settings.get("trusted-users", "").split()
+    trusted_keys = {k.split(":")[0] for k in remote_settings.get("trusted-public-keys", "").split()}
+    if remote_settings.get("require-sigs", "true") == "false":
+        return Check(name, True, "accepts uploads (require-sigs = false)")
+    if remote_user in trusted_users or "*" in trusted_users:
+        return Check(name, True, f"accepts uploads ({remote_user} is a trusted user there)")
+    if our_keys & trusted_keys:
+        return Check(
+            name, True, f"accepts uploads (trusts key {', '.join(our_keys & trusted_keys)})"
+        )
+    mine = ", ".join(sorted(our_keys)) or "no key (secret-key-files is empty)"
+    return Check(
+        name,
+        False,
+        f"will refuse uploads: {remote_user} is not a trusted user there, "
+        f"and it trusts none of the keys this machine signs with ({mine})",
+        "add this machine's public key to trusted-public-keys in the remote's nix.conf "
+        "(see README#ssh)",
+    )
+
+
+def signing_key_names(settings: dict[str, str], cfg: Config) -> set[str]:
+    """Names of the keys paths get signed with here. Only the name is read."""
+    files = settings.get("secret-key-files", "").split()
+    files += [r.sign_key_file for r in cfg.remotes if r.sign_key_file]
+    names = set()
+    for path in files:
+        try:
+            with open(path) as f:
+                names.add(f.read(256).split(":", 1)[0].strip())
+        except OSError:
+            continue
+    return names
+
+
+def check_key_files(cfg: Config) -> list[Check]:
+    checks = []
+    for remote in cfg.remotes:
+        for label, path in (("ssh key", remote.ssh_key), ("signing key", remote.sign_key_file)):
+            if not path:
+                continue
+            if not os.path.exists(path):
+                checks.append(
+                    Check(
+                        label,
+                        False,
+                        f"{path} does not exist",
+                        f"fix {label.replace(' ', '_')} of [remotes.{remote.name}]",
+                    )
+                )
+            elif os.stat(path).st_mode & 0o077:
+                checks.append(
+                    Check(
+                        label,
+                        False,
+                        f"{path} is readable by group or others (mode {_mode(path)})",
+                        f"chmod 0600 {path}",
+                    )
+                )
+            else:
+                checks.append(Check(label, True, f"{path} is private (mode {_mode(path)})"))
+    return checks
+
+
+def diagnose(config_path: str | None) -> list[Check]:
+    try:
+        cfg = config_mod.load(config_path)
+    except NixspoolError as e:
+        return [Check("config", False, str(e), "fix the line it names; see README#configuration")]
+    checks = [Check("config", True, f"{cfg.path or 'no config file: defaults'}")]
+    try:
+        settings = nix_settings()
+    except CommandError as e:
+        return [*checks, Check("nix", False, str(e), "install Nix (Debian: apt install nix-bin)")]
+    checks.append(check_hook(settings))
+    checks += check_spool(cfg)
+    checks += [c for c in (check_user(cfg), check_gc_roots(cfg)) if c]
+    checks += check_key_files(cfg)
+    try:
+        account = privileges.remote_account(cfg)
+    except NixspoolError as e:
+        return [*checks, Check("privileges", False, str(e), "see README#ssh")]
+    keys = signing_key_names(settings, cfg)
+    for remote in cfg.remotes:
+        checks += check_remote(cfg, remote, account, keys)
+    if not cfg.remotes:
+        checks.append(
+            Check(
+                "remotes",
+                False,
+                "no remote is configured",
+                "add [remotes.NAME] with a url, or run `nixspool setup`",
+            )
+        )
+    return checks

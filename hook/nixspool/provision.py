@@ -1,0 +1,190 @@
+"""`nixspool setup`: make a machine ready in one idempotent step.
+
+It writes the config, creates the spool and the GC roots directory for the
+configured user, installs the systemd units and the NetworkManager
+dispatcher script (not on NixOS, whose module does that), and says which
+line to add to nix.conf; it never edits nix.conf itself. Every file is
+written only if its content or mode differs, atomically (a hook reading the
+config at that moment sees the old file or the new one, never half of it),
+so running it twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+
+from . import config as config_mod
+from .errors import UsageError
+from .privileges import account_of
+from .spool import Owner, Spool
+
+UNITS = ("nixspool-flush.service", "nixspool-flush.timer", "nixspool-flush.path")
+DISPATCHER = "etc/NetworkManager/dispatcher.d/90-nixspool"
+NETWORKD_DISPATCHER = "etc/networkd-dispatcher/routable.d/50-nixspool"
+UNIT_DIR = "etc/systemd/system"
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    config_path: str
+    user: str
+    remotes: tuple[tuple[str, str], ...]  # (name, url)
+    spool: str | None = None
+    ssh_key: str | None = None
+    interfaces: tuple[str, ...] = ()  # NetworkManager: only these trigger a flush
+    connections: tuple[str, ...] = ()
+    root: str = "/"  # where etc/ lives; another directory for tests and images
+    force: bool = False
+
+
+@dataclass
+class SetupReport:
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def render_config(req: SetupRequest) -> str:
+    lines = ["# Written by `nixspool setup`; see README.md#configuration.\n"]
+    if req.spool:
+        lines.append(f"spool = {json.dumps(req.spool)}\n")
+    lines.append(f"user = {json.dumps(req.user)}\n")
+    for name, url in req.remotes:
+        lines.append(f"\n[remotes.{name}]\nurl = {json.dumps(url)}\n")
+        if req.ssh_key:
+            lines.append(f"ssh_key = {json.dumps(req.ssh_key)}\n")
+    return "".join(lines)
+
+
+def write_file(
+    path: str, content: str, mode: int, report: SetupReport, uid: int = 0, gid: int = 0
+) -> None:
+    """Write atomically, and only if content, mode or owner differ."""
+    try:
+        st = os.stat(path)
+        with open(path) as f:
+            same = (
+                f.read() == content
+                and stat.S_IMODE(st.st_mode) == mode
+                and (os.geteuid() != 0 or (st.st_uid, st.st_gid) == (uid, gid))
+            )
+    except FileNotFoundError:
+        same = False
+    if same:
+        report.unchanged.append(path)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nixspool-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        os.chmod(tmp, mode)
+        if os.geteuid() == 0:
+            os.chown(tmp, uid, gid)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    report.changed.append(path)
+
+
+def template(name: str) -> str:
+    return (resources.files("nixspool") / "data" / name).read_text()
+
+
+def program(name: str) -> str:
+    """The installed program beside this interpreter (the venv's bin/)."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else (shutil.which(name) or name)
+
+
+def render_dispatcher(
+    nixspool: str, interfaces: tuple[str, ...], connections: tuple[str, ...]
+) -> str:
+    def quoted(items: tuple[str, ...]) -> str:
+        return "'" + "\n".join(i.replace("'", "'\\''") for i in items) + "'" if items else '""'
+
+    text = template("90-nixspool")
+    text = text.replace('NIXSPOOL_INTERFACES=""', f"NIXSPOOL_INTERFACES={quoted(interfaces)}")
+    text = text.replace('NIXSPOOL_CONNECTIONS=""', f"NIXSPOOL_CONNECTIONS={quoted(connections)}")
+    return text.replace('NIXSPOOL=""', f"NIXSPOOL={quoted((nixspool,))}")
+
+
+def render_unit(name: str, nixspool: str, spool_dir: str) -> str:
+    text = template(name).replace("/opt/nixspool/bin/nixspool", nixspool)
+    return text.replace("/var/lib/nixspool", spool_dir)
+
+
+def setup(req: SetupRequest) -> SetupReport:
+    report = SetupReport()
+    account = account_of(req.user)
+    if not req.remotes:
+        raise UsageError("name at least one remote: --remote pi=ssh-ng://pi")
+    # 1. The config, unless one with other content is there (never clobbered silently).
+    content = render_config(req)
+    if os.path.exists(req.config_path) and not req.force:
+        with open(req.config_path) as f:
+            if f.read() != content:
+                raise UsageError(
+                    f"{req.config_path} exists with other content; edit it, or "
+                    "pass --force to replace it"
+                )
+    write_file(req.config_path, content, 0o644, report)
+    cfg = config_mod.load(req.config_path, environ={})
+    # 2. The spool, owned by the user (see README#ownership), and its GC roots.
+    before = os.path.exists(cfg.spool)
+    Spool.open(cfg.spool, Owner.of_user(req.user)).close()
+    (report.unchanged if before else report.changed).append(cfg.spool)
+    roots = os.path.join(os.environ.get("NIX_STATE_DIR", "/nix/var/nix"), "gcroots", "nixspool")
+    os.makedirs(roots, mode=0o755, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(roots, account.uid, account.gid)
+    # 3. Triggers: systemd units and dispatcher scripts, except on NixOS.
+    root = req.root
+    nixspool = program("nixspool")
+    if os.path.exists(os.path.join(root, "etc/NIXOS")):
+        report.notes.append(
+            "NixOS: use services.nixspool (contrib/nixos/module.nix) for the "
+            "units, the dispatcher and the post-build-hook"
+        )
+    else:
+        spool_dir = os.path.dirname(cfg.spool)
+        for unit in UNITS:
+            write_file(
+                os.path.join(root, UNIT_DIR, unit),
+                render_unit(unit, nixspool, spool_dir),
+                0o644,
+                report,
+            )
+        write_file(
+            os.path.join(root, DISPATCHER),
+            render_dispatcher(nixspool, req.interfaces, req.connections),
+            0o755,
+            report,
+        )
+        if os.path.isdir(os.path.join(root, "etc/networkd-dispatcher")):
+            write_file(
+                os.path.join(root, NETWORKD_DISPATCHER), template("50-nixspool"), 0o755, report
+            )
+        if root == "/" and os.path.isdir("/run/systemd/system"):
+            report.notes.append(
+                "run: systemctl daemon-reload && systemctl enable --now nixspool-flush.timer"
+            )
+        else:
+            report.notes.append(
+                "systemd is not running here: start `nixspool flush` from cron "
+                "or by hand; the dispatcher script starts it detached"
+            )
+    report.notes.append(
+        f"add to /etc/nix/nix.conf, then restart nix-daemon:\n"
+        f"    post-build-hook = {program('nixspool-hook')}"
+    )
+    return report

@@ -1,0 +1,114 @@
+"""`nixspool setup`, then `nixspool doctor` against the lab; then break what it checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import lab
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def set_up(ssh_lab, tmp_path: Path) -> Path:
+    work = ssh_lab.root / "doctor"
+    work.mkdir(mode=0o755, exist_ok=True)
+    config = work / "etc" / "config.toml"
+    result = subprocess.run(
+        [lab.installed_program("nixspool"), "setup", "--user", lab.ALICE,
+         "--remote", f"pi=ssh-ng://{ssh_lab.hosts[0].alias}",
+         "--remote", f"nas=ssh://{ssh_lab.hosts[1].alias}",
+         "--spool", str(work / "spool" / "spool.sqlite"), "--config-file", str(config),
+         "--root", str(work / "root"), "--force"],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return config
+
+
+def doctor(ssh_lab, config: Path, nix_conf_dir: Path | None = None) \
+        -> tuple[int, list[dict], str]:
+    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
+    env.pop("NIX_REMOTE")
+    if nix_conf_dir:
+        env["NIX_CONF_DIR"] = str(nix_conf_dir)
+    run = [lab.installed_program("nixspool"), "--config", str(config), "doctor"]
+    human = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    machine = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    return human.returncode, json.loads(machine.stdout), human.stdout
+
+
+def failing(checks: list[dict]) -> list[dict]:
+    return [c for c in checks if not c["ok"]]
+
+
+def test_doctor_passes_after_setup(ssh_lab, set_up: Path) -> None:
+    code, checks, text = doctor(ssh_lab, set_up)
+    assert failing(checks) == [], text
+    assert code == 0
+    names = [c["detail"] for c in checks if c["name"] == "remote pi"]
+    assert names == ["name resolution", "TCP", "SSH handshake", "host key",
+                     f"SSH login as {lab.ALICE}", "Nix answers on the remote",
+                     "accepts uploads (trusts key nixspool-lab)"]
+
+
+def test_doctor_names_a_spool_with_the_wrong_mode(ssh_lab, set_up: Path) -> None:
+    spool_dir = set_up.parent.parent / "spool"
+    spool_dir.chmod(0o755)
+    try:
+        code, checks, text = doctor(ssh_lab, set_up)
+    finally:
+        spool_dir.chmod(0o700)
+    (bad,) = failing(checks)
+    assert code == 1
+    assert bad["name"] == "spool" and "0755, should be nixspool-alice 0700" in bad["detail"]
+    assert bad["fix"] == f"chown {lab.ALICE} {spool_dir} && chmod 0700 {spool_dir}"
+    assert f"fix: chown {lab.ALICE} {spool_dir}" in text
+
+
+def test_doctor_names_an_unreachable_host(ssh_lab, set_up: Path) -> None:
+    ssh_lab.hosts[0].link_down()
+    try:
+        code, checks, _ = doctor(ssh_lab, set_up)
+    finally:
+        ssh_lab.hosts[0].link_up()
+    (bad,) = failing(checks)
+    assert code == 1
+    # "no answer" or "No route to host": the kernel's ARP state decides which.
+    assert bad["name"] == "remote pi" and bad["detail"].startswith("TCP: ")
+    assert "10.231.77.2:22" in bad["detail"]
+    assert "is lanhost0 on and on this network?" in bad["fix"]
+
+
+def test_doctor_names_a_remote_that_does_not_trust_our_key(ssh_lab, set_up: Path) -> None:
+    host = ssh_lab.hosts[1]
+    nix_conf = Path(os.path.expanduser(f"~{host.user}")) / ".config" / "nix" / "nix.conf"
+    saved = nix_conf.read_text()
+    nix_conf.write_text(saved.replace("nixspool-lab:", "someone-else:"))
+    try:
+        code, checks, _ = doctor(ssh_lab, set_up)
+    finally:
+        nix_conf.write_text(saved)
+    (bad,) = failing(checks)
+    assert code == 1
+    assert bad["name"] == "remote nas" and "will refuse uploads" in bad["detail"]
+    assert "(nixspool-lab)" in bad["detail"]
+    assert "trusted-public-keys" in bad["fix"]
+
+
+def test_doctor_names_a_missing_hook(ssh_lab, set_up: Path, tmp_path: Path) -> None:
+    conf_dir = tmp_path / "nix-without-hook"
+    conf_dir.mkdir()
+    text = (ssh_lab.daemon.conf_dir / "nix.conf").read_text()
+    (conf_dir / "nix.conf").write_text("".join(line for line in text.splitlines(True)
+                                               if not line.startswith("post-build-hook")))
+    code, checks, _ = doctor(ssh_lab, set_up, conf_dir)
+    (bad,) = failing(checks)
+    assert code == 1
+    assert (bad["name"], bad["detail"]) == ("nix.conf", "post-build-hook is not set")
+    assert "post-build-hook = " in bad["fix"] and "restart nix-daemon" in bad["fix"]
