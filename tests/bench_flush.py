@@ -157,8 +157,9 @@ def main() -> None:
     parser.add_argument("--naive", type=int, default=50)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--lan-rate", default="none",
-                        help="shape the link to the LAN host (tc tbf), or 'none'")
+    parser.add_argument(
+        "--lan-rate", default="none", help="shape the link to the LAN host (tc tbf), or 'none'"
+    )
     args = parser.parse_args()
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     root = Path(tempfile.mkdtemp(prefix="nixspool-bench-"))
@@ -168,9 +169,11 @@ def main() -> None:
         rate = None if args.lan_rate == "none" else args.lan_rate
         the_lab.hosts[0].shape(rate)
         nix_version = lab.sh("nix", "--version").stdout.strip()
-        print(f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
-              f"ssh-ng to a LAN host in a network namespace, link "
-              f"{rate or 'unshaped (veth)'}; medians of {args.rounds} rounds")
+        print(
+            f"# {nix_version}, Python {sys.version.split()[0]}, {os.cpu_count()} cores; "
+            f"ssh-ng to a LAN host in a network namespace, link "
+            f"{rate or 'unshaped (veth)'}; medians of {args.rounds} rounds"
+        )
         big = sorted(the_lab.build(args.derivations, bytes_each=int(args.big_mb * (1 << 20))))
         size = sum(int(lab.sh("du", "-sb", p).stdout.split()[0]) for p in big)
         f, r = side_by_side(the_lab, root / "big", big, args.rounds)

@@ -350,8 +350,21 @@ class LanHost:
         None: as fast as the machine's veth pair goes."""
         sh("tc", "qdisc", "del", "dev", self.veth_host, "root", check=False)
         if rate:
-            sh("tc", "qdisc", "add", "dev", self.veth_host, "root", "tbf", "rate", rate,
-               "burst", "512kb", "latency", "50ms")
+            sh(
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                self.veth_host,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "512kb",
+                "latency",
+                "50ms",
+            )
 
     def authorize(self, public_key: str) -> None:
         ssh_dir = Path(os.path.expanduser(f"~{self.user}")) / ".ssh"
@@ -370,8 +383,7 @@ class LanHost:
         paths = list(paths)
         if not paths:
             return set()
-        result = run_as(self.user, ["nix-store", "--check-validity", "--print-invalid", *paths],
-                        {})
+        result = run_as(self.user, ["nix-store", "--check-validity", "--print-invalid", *paths], {})
         assert result.returncode == 0, result.stderr
         return set(paths) - set(result.stdout.split())
 
@@ -435,13 +447,23 @@ class SshLab:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.secret_key, self.public_key = signing_key(root)
+        # A key made by nixspool itself (issue: signing), which the LAN hosts trust too;
+        # the daemon does not sign with it, so only nixspool's signing puts it on paths.
+        from nixspool import sign
+
+        secret, self.nixspool_public_key = sign.generate("nixspool-cache-key")
+        self.nixspool_key = root / "nixspool-cache-key.sec"
+        self.nixspool_key.write_text(secret + "\n")
+        self.nixspool_key.chmod(0o600)
         self.daemon = NixDaemon(
             root / "nix",
             installed_program("nixspool-hook"),
             extra_conf=f"secret-key-files = {self.secret_key}\n",
         )
         self.alice = KeyOwner(root)
-        self.hosts = [LanHost(root / f"lan{i}", i, self.public_key) for i in range(2)]
+        trusted = f"{self.public_key} {self.nixspool_public_key}"
+        self.hosts = [LanHost(root / f"lan{i}", i, trusted) for i in range(2)]
+        self._unsigned: NixDaemon | None = None
         for host in self.hosts:
             host.authorize(self.alice.public_key)
             self.alice.know(host)
@@ -507,7 +529,16 @@ class SshLab:
             check=False,
         )
 
+    @property
+    def unsigned(self) -> NixDaemon:
+        """A nix-daemon on the same store that signs nothing it builds."""
+        if self._unsigned is None:
+            self._unsigned = NixDaemon(self.root / "nix-unsigned", None)
+        return self._unsigned
+
     def close(self) -> None:
         for host in self.hosts:
             host.close()
         self.daemon.stop()
+        if self._unsigned is not None:
+            self._unsigned.stop()

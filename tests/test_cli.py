@@ -63,6 +63,7 @@ def test_list_filters_and_json(config: Path) -> None:
         "delivered_at",
         "needs_outputs",
         "drv_path",
+        "verified",
     }
     assert nixspool(config, "list", "--state", "delivered")[1] == ""
     code, out, _ = nixspool(config, "list", "--rejected")

@@ -20,26 +20,38 @@ def set_up(ssh_lab, tmp_path: Path) -> Path:
     work.mkdir(mode=0o755, exist_ok=True)
     config = work / "etc" / "config.toml"
     result = subprocess.run(
-        [lab.installed_program("nixspool"), "setup", "--user", lab.ALICE,
-         "--remote", f"pi=ssh-ng://{ssh_lab.hosts[0].alias}",
-         "--remote", f"nas=ssh://{ssh_lab.hosts[1].alias}",
-         "--spool", str(work / "spool" / "spool.sqlite"), "--config-file", str(config),
-         "--root", str(work / "root"), "--force"],
-        capture_output=True, text=True)
+        [
+            lab.installed_program("nixspool"),
+            "setup",
+            "--user",
+            lab.ALICE,
+            "--remote",
+            f"pi=ssh-ng://{ssh_lab.hosts[0].alias}",
+            "--remote",
+            f"nas=ssh://{ssh_lab.hosts[1].alias}",
+            "--spool",
+            str(work / "spool" / "spool.sqlite"),
+            "--config-file",
+            str(config),
+            "--root",
+            str(work / "root"),
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     return config
 
 
-def doctor(ssh_lab, config: Path, nix_conf_dir: Path | None = None) \
-        -> tuple[int, list[dict], str]:
+def doctor(ssh_lab, config: Path, nix_conf_dir: Path | None = None) -> tuple[int, list[dict], str]:
     env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
     env.pop("NIX_REMOTE")
     if nix_conf_dir:
         env["NIX_CONF_DIR"] = str(nix_conf_dir)
     run = [lab.installed_program("nixspool"), "--config", str(config), "doctor"]
     human = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
-    machine = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True,
-                             timeout=120)
+    machine = subprocess.run([*run, "--json"], env=env, capture_output=True, text=True, timeout=120)
     return human.returncode, json.loads(machine.stdout), human.stdout
 
 
@@ -52,9 +64,15 @@ def test_doctor_passes_after_setup(ssh_lab, set_up: Path) -> None:
     assert failing(checks) == [], text
     assert code == 0
     names = [c["detail"] for c in checks if c["name"] == "remote pi"]
-    assert names == ["name resolution", "TCP", "SSH handshake", "host key",
-                     f"SSH login as {lab.ALICE}", "Nix answers on the remote",
-                     "accepts uploads (trusts key nixspool-lab)"]
+    assert names == [
+        "name resolution",
+        "TCP",
+        "SSH handshake",
+        "host key",
+        f"SSH login as {lab.ALICE}",
+        "Nix answers on the remote",
+        "accepts uploads (trusts key nixspool-lab)",
+    ]
 
 
 def test_doctor_names_a_spool_with_the_wrong_mode(ssh_lab, set_up: Path) -> None:
@@ -105,8 +123,9 @@ def test_doctor_names_a_missing_hook(ssh_lab, set_up: Path, tmp_path: Path) -> N
     conf_dir = tmp_path / "nix-without-hook"
     conf_dir.mkdir()
     text = (ssh_lab.daemon.conf_dir / "nix.conf").read_text()
-    (conf_dir / "nix.conf").write_text("".join(line for line in text.splitlines(True)
-                                               if not line.startswith("post-build-hook")))
+    (conf_dir / "nix.conf").write_text(
+        "".join(line for line in text.splitlines(True) if not line.startswith("post-build-hook"))
+    )
     code, checks, _ = doctor(ssh_lab, set_up, conf_dir)
     (bad,) = failing(checks)
     assert code == 1

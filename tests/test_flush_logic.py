@@ -39,8 +39,10 @@ from nixspool.remote import SshTarget, ssh_options
         ),
         ("error: path '/nix/store/x' is not valid", Outcome.PERMANENT),
         ("Host key verification failed.", Outcome.PERMANENT),
-        ("error: path '/nix/store/x' is required, but there is no substituter that can build it",
-         Outcome.PERMANENT),
+        (
+            "error: path '/nix/store/x' is required, but there is no substituter that can build it",
+            Outcome.PERMANENT,
+        ),
         ("error: getting status of '/nix/store/x': No such file or directory", Outcome.PERMANENT),
         ("error: writing to file: No space left on device", Outcome.PERMANENT),
         ("error: some protocol hiccup", Outcome.TRANSIENT),

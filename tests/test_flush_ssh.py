@@ -132,8 +132,10 @@ def test_started_as_root_ssh_runs_as_the_user(ssh_lab) -> None:
     # alice's key (the probe's login and nix copy's).
     new = ssh_lab.hosts[0].logins()[logins_before:]
     assert len(new) >= 2
-    assert all(f"for {ssh_lab.hosts[0].user} " in line and ssh_lab.alice.fingerprint in line
-               for line in new)
+    assert all(
+        f"for {ssh_lab.hosts[0].user} " in line and ssh_lab.alice.fingerprint in line
+        for line in new
+    )
 
 
 def test_root_without_a_user_refuses_to_run_ssh(ssh_lab) -> None:
@@ -294,8 +296,11 @@ def test_started_as_the_user_it_runs_directly(ssh_lab) -> None:
     ssh_lab.spool_in(config, outputs)
     env = ssh_lab.daemon.client_env()
     env.pop("NIX_REMOTE")
-    result = lab.run_as(lab.ALICE, [lab.installed_program("nixspool"), "--config", str(config),
-                                    "flush", "--remote", "pi"], env)
+    result = lab.run_as(
+        lab.ALICE,
+        [lab.installed_program("nixspool"), "--config", str(config), "flush", "--remote", "pi"],
+        env,
+    )
     assert result.returncode == 0, result.stderr
     assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
 
@@ -303,8 +308,13 @@ def test_started_as_the_user_it_runs_directly(ssh_lab) -> None:
 def test_started_as_another_user_it_refuses(ssh_lab) -> None:
     config = ssh_lab.config(ssh_lab.root / "byother")
     ssh_lab.spool_in(config, ssh_lab.build(1))
-    result = lab.run_as(lab.BUILDER, [lab.installed_program("nixspool"), "--config",
-                                      str(config), "flush"], ssh_lab.daemon.client_env())
+    result = lab.run_as(
+        lab.BUILDER,
+        [lab.installed_program("nixspool"), "--config", str(config), "flush"],
+        ssh_lab.daemon.client_env(),
+    )
     assert result.returncode == 1
-    assert result.stderr == (f"error: nixspool flush runs as root or as {lab.ALICE} (the "
-                             f"config's 'user'), not as {lab.BUILDER}\n")
+    assert result.stderr == (
+        f"error: nixspool flush runs as root or as {lab.ALICE} (the "
+        f"config's 'user'), not as {lab.BUILDER}\n"
+    )

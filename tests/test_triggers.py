@@ -38,8 +38,13 @@ def nm_permissions_ok(path: Path) -> str | None:
 
 def test_shell_scripts_pass_shellcheck() -> None:
     lab.require_lab("shellcheck")
-    scripts = [DATA / "90-nixspool", DATA / "50-nixspool", REPO / "contrib" / "demo.sh",
-               REPO / "tests" / "run", REPO / ".ci" / "run"]
+    scripts = [
+        DATA / "90-nixspool",
+        DATA / "50-nixspool",
+        REPO / "contrib" / "demo.sh",
+        REPO / "tests" / "run",
+        REPO / ".ci" / "run",
+    ]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -51,7 +56,7 @@ def dispatcher(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     standin = bin_dir / "nixspool"
-    standin.write_text(f"#!/bin/sh\nsleep 2\necho \"$*\" >> {tmp_path}/nixspool-ran\n")
+    standin.write_text(f'#!/bin/sh\nsleep 2\necho "$*" >> {tmp_path}/nixspool-ran\n')
     standin.chmod(0o755)
     script = tmp_path / "90-nixspool"
     script.write_text(provision.render_dispatcher(str(standin), (), ()))
@@ -63,38 +68,51 @@ def standin_systemctl(tmp_path: Path, works: bool) -> Path:
     directory = tmp_path / ("systemd" if works else "no-systemd")
     directory.mkdir(exist_ok=True)
     systemctl = directory / "systemctl"
-    systemctl.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/systemctl-ran\n"
-                         f"exit {0 if works else 1}\n")
+    systemctl.write_text(
+        f'#!/bin/sh\necho "$*" >> {tmp_path}/systemctl-ran\nexit {0 if works else 1}\n'
+    )
     systemctl.chmod(0o755)
     return directory
 
 
 def nm_run(script: Path, iface: str, action: str, extra: dict[str, str]) -> float:
     """Run it exactly as NetworkManager does: argv, its variables only, cwd /."""
-    env = {"CONNECTION_UUID": "2f5c0d8e-8c3a-4f55-9a5e-1b2c3d4e5f60",
-           "CONNECTION_ID": "Home WiFi", "DEVICE_IFACE": iface, "DEVICE_IP_IFACE": iface,
-           "NM_DISPATCHER_ACTION": action, **extra}
+    env = {
+        "CONNECTION_UUID": "2f5c0d8e-8c3a-4f55-9a5e-1b2c3d4e5f60",
+        "CONNECTION_ID": "Home WiFi",
+        "DEVICE_IFACE": iface,
+        "DEVICE_IP_IFACE": iface,
+        "NM_DISPATCHER_ACTION": action,
+        **extra,
+    }
     started = time.monotonic()
-    result = subprocess.run([str(script), iface, action], env=env, cwd="/",
-                            capture_output=True, text=True, timeout=10)
+    result = subprocess.run(
+        [str(script), iface, action], env=env, cwd="/", capture_output=True, text=True, timeout=10
+    )
     took = time.monotonic() - started
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     return took
 
 
 ACTIONS = [
-    ("up", {}, True), ("vpn-up", {}, True), ("dhcp4-change", {}, True),
-    ("dhcp6-change", {}, True), ("connectivity-change", {"CONNECTIVITY_STATE": "FULL"}, True),
+    ("up", {}, True),
+    ("vpn-up", {}, True),
+    ("dhcp4-change", {}, True),
+    ("dhcp6-change", {}, True),
+    ("connectivity-change", {"CONNECTIVITY_STATE": "FULL"}, True),
     ("connectivity-change", {"CONNECTIVITY_STATE": "NONE"}, False),
-    ("down", {}, False), ("pre-up", {}, False), ("vpn-down", {}, False),
-    ("hostname", {}, False), ("reapply", {}, False),
+    ("down", {}, False),
+    ("pre-up", {}, False),
+    ("vpn-down", {}, False),
+    ("hostname", {}, False),
+    ("reapply", {}, False),
 ]
 
 
 @pytest.mark.parametrize(("action", "extra", "starts"), ACTIONS)
 def test_dispatcher_with_systemd_starts_the_unit_without_blocking(
-        dispatcher: Path, tmp_path: Path, action: str, extra: dict[str, str],
-        starts: bool) -> None:
+    dispatcher: Path, tmp_path: Path, action: str, extra: dict[str, str], starts: bool
+) -> None:
     path = standin_systemctl(tmp_path, works=True)
     took = nm_run(dispatcher, "wlan0", action, {"PATH": str(path), **extra})
     ran = tmp_path / "systemctl-ran"
@@ -106,8 +124,8 @@ def test_dispatcher_with_systemd_starts_the_unit_without_blocking(
 
 @pytest.mark.parametrize(("action", "extra", "starts"), ACTIONS[:6])
 def test_dispatcher_without_systemd_starts_a_detached_flush(
-        dispatcher: Path, tmp_path: Path, action: str, extra: dict[str, str],
-        starts: bool) -> None:
+    dispatcher: Path, tmp_path: Path, action: str, extra: dict[str, str], starts: bool
+) -> None:
     path = standin_systemctl(tmp_path, works=False)  # "System has not been booted with systemd"
     took = nm_run(dispatcher, "eth0", action, {"PATH": str(path), **extra})
     assert took < 1, "NetworkManager waited for the flush"  # the stand-in sleeps 2 s
@@ -123,8 +141,7 @@ def test_dispatcher_without_systemd_starts_a_detached_flush(
         assert not marker.exists()
 
 
-def test_dispatcher_with_no_systemctl_and_no_path_at_all(dispatcher: Path,
-                                                         tmp_path: Path) -> None:
+def test_dispatcher_with_no_systemctl_and_no_path_at_all(dispatcher: Path, tmp_path: Path) -> None:
     # NetworkManager passes PATH only if it has one: the script brings its own.
     took = nm_run(dispatcher, "eth0", "up", {})
     assert took < 1
@@ -133,8 +150,9 @@ def test_dispatcher_with_no_systemctl_and_no_path_at_all(dispatcher: Path,
 def test_dispatcher_limited_to_named_interfaces_and_connections(tmp_path: Path) -> None:
     lab.require_lab()
     script = tmp_path / "90-nixspool"
-    script.write_text(provision.render_dispatcher("/nonexistent/nixspool", ("wlan0",),
-                                                  ("Home WiFi", "Office")))
+    script.write_text(
+        provision.render_dispatcher("/nonexistent/nixspool", ("wlan0",), ("Home WiFi", "Office"))
+    )
     script.chmod(0o755)
     path = standin_systemctl(tmp_path, works=True)
     nm_run(script, "eth0", "up", {"PATH": str(path)})  # other interface
@@ -152,9 +170,20 @@ def installed(tmp_path: Path) -> tuple[Path, Path]:
     lab.ensure_user(lab.ALICE, groups=["nix-users"])
     root = tmp_path / "root"
     config = tmp_path / "etc-nixspool" / "config.toml"
-    argv = [lab.installed_program("nixspool"), "setup", "--user", lab.ALICE,
-            "--remote", "pi=ssh-ng://lanhost0", "--spool", str(tmp_path / "spool/spool.sqlite"),
-            "--config-file", str(config), "--root", str(root)]
+    argv = [
+        lab.installed_program("nixspool"),
+        "setup",
+        "--user",
+        lab.ALICE,
+        "--remote",
+        "pi=ssh-ng://lanhost0",
+        "--spool",
+        str(tmp_path / "spool/spool.sqlite"),
+        "--config-file",
+        str(config),
+        "--root",
+        str(root),
+    ]
     first = subprocess.run(argv, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "wrote" in first.stdout and "post-build-hook = " in first.stdout
@@ -171,8 +200,9 @@ def test_setup_installs_what_networkmanager_and_systemd_accept(installed) -> Non
     assert nm_permissions_ok(script) is None
     units = [root / provision.UNIT_DIR / unit for unit in provision.UNITS]
     lab.require_lab("systemd-analyze")
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", *map(str, units)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert lab.installed_program("nixspool") in units[0].read_text()
     spool = config.parent.parent / "spool"
@@ -182,9 +212,22 @@ def test_setup_installs_what_networkmanager_and_systemd_accept(installed) -> Non
 
 def test_setup_refuses_to_clobber_a_different_config(installed) -> None:
     _, config = installed
-    result = subprocess.run([lab.installed_program("nixspool"), "setup", "--user", lab.ALICE,
-                             "--remote", "nas=ssh://nas", "--config-file", str(config),
-                             "--root", str(config.parent)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            lab.installed_program("nixspool"),
+            "setup",
+            "--user",
+            lab.ALICE,
+            "--remote",
+            "nas=ssh://nas",
+            "--config-file",
+            str(config),
+            "--root",
+            str(config.parent),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "exists with other content" in result.stderr
 
@@ -194,13 +237,16 @@ def test_nm_rejects_what_nm_would_reject(tmp_path: Path) -> None:
     shutil.copy(DATA / "90-nixspool", script)
     os.chown(script, 0, 0) if os.geteuid() == 0 else None
     script.chmod(0o775)
-    assert nm_permissions_ok(script) in ("writable by group or other, or set-UID",
-                                         "not owned by root")
+    assert nm_permissions_ok(script) in (
+        "writable by group or other, or set-UID",
+        "not owned by root",
+    )
 
 
 def test_nix_files_parse() -> None:
     lab.require_lab("nix-instantiate")
     for path in (REPO / "contrib" / "nixos").glob("*.nix"):
-        result = subprocess.run(["nix-instantiate", "--parse", str(path)], capture_output=True,
-                                text=True)
+        result = subprocess.run(
+            ["nix-instantiate", "--parse", str(path)], capture_output=True, text=True
+        )
         assert result.returncode == 0, f"{path}: {result.stderr}"

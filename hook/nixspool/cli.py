@@ -223,6 +223,7 @@ def list_rows(
                     "delivered_at": r.delivered_at,
                     "needs_outputs": r.needs_outputs,
                     "drv_path": r.drv_path or None,
+                    "verified": r.verified,
                 }
                 for r in found
             ]
@@ -364,6 +365,98 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             bar.update(bars[remote], completed=done)
 
         yield update
+
+
+# -- signing -----------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def keygen(
+    name: Annotated[
+        str,
+        typer.Argument(help="Key name, e.g. pi-cache-1 (shown in signatures).", show_default=False),
+    ],
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Directory for NAME.sec and NAME.pub "
+            "(default: /etc/nixspool as root, else "
+            "~/.config/nixspool)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing key pair.")] = False,
+) -> None:
+    """Make an ed25519 signing key pair in Nix's format (NAME.sec 0600, NAME.pub).
+
+    Put the .sec path in a remote's sign_key_file, and the public key in the
+    trusted-public-keys of the cache host and of every machine that substitutes from it.
+    """
+    import os
+
+    from . import sign
+
+    directory = out or (
+        "/etc/nixspool"
+        if os.geteuid() == 0
+        else os.path.dirname(locate.user_config_file(os.environ))
+    )
+    secret_path = os.path.join(directory, f"{name}.sec")
+    public_path = os.path.join(directory, f"{name}.pub")
+    for path in (secret_path, public_path):
+        if os.path.exists(path) and not force:
+            raise UsageError(
+                f"{path} exists; pass --force to replace the key pair (what it "
+                "signed will no longer be trusted by its public key)"
+            )
+    secret, public = sign.generate(name)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    for path, text, mode in ((secret_path, secret, 0o600), (public_path, public, 0o644)):
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    typer.echo(f"secret key: {secret_path} (mode 0600; never share it)")
+    typer.echo(f"public key: {public_path}")
+    typer.echo(public)
+
+
+@app.command()
+@reports_errors
+def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
+    """Check the signatures of delivered paths on the remotes that sign (sign_key_file).
+
+    Reads each path's signatures from the remote itself and checks them with the public
+    half of the key. Exits 1 if a path has no valid signature by it there.
+    """
+    from . import flush as flush_mod
+
+    cfg = load_config()
+    privileges.remote_account(cfg)
+    results: dict[str, dict[str, bool]] = {}
+    with open_spool(cfg) as spool:
+        flusher = flush_mod.Flusher(cfg, spool)
+        for r in cfg.selected(remote):
+            if r.sign_key_file:
+                results[r.name] = flusher.verify(r, spool.delivered_paths(r.name))
+    bad = {name: sorted(p for p, ok in v.items() if not ok) for name, v in results.items()}
+    if json_output:
+        print_json(
+            {
+                name: {"verified": sum(v.values()), "not_verified": bad[name]}
+                for name, v in results.items()
+            }
+        )
+    else:
+        if not results:
+            typer.echo("no remote has a sign_key_file: nothing to verify")
+        for name, v in results.items():
+            typer.echo(f"{name}: {sum(v.values())} verified, {len(bad[name])} not")
+            for path in bad[name]:
+                typer.echo(f"  no valid signature on the remote: {path}")
+    raise typer.Exit(1 if any(bad.values()) else 0)
 
 
 # -- setup and doctor ------------------------------------------------------------

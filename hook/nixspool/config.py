@@ -36,6 +36,7 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "url": (str, None, "where to copy: any URL `nix copy --to` takes"),
     "ssh_key": (str, None, "SSH private key (default: agent, ~/.ssh/config)"),
     "sign_key_file": (str, None, "Nix secret key to sign paths with before upload"),
+    "verify": (bool, None, "read signatures back from the remote after upload"),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "batch_size": GLOBAL_KEYS["batch_size"],
@@ -50,6 +51,7 @@ class Remote:
     url: str
     ssh_key: str | None = None
     sign_key_file: str | None = None
+    verify: bool | None = None  # None: verify when signing
     connect_timeout: float = 10.0
     copy_timeout: float = 3600.0
     batch_size: int = 500
@@ -57,6 +59,10 @@ class Remote:
     @property
     def uses_ssh(self) -> bool:
         return self.url.startswith(SSH_SCHEMES)
+
+    @property
+    def verifies(self) -> bool:
+        return bool(self.sign_key_file) if self.verify is None else self.verify
 
 
 @dataclass(frozen=True)

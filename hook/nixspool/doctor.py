@@ -269,16 +269,14 @@ def _trust(cfg: Config, remote: Remote, account: Account, our_keys: set[str], na
         (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
     )
     trusted_users = remote_settings.get("trusted-users", "").split()
-    trusted_keys = {k.split(":")[0] for k in remote_settings.get("trusted-public-keys", "").split()}
+    trusted_keys = set(remote_settings.get("trusted-public-keys", "").split())
     if remote_settings.get("require-sigs", "true") == "false":
         return Check(name, True, "accepts uploads (require-sigs = false)")
     if remote_user in trusted_users or "*" in trusted_users:
         return Check(name, True, f"accepts uploads ({remote_user} is a trusted user there)")
     if our_keys & trusted_keys:
-        return Check(
-            name, True, f"accepts uploads (trusts key {', '.join(our_keys & trusted_keys)})"
-        )
-    mine = ", ".join(sorted(our_keys)) or "no key (secret-key-files is empty)"
+        return Check(name, True, f"accepts uploads (trusts key {_names(our_keys & trusted_keys)})")
+    mine = _names(our_keys) or "no key (secret-key-files is empty)"
     return Check(
         name,
         False,
@@ -289,18 +287,24 @@ def _trust(cfg: Config, remote: Remote, account: Account, our_keys: set[str], na
     )
 
 
-def signing_key_names(settings: dict[str, str], cfg: Config) -> set[str]:
-    """Names of the keys paths get signed with here. Only the name is read."""
+def _names(public_keys: set[str]) -> str:
+    return ", ".join(sorted(k.split(":")[0] for k in public_keys))
+
+
+def signing_public_keys(settings: dict[str, str], cfg: Config) -> set[str]:
+    """The public keys (NAME:base64) of the keys paths are signed with here: Nix's
+    secret-key-files and the remotes' sign_key_file, derived from the secret ones."""
+    from . import sign
+
     files = settings.get("secret-key-files", "").split()
     files += [r.sign_key_file for r in cfg.remotes if r.sign_key_file]
-    names = set()
+    keys = set()
     for path in files:
         try:
-            with open(path) as f:
-                names.add(f.read(256).split(":", 1)[0].strip())
-        except OSError:
-            continue
-    return names
+            keys.add(sign.load_secret_key(path).public)
+        except NixspoolError:
+            continue  # check_key_files says what is wrong with it
+    return keys
 
 
 def check_key_files(cfg: Config) -> list[Check]:
@@ -350,7 +354,7 @@ def diagnose(config_path: str | None) -> list[Check]:
         account = privileges.remote_account(cfg)
     except NixspoolError as e:
         return [*checks, Check("privileges", False, str(e), "see README#ssh")]
-    keys = signing_key_names(settings, cfg)
+    keys = signing_public_keys(settings, cfg)
     for remote in cfg.remotes:
         checks += check_remote(cfg, remote, account, keys)
     if not cfg.remotes:

@@ -41,3 +41,7 @@ class UnreachableError(NixspoolError):
 
 class RemoteConfigError(NixspoolError):
     """A remote answers but will not take uploads until someone acts (keys, host key)."""
+
+
+class SigningKeyError(NixspoolError):
+    """A signing key is missing, unsafe or malformed."""

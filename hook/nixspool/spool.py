@@ -123,6 +123,7 @@ class Row:
     delivered_at: float | None
     needs_outputs: bool
     drv_path: str
+    verified: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -408,14 +409,27 @@ class Spool:
             params.append(remote)
         sql = (
             "SELECT p.id, p.path, d.remote, d.state, d.attempts, d.next_attempt_at,"
-            " d.last_error, p.recorded_at, d.delivered_at, p.needs_outputs, p.drv_path"
+            " d.last_error, p.recorded_at, d.delivered_at, p.needs_outputs, p.drv_path, d.verified"
             " FROM deliveries d JOIN paths p ON p.id = d.path_id"
             f" WHERE {' AND '.join(where)} ORDER BY p.id, d.remote"
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [
-            Row(r[0], r[1], r[2], State(r[3]), r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10])
+            Row(
+                r[0],
+                r[1],
+                r[2],
+                State(r[3]),
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                bool(r[9]),
+                r[10],
+                None if r[11] is None else bool(r[11]),
+            )
             for r in self.conn.execute(sql, params)
         ]
 
@@ -553,6 +567,39 @@ class Spool:
                 [(owner, now + lease_seconds, remote, path_id) for path_id, _ in rows],
             )
         return [(path_id, path) for path_id, path in rows]
+
+    def recorded(self, paths: Iterable[str]) -> set[str]:
+        """Which of `paths` the spool holds: only these were recorded by the hook."""
+        found: set[str] = set()
+        items = list(paths)
+        for start in range(0, len(items), 500):
+            chunk = items[start : start + 500]
+            found.update(
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT path FROM paths WHERE path IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
+        return found
+
+    def set_verified(self, remote: str, verdicts: dict[str, bool]) -> None:
+        """Record whether each delivered path's signature checked out on the remote."""
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE deliveries SET verified = ? WHERE remote = ?"
+                " AND path_id = (SELECT id FROM paths WHERE path = ?)",
+                [(int(ok), remote, path) for path, ok in verdicts.items()],
+            )
+
+    def delivered_paths(self, remote: str) -> list[str]:
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
+                " WHERE d.remote = ? AND d.state = 'delivered' ORDER BY p.id",
+                (remote,),
+            )
+        ]
 
     def reclaim_leases(self) -> int:
         """Free every lease. Only for a flusher that holds the flush lock: then no

@@ -1,0 +1,217 @@
+"""Signing: Nix-format keys, signatures identical to Nix's, signed and verified uploads."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import lab
+from nixspool import sign
+from nixspool.errors import SigningKeyError
+
+NIX = ["nix", "--extra-experimental-features", "nix-command"]
+
+
+def nix_env(ssh_lab: lab.SshLab | None = None) -> dict[str, str]:
+    env = {**os.environ}
+    if ssh_lab is not None:
+        env.update(ssh_lab.daemon.client_env())
+        env.pop("NIX_REMOTE")
+    return env
+
+
+@pytest.mark.parametrize("data", [b"", b"nixspool", b"\x00" * 32, bytes(range(32))])
+def test_nix_base32_matches_nix(data: bytes) -> None:
+    lab.require_lab()
+    digest = hashlib.sha256(data).hexdigest()
+    theirs = subprocess.run(
+        [*NIX, "hash", "to-base32", "--type", "sha256", digest],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert sign.nix_base32(bytes.fromhex(digest)) == theirs
+    sri = "sha256-" + base64.b64encode(bytes.fromhex(digest)).decode()
+    assert sign.nar_hash_for_fingerprint(sri) == f"sha256:{theirs}"
+    assert sign.nar_hash_for_fingerprint(f"sha256:{digest}") == f"sha256:{theirs}"
+
+
+def test_keygen_writes_safe_files_and_never_the_secret(tmp_path: Path) -> None:
+    nixspool = lab.installed_program("nixspool")
+    result = subprocess.run(
+        [nixspool, "keygen", "k1", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    secret = (tmp_path / "k1.sec").read_text().strip()
+    assert oct((tmp_path / "k1.sec").stat().st_mode & 0o777) == "0o600"
+    assert secret.split(":")[1] not in result.stdout + result.stderr
+    public = (tmp_path / "k1.pub").read_text().strip()
+    assert public in result.stdout
+    assert len(base64.b64decode(secret.split(":")[1])) == 64
+    assert len(base64.b64decode(public.split(":")[1])) == 32
+    again = subprocess.run(
+        [nixspool, "keygen", "k1", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert (tmp_path / "k1.sec").read_text().strip() == secret  # untouched
+    forced = subprocess.run(
+        [nixspool, "keygen", "k1", "--out", str(tmp_path), "--force"],
+        capture_output=True,
+        text=True,
+    )
+    assert forced.returncode == 0 and (tmp_path / "k1.sec").read_text().strip() != secret
+
+
+def test_a_key_others_can_read_is_refused_with_the_fix(tmp_path: Path) -> None:
+    secret, _ = sign.generate("k")
+    path = tmp_path / "k.sec"
+    path.write_text(secret)
+    path.chmod(0o644)
+    with pytest.raises(SigningKeyError, match=r"readable by group or others.*chmod 0600"):
+        sign.load_secret_key(str(path))
+
+
+def test_a_malformed_key_is_refused_without_showing_it(tmp_path: Path) -> None:
+    path = tmp_path / "k.sec"
+    path.write_text("k:c2VjcmV0LWJ1dC13cm9uZy1sZW5ndGg=")
+    path.chmod(0o600)
+    with pytest.raises(SigningKeyError) as error:
+        sign.load_secret_key(str(path))
+    assert "c2VjcmV0" not in str(error.value) and "not a Nix secret key" in str(error.value)
+    assert "<secret>" in repr(sign.SecretKey("k", sign.nacl.signing.SigningKey.generate()))
+
+
+# -- against Nix 2.8 -----------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_paths(ssh_lab) -> list[str]:
+    """Two unsigned paths, one of which refers to the other."""
+    outputs = ssh_lab.build(5, daemon=ssh_lab.unsigned)
+    paths = sorted(p for p in outputs if p.endswith(("-test-3", "-test-4")))
+    assert len(paths) == 2
+    return paths
+
+
+def test_keygen_keys_are_accepted_by_nix(ssh_lab, fresh_paths, tmp_path: Path) -> None:
+    subprocess.run(
+        [lab.installed_program("nixspool"), "keygen", "k2", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    env = nix_env(ssh_lab)
+    subprocess.run(
+        [*NIX, "store", "sign", "--key-file", str(tmp_path / "k2.sec"), *fresh_paths],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    verified = subprocess.run(
+        [
+            *NIX,
+            "store",
+            "verify",
+            "--sigs-needed",
+            "1",
+            "--trusted-public-keys",
+            (tmp_path / "k2.pub").read_text().strip(),
+            *fresh_paths,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_signatures_are_byte_identical_to_nix_store_sign(
+    ssh_lab, fresh_paths, tmp_path: Path
+) -> None:
+    secret, _ = sign.generate("k3")
+    (tmp_path / "k3.sec").write_text(secret)
+    (tmp_path / "k3.sec").chmod(0o600)
+    key = sign.load_secret_key(str(tmp_path / "k3.sec"))
+    infos = sign.path_infos(fresh_paths, env=nix_env(ssh_lab))
+    assert sorted(len(i.references) for i in infos.values()) == [0, 1]  # with and without
+    ours = {p: key.sign(infos[p]) for p in fresh_paths}
+    subprocess.run(
+        [*NIX, "store", "sign", "--key-file", str(tmp_path / "k3.sec"), *fresh_paths],
+        env=nix_env(ssh_lab),
+        check=True,
+        capture_output=True,
+    )
+    theirs = sign.path_infos(fresh_paths, env=nix_env(ssh_lab))
+    for path in fresh_paths:
+        assert [s for s in theirs[path].signatures if s.startswith("k3:")] == [ours[path]]
+
+
+def signing_config(ssh_lab, name: str, key: Path) -> Path:
+    config = ssh_lab.config(ssh_lab.root / name)
+    text = config.read_text().replace(
+        'url = "ssh-ng://lanhost0"\n', f'url = "ssh-ng://lanhost0"\nsign_key_file = "{key}"\n'
+    )
+    config.write_text(text)
+    return config
+
+
+def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab) -> None:
+    outputs = ssh_lab.build(4, daemon=ssh_lab.unsigned)
+    config = signing_config(ssh_lab, "signed", ssh_lab.nixspool_key)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 0, result.stderr
+    assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
+    rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
+    assert {(r["state"], r["verified"]) for r in rows} == {("delivered", True)}
+    # A tampered signature on the remote is caught.
+    db = ssh_lab.hosts[0].store / "nix" / "var" / "nix" / "db" / "db.sqlite"
+    victim = sorted(outputs)[0]
+    forged = "nixspool-cache-key:" + base64.b64encode(b"\x01" * 64).decode()
+    con = sqlite3.connect(db)
+    con.execute("UPDATE ValidPaths SET sigs = ? WHERE path = ?", (forged, victim))
+    con.commit()
+    con.close()
+    verify = ssh_lab.nixspool(config, "verify", "--remote", "pi", "--json")
+    assert verify.returncode == 1
+    assert json.loads(verify.stdout)["pi"]["not_verified"] == [victim]
+    rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
+    assert [r["path"] for r in rows if r["verified"] is False] == [victim]
+
+
+def test_a_key_the_remote_does_not_trust_fails_the_rows_with_its_reason(
+    ssh_lab, tmp_path: Path
+) -> None:
+    other = ssh_lab.root / "untrusted.sec"
+    other.write_text(sign.generate("not-trusted")[0])
+    other.chmod(0o600)
+    outputs = ssh_lab.build(2, daemon=ssh_lab.unsigned)
+    config = signing_config(ssh_lab, "untrusted", other)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert report["failed"] == len(outputs)
+    assert all("lacks a valid signature" in f["error"] for f in report["failures"])
+    status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)
+    assert status["remotes"]["pi"]["failed"] == len(outputs)  # shown, not dropped
+
+
+def test_only_paths_the_hook_recorded_are_signed(ssh_lab) -> None:
+    outputs = ssh_lab.build(5, daemon=ssh_lab.unsigned)
+    dependent = next(p for p in outputs if p.endswith("-test-4"))
+    dependency = next(p for p in outputs if p.endswith("-test-3"))
+    config = signing_config(ssh_lab, "onlyspool", ssh_lab.nixspool_key)
+    ssh_lab.spool_in(config, {dependent})  # its dependency never went through the hook
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 1
+    infos = sign.path_infos([dependent, dependency], env=nix_env(ssh_lab))
+    assert any(s.startswith("nixspool-cache-key:") for s in infos[dependent].signatures)
+    assert not any(s.startswith("nixspool-cache-key:") for s in infos[dependency].signatures)
+    assert ssh_lab.hosts[0].remote_valid([dependent, dependency]) == set()
