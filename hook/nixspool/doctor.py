@@ -12,7 +12,6 @@ read their name, and never shown.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import stat
@@ -23,7 +22,7 @@ from . import config as config_mod
 from . import gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, NixspoolError
-from .remote import ProbeRequest, ProbeResult, SshTarget, Verdict, ssh_options
+from .remote import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
 from .run import Account, run
 
 
@@ -182,26 +181,12 @@ def check_remote(cfg: Config, remote: Remote, account: Account, our_keys: set[st
 
 
 def _probe(cfg: Config, remote: Remote, account: Account) -> ProbeResult:
-    request = ProbeRequest(
-        url=remote.url,
-        home=account.home,
-        local_user=account.name,
-        connect_timeout=remote.connect_timeout,
-        ssh_key=remote.ssh_key,
-        accept_new_host_keys=False,
-        agent_socket=privileges.agent_socket(account),
+    # Never accept a new host key from here: doctor reports, it changes nothing.
+    return verdict(
+        start_probe(
+            remote, account, accept_new_host_keys=False, drop_root=os.geteuid() != account.uid
+        )
     )
-    try:
-        out = run(
-            [sys.executable, "-m", "nixspool.remote"],
-            input=json.dumps(asdict(request)),
-            account=account,
-            env=privileges.child_env(account),
-            timeout=4 * remote.connect_timeout + 5,
-        ).stdout
-        return ProbeResult.from_json(out)
-    except (CommandError, ValueError, KeyError) as e:
-        return ProbeResult(Verdict.UNREACHABLE, "error", str(e))
 
 
 def _probe_fix(stage: str, remote: Remote, account: Account) -> str:
@@ -216,16 +201,12 @@ def _probe_fix(stage: str, remote: Remote, account: Account) -> str:
     }.get(stage, "see README#ssh")
 
 
-def _ssh_env(remote: Remote, account: Account) -> dict[str, str]:
-    return privileges.child_env(account, {"NIX_SSHOPTS": ssh_options(remote, False)})
-
-
 def _ping(remote: Remote, account: Account, name: str) -> Check:
     try:
         run(
             [*nix.NIX, "store", "ping", "--store", remote.url],
             account=account,
-            env=_ssh_env(remote, account),
+            env=nix_ssh_env(remote, account, False),
             timeout=4 * remote.connect_timeout + 10,
         )
     except CommandError as e:

@@ -15,25 +15,23 @@ from __future__ import annotations
 
 import enum
 import fcntl
-import json
 import logging
 import os
 import random
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import tenacity
 
 from . import gcroots, nix, privileges, sign
 from .config import Config, Remote
 from .errors import CommandError, RemoteConfigError, SigningKeyError, UnreachableError
-from .remote import ProbeRequest, ProbeResult, Verdict, ssh_options
-from .run import Running, last_line, spawn
+from .remote import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
+from .run import Running, last_line
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -235,29 +233,15 @@ class Flusher:
     # -- reachability --------------------------------------------------------------
 
     def _start_probe(self, remote: Remote) -> Running:
-        """The probe in a child: as the user when dropping root, bounded in all."""
-        request = ProbeRequest(
-            url=remote.url,
-            home=self.account.home,
-            local_user=self.account.name,
-            connect_timeout=remote.connect_timeout,
-            ssh_key=remote.ssh_key,
+        return start_probe(
+            remote,
+            self.account,
             accept_new_host_keys=self.cfg.accept_new_host_keys,
-            agent_socket=privileges.agent_socket(self.account),
-        )
-        return spawn(
-            [sys.executable, "-m", "nixspool.remote"],
-            input=json.dumps(asdict(request)),
-            account=self.account if self.drop_root else None,
-            env=privileges.child_env(self.account),
-            timeout=4 * remote.connect_timeout + 5,
+            drop_root=self.drop_root,
         )
 
     def _verdict(self, remote: Remote, running: Running) -> ProbeResult:
-        try:
-            result = ProbeResult.from_json(running.wait().stdout)
-        except (CommandError, ValueError, KeyError) as e:
-            result = ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
+        result = verdict(running)
         log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
         return result
 
@@ -274,8 +258,7 @@ class Flusher:
             self._require(self._verdict(remote, self._start_probe(remote)))
 
     def copy_env(self, remote: Remote) -> dict[str, str]:
-        extra = {"NIX_SSHOPTS": ssh_options(remote, self.cfg.accept_new_host_keys)}
-        return privileges.child_env(self.account, extra)
+        return nix_ssh_env(remote, self.account, self.cfg.accept_new_host_keys)
 
     # -- copying -------------------------------------------------------------------
 

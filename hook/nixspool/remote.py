@@ -27,7 +27,10 @@ import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import privileges
 from .config import SSH_SCHEMES, Remote
+from .errors import CommandError
+from .run import Account, Running, spawn
 
 
 class Verdict(enum.StrEnum):
@@ -110,6 +113,42 @@ def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
     if remote.ssh_key:
         options += ["-i", remote.ssh_key, "-o", "IdentitiesOnly=yes"]
     return " ".join(options)
+
+
+def start_probe(
+    remote: Remote, account: Account, *, accept_new_host_keys: bool, drop_root: bool
+) -> Running:
+    """The probe in a child process: as `account` when dropping root, bounded in all."""
+    request = ProbeRequest(
+        url=remote.url,
+        home=account.home,
+        local_user=account.name,
+        connect_timeout=remote.connect_timeout,
+        ssh_key=remote.ssh_key,
+        accept_new_host_keys=accept_new_host_keys,
+        agent_socket=privileges.agent_socket(account),
+    )
+    return spawn(
+        [sys.executable, "-m", "nixspool.remote"],
+        input=json.dumps(asdict(request)),
+        account=account if drop_root else None,
+        env=privileges.child_env(account),
+        timeout=4 * remote.connect_timeout + 5,
+    )
+
+
+def verdict(running: Running) -> ProbeResult:
+    """A started probe's result; a probe that failed or hung says "unreachable"."""
+    try:
+        return ProbeResult.from_json(running.wait().stdout)
+    except (CommandError, ValueError, KeyError) as e:
+        return ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
+
+
+def nix_ssh_env(remote: Remote, account: Account, accept_new_host_keys: bool) -> dict[str, str]:
+    """The environment for nix commands that talk to `remote` as `account`."""
+    extra = {"NIX_SSHOPTS": ssh_options(remote, accept_new_host_keys)}
+    return privileges.child_env(account, extra)
 
 
 def _resolve(request: ProbeRequest, target: SshTarget) -> tuple[str, int, str, list[str]]:
