@@ -184,18 +184,22 @@ def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(ssh_lab
     ssh_lab.spool_in(config, outputs)
     env = {"PATH": lab.os.environ["PATH"], **ssh_lab.daemon.client_env()}
     env.pop("NIX_REMOTE")
-    flusher = lab.subprocess.Popen(
-        [lab.installed_program("nixspool"), "--config", str(config), "flush", "--remote", "pi"],
-        env=env,
-        stderr=lab.subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while not ssh_lab.hosts[0].remote_valid(outputs):  # kill it once uploads have begun
-        assert flusher.poll() is None, "the flush finished before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    flusher.kill()
-    flusher.wait()
+    ssh_lab.hosts[0].shape("100mbit")  # 48 MB take seconds: the kill lands mid-upload
+    try:
+        flusher = lab.subprocess.Popen(
+            [lab.installed_program("nixspool"), "--config", str(config), "flush", "--remote", "pi"],
+            env=env,
+            stderr=lab.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while not ssh_lab.hosts[0].remote_valid(outputs):  # kill it once uploads have begun
+            assert flusher.poll() is None, "the flush finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        flusher.kill()
+        flusher.wait()
+    finally:
+        ssh_lab.hosts[0].shape(None)
     time.sleep(0.5)
     orphans = lab.sh(
         "pgrep", "-f", f"nix.*copy --to ssh-ng://{ssh_lab.hosts[0].alias}", check=False
