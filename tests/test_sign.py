@@ -183,6 +183,9 @@ def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab) -> None:
     assert json.loads(verify.stdout)["pi"]["not_verified"] == [victim]
     rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
     assert [r["path"] for r in rows if r["verified"] is False] == [victim]
+    status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)["remotes"]["pi"]
+    assert (status["verified"], status["not_verified"]) == (len(outputs) - 1, 1)
+    assert "do NOT (see `nixspool verify`)" in ssh_lab.nixspool(config, "status").stdout
 
 
 def test_a_key_the_remote_does_not_trust_fails_the_rows_with_its_reason(

@@ -225,6 +225,8 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "oldest_queued_age_seconds": 10.0,
         "last_error": None,
         "last_error_at": None,
+        "verified": 0,
+        "not_verified": 0,
     }
     assert [r.state for r in spool.rows()] == [State.QUEUED]
 

@@ -165,6 +165,16 @@ def status(json_output: JsonOption = False) -> None:
                     f"last error ({name}, {ago(time.time() - r['last_error_at'])} ago): "
                     f"{r['last_error']}"
                 )
+    for name, r in data["remotes"].items():
+        if r.get("verified") or r.get("not_verified"):
+            typer.echo(
+                f"{name}: {r['verified']} delivered paths have a verified signature there"
+                + (
+                    f", {r['not_verified']} do NOT (see `nixspool verify`)"
+                    if r["not_verified"]
+                    else ""
+                )
+            )
     if data["unresolved_derivations"]:
         typer.echo(
             f"{data['unresolved_derivations']} derivations wait for their outputs to be "
@@ -232,6 +242,9 @@ def list_rows(
     for r in found:
         extra = f"  ({r.attempts} attempts: {r.last_error})" if r.last_error else ""
         kind = "  (outputs not yet resolved)" if r.needs_outputs else ""
+        kind += {True: "  (signature verified)", False: "  (SIGNATURE NOT VERIFIED)", None: ""}[
+            r.verified
+        ]
         typer.echo(f"{r.id:>6}  {r.remote:<12} {r.state.value:<9}  {r.path}{kind}{extra}")
 
 

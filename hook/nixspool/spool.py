@@ -365,6 +365,8 @@ class Spool:
                 "oldest_queued_age_seconds": None,
                 "last_error": None,
                 "last_error_at": None,
+                "verified": 0,
+                "not_verified": 0,
             }
         for name, state, count in self.conn.execute(
             "SELECT remote, state, count(*) FROM deliveries GROUP BY remote, state"
@@ -376,6 +378,11 @@ class Spool:
         ):
             remotes[name]["oldest_queued_at"] = oldest
             remotes[name]["oldest_queued_age_seconds"] = round(now - oldest, 3)
+        for name, verified, count in self.conn.execute(
+            "SELECT remote, verified, count(*) FROM deliveries"
+            " WHERE state = 'delivered' AND verified IS NOT NULL GROUP BY remote, verified"
+        ):
+            remotes[name]["verified" if verified else "not_verified"] = count
         for name in remotes:
             last = self.conn.execute(
                 "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"
