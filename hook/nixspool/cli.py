@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -405,8 +406,6 @@ def keygen(
     Put the .sec path in a remote's sign_key_file, and the public key in the
     trusted-public-keys of the cache host and of every machine that substitutes from it.
     """
-    import os
-
     from . import sign
 
     directory = out or (
@@ -584,7 +583,7 @@ def doctor(json_output: JsonOption = False) -> None:
 @reports_errors
 def show_config(json_output: JsonOption = False) -> None:
     """The effective config, and where each value came from."""
-    path, how = config_mod.find(settings.config_path, _environ())
+    path, how = config_mod.find(settings.config_path, os.environ)
     cfg = load_config()
     values: dict[str, Any] = {k: getattr(cfg, k) for k in config_mod.GLOBAL_KEYS}
     remotes = {r.name: {k: getattr(r, k) for k in config_mod.REMOTE_KEYS} for r in cfg.remotes}
@@ -607,12 +606,6 @@ def show_config(json_output: JsonOption = False) -> None:
         for key, value in table.items():
             if value is not None:
                 typer.echo(f"{key} = {_toml(value)}  # {cfg.sources.get(f'remotes.{name}.{key}')}")
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def _toml(value: Any) -> str:
