@@ -182,11 +182,7 @@ def check_remote(cfg: Config, remote: Remote, account: Account, our_keys: set[st
 
 def _probe(cfg: Config, remote: Remote, account: Account) -> ProbeResult:
     # Never accept a new host key from here: doctor reports, it changes nothing.
-    return verdict(
-        start_probe(
-            remote, account, accept_new_host_keys=False, drop_root=os.geteuid() != account.uid
-        )
-    )
+    return verdict(start_probe(remote, account, accept_new_host_keys=False))
 
 
 def _probe_fix(stage: str, remote: Remote, account: Account) -> str:

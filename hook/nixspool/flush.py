@@ -173,8 +173,9 @@ class Flusher:
         self.spool = spool
         self.progress = progress or (lambda remote, done, total: None)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.account = privileges.remote_account(cfg)  # refuses before touching anything
-        self.drop_root = os.geteuid() != self.account.uid
+        # Who runs ssh and nix copy; refuses before touching anything. run.spawn()
+        # switches to it only when that is not who runs nixspool.
+        self.account = privileges.remote_account(cfg)
         # Probes started but not yet asked for their verdict, by remote name.
         self._probes: dict[str, Running] = {}
         self._keys: dict[str, sign.SecretKey] = {}
@@ -237,7 +238,6 @@ class Flusher:
             remote,
             self.account,
             accept_new_host_keys=self.cfg.accept_new_host_keys,
-            drop_root=self.drop_root,
         )
 
     def _verdict(self, remote: Remote, running: Running) -> ProbeResult:
@@ -293,7 +293,7 @@ class Flusher:
             list(paths),
             store=remote.url,
             env=self.copy_env(remote),
-            account=self.account if self.drop_root else None,
+            account=self.account,
             timeout=remote.copy_timeout,
         )
         verdicts = {p: p in infos and sign.verify(infos[p], key.public) for p in paths}
@@ -395,7 +395,7 @@ class Flusher:
             paths,
             timeout=remote.copy_timeout,
             env=self.copy_env(remote),
-            account=self.account if self.drop_root else None,
+            account=self.account,
         )
         pending = self._probes.pop(remote.name, None)
         if pending is not None:

@@ -115,10 +115,9 @@ def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
     return " ".join(options)
 
 
-def start_probe(
-    remote: Remote, account: Account, *, accept_new_host_keys: bool, drop_root: bool
-) -> Running:
-    """The probe in a child process: as `account` when dropping root, bounded in all."""
+def start_probe(remote: Remote, account: Account, *, accept_new_host_keys: bool) -> Running:
+    """The probe in a child process, as `account` (spawn switches only if that is not
+    who runs nixspool), bounded in all."""
     request = ProbeRequest(
         url=remote.url,
         home=account.home,
@@ -131,7 +130,7 @@ def start_probe(
     return spawn(
         [sys.executable, "-m", "nixspool.remote"],
         input=json.dumps(asdict(request)),
-        account=account if drop_root else None,
+        account=account,
         env=privileges.child_env(account),
         timeout=4 * remote.connect_timeout + 5,
     )
