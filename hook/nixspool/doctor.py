@@ -15,13 +15,13 @@ import grp
 import os
 import pwd
 import stat
-import sys
 from dataclasses import asdict, dataclass
 
 from . import config as config_mod
 from . import gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, NixspoolError
+from .provision import program
 from .remote import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
 from .run import Account, run
 
@@ -41,16 +41,20 @@ def _mode(path: str) -> str:
     return oct(stat.S_IMODE(os.stat(path).st_mode))[2:].rjust(4, "0")
 
 
+def parse_settings(show_config: str) -> dict[str, str]:
+    """`nix show-config` output (one `name = value` a line) as a dict."""
+    return dict(line.split(" = ", 1) for line in show_config.splitlines() if " = " in line)
+
+
 def nix_settings(timeout: float = 30) -> dict[str, str]:
     """Nix's effective settings (nix.conf and its includes), as `nix show-config` says."""
-    out = run([*nix.NIX, "show-config"], timeout=timeout).stdout
-    return dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+    return parse_settings(run([*nix.NIX, "show-config"], timeout=timeout).stdout)
 
 
 def check_hook(settings: dict[str, str]) -> Check:
     hook = settings.get("post-build-hook", "").strip()
     fix = (
-        f"add `post-build-hook = {_installed('nixspool-hook')}` to /etc/nix/nix.conf and "
+        f"add `post-build-hook = {program('nixspool-hook')}` to /etc/nix/nix.conf and "
         "restart nix-daemon"
     )
     if not hook:
@@ -60,11 +64,6 @@ def check_hook(settings: dict[str, str]) -> Check:
     if not os.access(hook, os.X_OK):
         return Check("nix.conf", False, f"post-build-hook {hook} is not an executable", fix)
     return Check("nix.conf", True, f"post-build-hook = {hook}")
-
-
-def _installed(name: str) -> str:
-    here = os.path.join(os.path.dirname(sys.executable), name)
-    return here if os.path.exists(here) else name
 
 
 def check_spool(cfg: Config) -> list[Check]:
@@ -146,11 +145,11 @@ def check_gc_roots(cfg: Config) -> Check | None:
     return Check("gc roots", True, f"{directory} keeps queued paths alive")
 
 
-def check_remote(cfg: Config, remote: Remote, account: Account, our_keys: set[str]) -> list[Check]:
+def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[Check]:
     name = f"remote {remote.name}"
     if not remote.uses_ssh:
         return [_ping(remote, account, name)]
-    result = _probe(cfg, remote, account)
+    result = _probe(remote, account)
     stages = ["resolve", "tcp", "banner", "hostkey", "auth"]
     labels = {
         "resolve": "name resolution",
@@ -176,11 +175,11 @@ def check_remote(cfg: Config, remote: Remote, account: Account, our_keys: set[st
             return checks
     checks.append(_ping(remote, account, name))
     if checks[-1].ok:
-        checks.append(_trust(cfg, remote, account, our_keys, name))
+        checks.append(_trust(remote, account, our_keys, name))
     return checks
 
 
-def _probe(cfg: Config, remote: Remote, account: Account) -> ProbeResult:
+def _probe(remote: Remote, account: Account) -> ProbeResult:
     # Never accept a new host key from here: doctor reports, it changes nothing.
     return verdict(start_probe(remote, account, accept_new_host_keys=False))
 
@@ -215,7 +214,7 @@ def _ping(remote: Remote, account: Account, name: str) -> Check:
     return Check(name, True, "Nix answers on the remote")
 
 
-def _trust(cfg: Config, remote: Remote, account: Account, our_keys: set[str], name: str) -> Check:
+def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> Check:
     """Will the remote accept our uploads? Ask its own Nix, over ssh, as the user."""
     target = SshTarget.from_url(remote.url)
     host = f"{target.user}@{target.host}" if target.user else target.host
@@ -241,7 +240,7 @@ def _trust(cfg: Config, remote: Remote, account: Account, our_keys: set[str], na
         ).stdout
     except CommandError as e:
         return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
-    remote_settings = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+    remote_settings = parse_settings(out)
     remote_user = next(
         (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
     )
@@ -333,7 +332,7 @@ def diagnose(config_path: str | None) -> list[Check]:
         return [*checks, Check("privileges", False, str(e), "see README#ssh")]
     keys = signing_public_keys(settings, cfg)
     for remote in cfg.remotes:
-        checks += check_remote(cfg, remote, account, keys)
+        checks += check_remote(remote, account, keys)
     if not cfg.remotes:
         checks.append(
             Check(
