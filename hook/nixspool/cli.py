@@ -101,8 +101,12 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load_config() -> config_mod.Config:
-    return config_mod.load(settings.config_path)
+def load_config(remote: str | None = None) -> config_mod.Config:
+    """The config in force; UsageError if `remote` (from --remote) is not in it."""
+    cfg = config_mod.load(settings.config_path)
+    if remote is not None:
+        cfg.remote(remote)
+    return cfg
 
 
 def open_spool(cfg: config_mod.Config) -> Spool:
@@ -206,9 +210,7 @@ def list_rows(
     json_output: JsonOption = False,
 ) -> None:
     """The rows in the spool: one line per store path and remote."""
-    cfg = load_config()
-    if remote is not None:
-        cfg.remote(remote)
+    cfg = load_config(remote)
     with open_spool(cfg) as spool:
         if rejected:
             rejects = spool.rejects(limit)
@@ -276,9 +278,7 @@ def retry(
     targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
 ) -> None:
     """Requeue failed (or waiting) rows so that the next flush tries them at once."""
-    cfg = load_config()
-    if remote is not None:
-        cfg.remote(remote)
+    cfg = load_config(remote)
     with open_spool(cfg) as spool:
         count = spool.retry(selector(targets, all_failed, remote))
     typer.echo(f"requeued {count} rows")
@@ -290,9 +290,7 @@ def drop(
     targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
 ) -> None:
     """Forget rows: they will not be uploaded (to that remote, with --remote)."""
-    cfg = load_config()
-    if remote is not None:
-        cfg.remote(remote)
+    cfg = load_config(remote)
     with open_spool(cfg) as spool:
         before = spool.status()["totals"]
         forgotten = spool.drop(selector(targets, all_failed, remote))
@@ -315,9 +313,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     """
     from . import flush as flush_mod
 
-    cfg = load_config()
-    if remote is not None:
-        cfg.remote(remote)
+    cfg = load_config(remote)
     privileges.remote_account(cfg)  # who may flush: refuse before touching the spool
     if not cfg.remotes:
         raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
