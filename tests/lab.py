@@ -9,6 +9,7 @@ README's test command and so by CI), so CI can never pass by skipping them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import pytest
 
 from nixspool import config as nixspool_config
 from nixspool import record
+from nixspool.nix import NixVersion
 from nixspool.spool import Owner, Spool
 
 BUILDER = "nixspool-builder"
@@ -43,6 +45,31 @@ def require_lab(*commands: str) -> None:
         if os.environ.get("NIXSPOOL_REQUIRE_LAB") == "1":
             pytest.fail(f"NIXSPOOL_REQUIRE_LAB=1 but {problem}", pytrace=False)
         pytest.skip(problem)
+
+
+@functools.cache
+def nix_version() -> NixVersion:
+    """The Nix under test: tests that depend on its behaviour ask this."""
+    return NixVersion.parse(
+        subprocess.run(["nix", "--version"], text=True, capture_output=True, check=True).stdout
+    )
+
+
+def hook_gets_out_paths() -> bool:
+    """Nix 2.8.0 runs post-build-hook with OUT_PATHS empty (fixed in 2.8.1)."""
+    v = nix_version()
+    return (v.major, v.minor, v.patch) != (2, 8, 0)
+
+
+def unsigned_refusal() -> str:
+    """How a remote Nix refuses a path without a trusted signature. The remote is
+    a LAN host of the lab, so it runs the Nix under test."""
+    v = nix_version()
+    return (
+        "lacks a valid signature"
+        if (v.major, v.minor) <= (2, 18)
+        else "lacks a signature by a trusted key"
+    )
 
 
 def installed_program(name: str) -> str:
@@ -424,11 +451,12 @@ class KeyOwner:
         self.hosts.append(host)
         config = []
         for h in self.hosts:
-            # LocalCommand runs on this machine, as whoever runs ssh: it records
-            # the uid, so tests see who really talked SSH.
+            # KnownHostsCommand runs on this machine, as whoever runs ssh, on every
+            # connection: it records the uid, so tests see who really talked SSH.
+            # (Not LocalCommand: Nix 2.26+ passes its own -oLocalCommand.)
             config.append(
                 f"Host {h.alias}\n  HostName {h.address}\n  User {h.user}\n"
-                f"  PermitLocalCommand yes\n  LocalCommand id -u >> {self.uid_log}\n"
+                f"  KnownHostsCommand /bin/sh -c 'id -u >> {self.uid_log}'\n"
             )
         (self.ssh_dir / "config").write_text("\n".join(config))
         (self.ssh_dir / "known_hosts").write_text(

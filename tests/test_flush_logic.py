@@ -37,6 +37,10 @@ from nixspool.remote import SshTarget, ssh_options
             "error: cannot add path '/nix/store/x' because it lacks a valid signature",
             Outcome.PERMANENT,
         ),
+        (  # the same refusal, as Nix 2.20 and later word it
+            "error: cannot add path '/nix/store/x' because it lacks a signature by a trusted key",
+            Outcome.PERMANENT,
+        ),
         ("error: path '/nix/store/x' is not valid", Outcome.PERMANENT),
         ("Host key verification failed.", Outcome.PERMANENT),
         (

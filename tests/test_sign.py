@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import lab
-from nixspool import sign
+from nixspool import nix, sign
 from nixspool.errors import SigningKeyError
+from nixspool.storepath import nix_base32
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
@@ -37,10 +38,10 @@ def test_nix_base32_matches_nix(data: bytes) -> None:
         text=True,
         check=True,
     ).stdout.strip()
-    assert sign.nix_base32(bytes.fromhex(digest)) == theirs
+    assert nix_base32(bytes.fromhex(digest)) == theirs
     sri = "sha256-" + base64.b64encode(bytes.fromhex(digest)).decode()
-    assert sign.nar_hash_for_fingerprint(sri) == f"sha256:{theirs}"
-    assert sign.nar_hash_for_fingerprint(f"sha256:{digest}") == f"sha256:{theirs}"
+    assert nix.normalize_nar_hash(sri) == f"sha256:{theirs}"
+    assert nix.normalize_nar_hash(f"sha256:{digest}") == f"sha256:{theirs}"
 
 
 def test_keygen_writes_safe_files_and_never_the_secret(tmp_path: Path) -> None:
@@ -138,7 +139,7 @@ def test_signatures_are_byte_identical_to_nix_store_sign(
     (tmp_path / "k3.sec").write_text(secret)
     (tmp_path / "k3.sec").chmod(0o600)
     key = sign.load_secret_key(str(tmp_path / "k3.sec"))
-    infos = sign.path_infos(fresh_paths, env=nix_env(ssh_lab))
+    infos = nix.path_infos(fresh_paths, env=nix_env(ssh_lab))
     assert sorted(len(i.references) for i in infos.values()) == [0, 1]  # with and without
     ours = {p: key.sign(infos[p]) for p in fresh_paths}
     subprocess.run(
@@ -147,7 +148,7 @@ def test_signatures_are_byte_identical_to_nix_store_sign(
         check=True,
         capture_output=True,
     )
-    theirs = sign.path_infos(fresh_paths, env=nix_env(ssh_lab))
+    theirs = nix.path_infos(fresh_paths, env=nix_env(ssh_lab))
     for path in fresh_paths:
         assert [s for s in theirs[path].signatures if s.startswith("k3:")] == [ours[path]]
 
@@ -201,7 +202,7 @@ def test_a_key_the_remote_does_not_trust_fails_the_rows_with_its_reason(
     assert result.returncode == 1
     report = json.loads(result.stdout)["remotes"]["pi"]
     assert report["failed"] == len(outputs)
-    assert all("lacks a valid signature" in f["error"] for f in report["failures"])
+    assert all(lab.unsigned_refusal() in f["error"] for f in report["failures"])
     status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)
     assert status["remotes"]["pi"]["failed"] == len(outputs)  # shown, not dropped
 
@@ -214,7 +215,7 @@ def test_only_paths_the_hook_recorded_are_signed(ssh_lab) -> None:
     ssh_lab.spool_in(config, {dependent})  # its dependency never went through the hook
     result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
     assert result.returncode == 1
-    infos = sign.path_infos([dependent, dependency], env=nix_env(ssh_lab))
+    infos = nix.path_infos([dependent, dependency], env=nix_env(ssh_lab))
     assert any(s.startswith("nixspool-cache-key:") for s in infos[dependent].signatures)
     assert not any(s.startswith("nixspool-cache-key:") for s in infos[dependency].signatures)
     assert ssh_lab.hosts[0].remote_valid([dependent, dependency]) == set()

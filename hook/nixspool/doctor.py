@@ -41,16 +41,6 @@ def _mode(path: str) -> str:
     return oct(stat.S_IMODE(os.stat(path).st_mode))[2:].rjust(4, "0")
 
 
-def parse_settings(show_config: str) -> dict[str, str]:
-    """`nix show-config` output (one `name = value` a line) as a dict."""
-    return dict(line.split(" = ", 1) for line in show_config.splitlines() if " = " in line)
-
-
-def nix_settings(timeout: float = 30) -> dict[str, str]:
-    """Nix's effective settings (nix.conf and its includes), as `nix show-config` says."""
-    return parse_settings(run([*nix.NIX, "show-config"], timeout=timeout).stdout)
-
-
 def check_hook(settings: dict[str, str]) -> Check:
     hook = settings.get("post-build-hook", "").strip()
     fix = (
@@ -198,8 +188,8 @@ def _probe_fix(stage: str, remote: Remote, account: Account) -> str:
 
 def _ping(remote: Remote, account: Account, name: str) -> Check:
     try:
-        run(
-            [*nix.NIX, "store", "ping", "--store", remote.url],
+        nix.store_info(
+            remote.url,
             account=account,
             env=nix_ssh_env(remote, account, False),
             timeout=4 * remote.connect_timeout + 10,
@@ -214,33 +204,33 @@ def _ping(remote: Remote, account: Account, name: str) -> Check:
     return Check(name, True, "Nix answers on the remote")
 
 
+def _remote_settings(ssh: list[str], account: Account, timeout: float) -> str:
+    """The remote Nix's settings. Its version is not known here: the current command
+    first (no deprecation warning on 2.20+), then the name Nix 2.8-2.19 knows."""
+    env = privileges.child_env(account)
+    try:
+        current = nix.config_show_argv(current=True)
+        return run([*ssh, *current], account=account, env=env, timeout=timeout).stdout
+    except CommandError as e:
+        if "show" not in e.stderr and "config" not in e.stderr:
+            raise  # not an unknown command: the remote's real answer
+        legacy = nix.config_show_argv(current=False)
+        return run([*ssh, *legacy], account=account, env=env, timeout=timeout).stdout
+
+
 def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> Check:
     """Will the remote accept our uploads? Ask its own Nix, over ssh, as the user."""
     target = SshTarget.from_url(remote.url)
     host = f"{target.user}@{target.host}" if target.user else target.host
-    argv = [
-        "ssh",
-        *ssh_options(remote, False).split(),
-        host,
-        "--",
-        "nix",
-        "--extra-experimental-features",
-        "nix-command",
-        "show-config",
-    ]
+    ssh = ["ssh", *ssh_options(remote, False).split(), host, "--"]
     try:
-        out = run(
-            argv,
-            account=account,
-            env=privileges.child_env(account),
-            timeout=4 * remote.connect_timeout + 10,
-        ).stdout
+        out = _remote_settings(ssh, account, timeout=4 * remote.connect_timeout + 10)
         login = run(
             ["ssh", "-G", host], account=account, env=privileges.child_env(account), timeout=10
         ).stdout
     except CommandError as e:
         return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
-    remote_settings = parse_settings(out)
+    remote_settings = nix.parse_settings(out)
     remote_user = next(
         (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
     )
@@ -319,7 +309,7 @@ def diagnose(config_path: str | None) -> list[Check]:
         return [Check("config", False, str(e), "fix the line it names; see README#configuration")]
     checks = [Check("config", True, f"{cfg.path or 'no config file: defaults'}")]
     try:
-        settings = nix_settings()
+        settings = nix.settings()
     except CommandError as e:
         return [*checks, Check("nix", False, str(e), "install Nix (Debian: apt install nix-bin)")]
     checks.append(check_hook(settings))

@@ -31,6 +31,10 @@ class CommandError(NixspoolError):
         self.returncode = returncode
 
 
+class NixOutputError(NixspoolError):
+    """Nix printed something nixspool cannot read (a Nix it does not know yet)."""
+
+
 class PrivilegeError(NixspoolError):
     """nixspool cannot run as the user the config asks for."""
 

@@ -71,7 +71,8 @@ _UNREACHABLE = (
     "unexpected end-of-file",
 )
 _PERMANENT = (
-    "lacks a valid signature",
+    "lacks a valid signature",  # Nix 2.8-2.19
+    "lacks a signature by a trusted key",  # later Nix
     "is not valid",
     "does not exist",
     "permission denied",
@@ -278,7 +279,7 @@ class Flusher:
         key = self._key(remote)
         if key is None:
             return
-        infos = sign.path_infos(paths, recursive=True)
+        infos = nix.path_infos(paths, recursive=True)
         ours = self.spool.recorded(infos)
         signed = sign.attach(key, [info for path, info in infos.items() if path in ours])
         if signed:
@@ -289,7 +290,7 @@ class Flusher:
         key = self._key(remote)
         if key is None or not paths:
             return {}
-        infos = sign.path_infos(
+        infos = nix.path_infos(
             list(paths),
             store=remote.url,
             env=self.copy_env(remote),

@@ -17,11 +17,10 @@ signatures to the local store needs a trusted user (root is).
 from __future__ import annotations
 
 import base64
-import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import nacl.exceptions
@@ -29,48 +28,13 @@ import nacl.signing
 
 from . import nix
 from .errors import SigningKeyError
-from .run import run
-
-NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+from .nix import PathInfo
 
 
-def nix_base32(data: bytes) -> str:
-    """Nix's base-32 (not RFC 4648): the alphabet above, least significant first."""
-    length = (len(data) * 8 - 1) // 5 + 1
-    out = []
-    for n in range(length - 1, -1, -1):
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        c = data[i] >> j
-        if i + 1 < len(data):
-            c |= data[i + 1] << (8 - j)
-        out.append(NIX_BASE32[c & 0x1F])
-    return "".join(out)
-
-
-def nar_hash_for_fingerprint(nar_hash: str) -> str:
-    """`sha256:<nix-base32>`, from any form Nix prints (SRI, base16, base32)."""
-    if nar_hash.startswith("sha256-"):  # SRI, as `nix path-info --json` gives it
-        return "sha256:" + nix_base32(base64.b64decode(nar_hash[len("sha256-") :]))
-    algo, _, digest = nar_hash.partition(":")
-    if algo == "sha256" and len(digest) == 64:  # base16
-        return "sha256:" + nix_base32(bytes.fromhex(digest))
-    return nar_hash  # already sha256:<nix-base32>
-
-
-@dataclass(frozen=True)
-class PathInfo:
-    path: str
-    nar_hash: str
-    nar_size: int
-    references: tuple[str, ...]
-    signatures: tuple[str, ...]
-
-    def fingerprint(self) -> bytes:
-        refs = ",".join(sorted(self.references))
-        return (
-            f"1;{self.path};{nar_hash_for_fingerprint(self.nar_hash)};{self.nar_size};{refs}"
-        ).encode()
+def fingerprint(info: PathInfo) -> bytes:
+    """What a Nix signature signs: `1;path;sha256:<nix-base32>;size;sorted refs`."""
+    refs = ",".join(sorted(info.references))
+    return f"1;{info.path};{info.nar_hash};{info.nar_size};{refs}".encode()
 
 
 @dataclass(frozen=True)
@@ -86,7 +50,7 @@ class SecretKey:
         return f"{self.name}:{base64.b64encode(bytes(self.key.verify_key)).decode()}"
 
     def sign(self, info: PathInfo) -> str:
-        signature = self.key.sign(info.fingerprint()).signature
+        signature = self.key.sign(fingerprint(info)).signature
         return f"{self.name}:{base64.b64encode(signature).decode()}"
 
 
@@ -143,42 +107,11 @@ def verify(info: PathInfo, public_key: str) -> bool:
         if sig_name != name:
             continue
         try:
-            verify_key.verify(info.fingerprint(), base64.b64decode(encoded))
+            verify_key.verify(fingerprint(info), base64.b64decode(encoded))
             return True
         except (nacl.exceptions.BadSignatureError, ValueError):
             continue
     return False
-
-
-def path_infos(
-    paths: Sequence[str],
-    *,
-    recursive: bool = False,
-    store: str | None = None,
-    env: dict[str, str] | None = None,
-    timeout: float = 120,
-    **run_args: object,
-) -> dict[str, PathInfo]:
-    """Path info (hash, size, references, signatures) from `nix path-info --json`."""
-    argv = [*nix.NIX, "path-info", "--json"]
-    if recursive:
-        argv.append("--recursive")
-    if store:
-        argv += ["--store", store]
-    infos: dict[str, PathInfo] = {}
-    for chunk in nix._chunks(paths):
-        result = run([*argv, *chunk], env=env, timeout=timeout, **run_args)  # type: ignore[arg-type]
-        for item in json.loads(result.stdout):
-            if not item.get("valid", True):
-                continue
-            infos[item["path"]] = PathInfo(
-                item["path"],
-                item["narHash"],
-                int(item["narSize"]),
-                tuple(item.get("references", ())),
-                tuple(item.get("signatures", ())),
-            )
-    return infos
 
 
 def attach(key: SecretKey, infos: Iterable[PathInfo]) -> list[str]:
@@ -201,13 +134,9 @@ def attach(key: SecretKey, infos: Iterable[PathInfo]) -> list[str]:
             with open(os.path.join(cache, basename.split("-", 1)[0] + ".narinfo"), "w") as f:
                 f.write(
                     f"StorePath: {info.path}\nURL: nar/{basename}.nar\nCompression: none\n"
-                    f"NarHash: {nar_hash_for_fingerprint(info.nar_hash)}\n"
+                    f"NarHash: {info.nar_hash}\n"
                     f"NarSize: {info.nar_size}\nReferences: {refs}\n"
                     f"Sig: {key.sign(info)}\n"
                 )
-        for chunk in nix._chunks([info.path for info in todo]):
-            run(
-                [*nix.NIX, "store", "copy-sigs", "--substituter", f"file://{cache}", *chunk],
-                timeout=300,
-            )
+        nix.copy_sigs(f"file://{cache}", [info.path for info in todo])
     return [info.path for info in todo]

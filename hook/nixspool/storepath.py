@@ -16,7 +16,8 @@ DEFAULT_STORE_DIR = "/nix/store"
 
 # Nix's base-32 alphabet (no e, o, u, t) and the characters Nix allows in a
 # store path name (see nix/src/libstore/path.cc, checkName).
-_HASH_CHARS = frozenset("0123456789abcdfghijklmnpqrsvwxyz")
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+_HASH_CHARS = frozenset(NIX_BASE32)
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
 _HASH_LEN = 32
 _MAX_NAME_LEN = 211
@@ -26,6 +27,20 @@ _MAX_NAME_LEN = 211
 MAX_REJECTS_PER_RUN = 20
 # Shown values are cut to this length; the reason matters, not 128 KiB of junk.
 MAX_SHOWN_VALUE = 300
+
+
+def nix_base32(data: bytes) -> str:
+    """Nix's base-32 (not RFC 4648): the alphabet above, least significant first."""
+    length = (len(data) * 8 - 1) // 5 + 1
+    out = []
+    for n in range(length - 1, -1, -1):
+        bit = n * 5
+        i, j = divmod(bit, 8)
+        c = data[i] >> j
+        if i + 1 < len(data):
+            c |= data[i + 1] << (8 - j)
+        out.append(NIX_BASE32[c & 0x1F])
+    return "".join(out)
 
 
 def store_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:

@@ -1,0 +1,256 @@
+"""The Nix adapter: each supported Nix's command names and JSON shapes.
+
+The tables hold the shapes each Nix prints (2.8's list, 2.19's map, 2.33's
+`--json-format 2` and derivation version 4); the lab tests ask the Nix under
+test itself, so each matrix entry checks its own version for real.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import lab
+from nixspool import nix
+from nixspool.errors import CommandError, NixOutputError
+from nixspool.nix import NixVersion
+from nixspool.storepath import nix_base32
+
+STORE = "/nix/store"
+A = "w0ixw1ldwjf9mgbzy1dz4prykzmk6hl7-a"
+B = "qz9hbbc1w1v1nvz7l9rz4l6ks1p4r5m6-b"
+DIGEST = hashlib.sha256(b"nixspool").digest()
+SRI = "sha256-" + base64.b64encode(DIGEST).decode()
+NIX32 = "sha256:" + nix_base32(DIGEST)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nix (Nix) 2.8.0", (2, 8, 0, False)),
+        ("nix (Nix) 2.26.3\n", (2, 26, 3, False)),
+        ("nix (Nix) 2.34.0pre20260101_abcdef", (2, 34, 0, False)),
+        ("nix (Lix, like Nix) 2.93.3", (2, 93, 3, True)),
+        ("nix (Nix) 2.30", (2, 30, 0, False)),
+    ],
+)
+def test_version_is_parsed(text: str, expected: tuple[int, int, int, bool]) -> None:
+    v = NixVersion.parse(text)
+    assert (v.major, v.minor, v.patch, v.lix) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "at_least", "has"),
+    [
+        ("nix (Nix) 2.8.0", (2, 19), False),
+        ("nix (Nix) 2.19.0", (2, 19), True),
+        ("nix (Nix) 2.34.8", (2, 33), True),
+        ("nix (Nix) 3.0.0", (2, 33), True),
+        # Lix numbers itself 2.9x but keeps the command line of the 2.18 it forked from.
+        ("nix (Lix, like Nix) 2.93.3", (2, 19), False),
+    ],
+)
+def test_features_follow_the_version(text: str, at_least: tuple[int, int], has: bool) -> None:
+    assert NixVersion.parse(text).has(*at_least) is has
+
+
+def test_an_unreadable_version_is_a_clear_error() -> None:
+    with pytest.raises(NixOutputError, match="cannot read the Nix version"):
+        NixVersion.parse("command not found")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        SRI,
+        "sha256:" + DIGEST.hex(),
+        NIX32,
+        {"algorithm": "sha256", "format": "base64", "hash": base64.b64encode(DIGEST).decode()},
+        {"algorithm": "sha256", "format": "base16", "hash": DIGEST.hex()},
+    ],
+)
+def test_every_nar_hash_form_gives_the_fingerprint_form(value: object) -> None:
+    assert nix.normalize_nar_hash(value) == NIX32
+
+
+@pytest.mark.parametrize("value", ["md5:abc", "sha256:short", 42, {"algorithm": "sha1"}])
+def test_unknown_hashes_are_refused(value: object) -> None:
+    with pytest.raises(ValueError):
+        nix.normalize_nar_hash(value)
+
+
+def _info(**extra: object) -> dict[str, object]:
+    return {"narHash": SRI, "narSize": 120, "references": [], "signatures": ["k:c2ln"], **extra}
+
+
+PATH_INFO_SHAPES = {
+    "2.8 list": [
+        {"path": f"{STORE}/{A}", **_info(references=[f"{STORE}/{B}"])},
+        {"path": f"{STORE}/{B}", **_info()},
+        {"path": f"{STORE}/{'1' * 32}-gone", "valid": False},
+    ],
+    "2.19 map": {
+        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"]),
+        f"{STORE}/{B}": _info(),
+        f"{STORE}/{'1' * 32}-gone": None,
+    },
+    "2.33 format 1": {
+        "version": 1,
+        "storeDir": STORE,
+        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"]),
+        f"{STORE}/{B}": _info(),
+    },
+    "2.33 format 2": {
+        "version": 2,
+        "storeDir": STORE,
+        "info": {A: _info(references=[B]), B: _info(), f"{'1' * 32}-gone": None},
+    },
+    "structured signatures": {
+        "version": 2,
+        "storeDir": STORE,
+        "info": {
+            A: _info(references=[B], signatures=[{"keyName": "k", "sig": "c2ln"}]),
+            B: _info(),
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("shape", PATH_INFO_SHAPES)
+def test_path_info_of_every_nix_reads_the_same(shape: str) -> None:
+    infos = nix.parse_path_infos(json.dumps(PATH_INFO_SHAPES[shape]), STORE)
+    assert set(infos) == {f"{STORE}/{A}", f"{STORE}/{B}"}
+    a = infos[f"{STORE}/{A}"]
+    assert (a.nar_hash, a.nar_size, a.references, a.signatures) == (
+        NIX32,
+        120,
+        (f"{STORE}/{B}",),
+        ("k:c2ln",),
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "42",
+        '{"info": {"not a store path": {"narHash": "x", "narSize": 1}}}',
+        '[{"path": "/etc/passwd", "narHash": "sha256-x", "narSize": 1}]',
+        json.dumps({f"{STORE}/{A}": _info(references=["--version"])}),
+    ],
+)
+def test_path_info_nixspool_cannot_read_is_refused(text: str) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        nix.parse_path_infos(text, STORE)
+
+
+DRV = f"{'2' * 32}-x.drv"
+DERIVATION_SHAPES = {
+    "2.8 show-derivation": {f"{STORE}/{DRV}": {"outputs": {"out": {"path": f"{STORE}/{A}"}}}},
+    "2.34 version 4": {
+        "version": 4,
+        "derivations": {DRV: {"outputs": {"out": {"path": A}, "dev": {"path": B}}}},
+    },
+}
+
+
+def test_derivation_outputs_of_every_nix() -> None:
+    old = nix.parse_derivation_outputs(json.dumps(DERIVATION_SHAPES["2.8 show-derivation"]), STORE)
+    assert old == {f"{STORE}/{DRV}": [f"{STORE}/{A}"]}
+    new = nix.parse_derivation_outputs(json.dumps(DERIVATION_SHAPES["2.34 version 4"]), STORE)
+    assert new == {f"{STORE}/{DRV}": sorted([f"{STORE}/{A}", f"{STORE}/{B}"])}
+
+
+# -- against the Nix under test ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def daemon(nix_lab: Path) -> Iterator[lab.NixDaemon]:
+    d = lab.NixDaemon(nix_lab / "nix-adapter" / "nix", None)
+    yield d
+    d.stop()
+
+
+def _client_env(daemon: lab.NixDaemon) -> dict[str, str]:
+    return {**os.environ, **daemon.client_env()}
+
+
+@pytest.fixture
+def nix_stderr(daemon: lab.NixDaemon, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The adapter talks to the lab's daemon; what each Nix command printed on
+    stderr is collected (run() keeps it from the user's terminal, not from logs)."""
+    for key, value in daemon.client_env().items():
+        monkeypatch.setenv(key, value)
+    seen: list[str] = []
+    real_run = nix.run
+
+    def recording_run(argv, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            result = real_run(argv, **kwargs)
+        except CommandError as e:
+            seen.append(e.stderr)
+            raise
+        seen.append(result.stderr)
+        return result
+
+    monkeypatch.setattr(nix, "run", recording_run)
+    return seen
+
+
+def test_the_adapter_reads_this_nix_without_a_warning(
+    daemon: lab.NixDaemon, nix_lab: Path, nix_stderr: list[str]
+) -> None:
+    expr = lab.write_expr(nix_lab / "nix-adapter")
+    args = {"nonce": lab.nonce(), "count": "5"}
+    daemon.build(expr, args)
+    drvs = subprocess.run(
+        ["nix-instantiate", str(expr), *[a for k, v in args.items() for a in ("--argstr", k, v)]],
+        env=_client_env(daemon),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+
+    resolved = nix.outputs_of_many(drvs)
+    assert sorted(resolved) == sorted(drvs)
+    outputs = sorted(p for paths in resolved.values() for p in paths)
+    assert len(outputs) == 7  # five derivations, two of them with two outputs
+    theirs = subprocess.run(
+        ["nix-store", "--query", "--outputs", *drvs],
+        env=_client_env(daemon),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert outputs == sorted(theirs)
+
+    infos = nix.path_infos(outputs, recursive=True)
+    assert set(outputs) <= set(infos)
+    for path in outputs:  # the hash Nix's old CLI prints, in the fingerprint form
+        hash_ = subprocess.run(
+            ["nix-store", "--query", "--hash", path],
+            env=_client_env(daemon),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert infos[path].nar_hash == nix.normalize_nar_hash(hash_)
+    assert any(infos[p].references for p in outputs), "the expression has dependencies"
+
+    assert nix.settings()["substituters"] == ""
+    assert nix_stderr, "the recorder saw the adapter's commands"
+    assert not [e for e in nix_stderr if "warning" in e.lower()], nix_stderr
+
+
+def test_the_adapter_puts_paths_after_a_double_dash(nix_stderr: list[str]) -> None:
+    # A "path" that looks like an option must never be taken as one.
+    for call in (nix.invalid_paths, nix.path_infos, nix.outputs_of_many):
+        with pytest.raises(CommandError) as raised:
+            call(["--version"])
+        assert "nix (Nix)" not in str(raised.value) + raised.value.stderr
