@@ -12,13 +12,16 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 demo=${DEMO:-/tmp/nixspool-demo}
 venv=${NIXSPOOL_VENV:-/opt/nixspool}
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+if [ -t 1 ] && [ "${TERM:-dumb}" != dumb ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold='' plain=''; fi
+say() { printf '\n%s==> %s%s\n' "$bold" "$*" "$plain"; }
 
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run me as root (I install packages and start a nix-daemon)" >&2; exit 1; }
 
 say "Installing Debian's Nix and Python venv support"
+# nix-setup-systemd makes the nix-users group, the build users and /nix/var/nix;
+# nix-bin only recommends it, and without it the daemon cannot open its store.
 missing=()
-for pkg in nix-bin python3-venv; do
+for pkg in nix-bin nix-setup-systemd python3-venv; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -33,7 +36,8 @@ say "Installing nixspool into $venv"
 export PATH="$venv/bin:$PATH"
 
 say "A nix-daemon whose post-build-hook is nixspool-hook (its own nix.conf and socket)"
-pkill -f "nix-daemon.*# nixspool-demo" 2>/dev/null || true
+# A daemon left by an interrupted earlier run: by its recorded PID, never by name.
+if [ -f "$demo/nix/daemon.pid" ]; then kill "$(cat "$demo/nix/daemon.pid")" 2>/dev/null || true; fi
 rm -rf "$demo"
 mkdir -p "$demo/nix/etc" "$demo/nix/socket"
 chmod 755 "$demo"
@@ -55,6 +59,7 @@ export NIXSPOOL_CONFIG="$demo/config.toml"
 export NIX_CONF_DIR="$demo/nix/etc" NIX_DAEMON_SOCKET_PATH="$demo/nix/socket/socket"
 nix-daemon >"$demo/nix/daemon.log" 2>&1 &
 daemon=$!
+echo "$daemon" >"$demo/nix/daemon.pid"
 trap 'kill $daemon 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [ -S "$NIX_DAEMON_SOCKET_PATH" ] && break; sleep 0.1; done
 
