@@ -15,6 +15,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lab
 
 
+def _machine_state() -> dict[str, object]:
+    """What a test run must leave alone: this machine's own spool and config."""
+    state: dict[str, object] = {}
+    for where in (Path("/var/lib/nixspool"), Path("/etc/nixspool")):
+        if where.is_dir():
+            state.update({str(p): p.stat().st_mtime_ns for p in where.iterdir()})
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_spool_untouched() -> Iterator[None]:
+    """A daemon of the lab whose hook fell back to the machine's default spool would
+    queue test paths for upload on a developer's real machine: fail the run if any
+    test wrote there. (The systemd tests own the machine they boot, and skip this.)"""
+    before = _machine_state()
+    yield
+    if os.environ.get("NIXSPOOL_TESTS_OWN_MACHINE") != "1":
+        assert _machine_state() == before, "tests wrote to /var/lib/nixspool or /etc/nixspool"
+
+
 @pytest.fixture
 def hook_env(tmp_path: Path) -> Callable[..., dict[str, str]]:
     """An environment for running nixspool-hook against a spool in tmp_path."""

@@ -431,7 +431,7 @@ class LanHost:
 class KeyOwner:
     """The local user who owns the SSH key (the config's `user`)."""
 
-    def __init__(self, lab_root: Path) -> None:
+    def __init__(self) -> None:
         ensure_user(ALICE, groups=["nix-users"])
         self.home = Path(os.path.expanduser(f"~{ALICE}"))
         self.ssh_dir = self.home / ".ssh"
@@ -441,7 +441,9 @@ class KeyOwner:
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@lab", "-f", str(self.key))
         self.public_key = Path(str(self.key) + ".pub").read_text().strip()
         self.fingerprint = sh("ssh-keygen", "-l", "-f", str(self.key)).stdout.split()[1]
-        self.uid_log = lab_root / "ssh-uids"
+        # In her home, which the flush unit's sandbox keeps writable (ssh needs it
+        # anyway): under /tmp, PrivateTmp would hide it and ssh would fail.
+        self.uid_log = self.home / "ssh-uids"
         self.uid_log.write_text("")
         self.uid_log.chmod(0o666)
         self.hosts: list[LanHost] = []
@@ -483,12 +485,16 @@ class SshLab:
         self.nixspool_key = root / "nixspool-cache-key.sec"
         self.nixspool_key.write_text(secret + "\n")
         self.nixspool_key.chmod(0o600)
+        # Its hook records into a spool of the lab, never the machine's default one.
+        hook_config = root / "hook.toml"
+        hook_config.write_text(f'spool = "{root / "hook-spool" / "spool.sqlite"}"\n')
         self.daemon = NixDaemon(
             root / "nix",
             installed_program("nixspool-hook"),
+            env={"NIXSPOOL_CONFIG": str(hook_config)},
             extra_conf=f"secret-key-files = {self.secret_key}\n",
         )
-        self.alice = KeyOwner(root)
+        self.alice = KeyOwner()
         trusted = f"{self.public_key} {self.nixspool_public_key}"
         self.hosts = [LanHost(root / f"lan{i}", i, trusted) for i in range(2)]
         self._unsigned: NixDaemon | None = None
