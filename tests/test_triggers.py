@@ -44,6 +44,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
         REPO / "contrib" / "demo.sh",
         REPO / "tests" / "run",
         REPO / ".ci" / "run",
+        *sorted((REPO / "tests" / "platform").iterdir()),
     ]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
