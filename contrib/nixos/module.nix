@@ -1,11 +1,16 @@
 # services.nixspool: record every local build, upload when the cache host is there.
 #
-#   imports = [ ./contrib/nixos/module.nix ];
+#   imports = [ nixspool.nixosModules.default ];   # or ./contrib/nixos/module.nix
 #   services.nixspool = {
 #     enable = true;
 #     user = "alice";                               # owns the SSH key
 #     remotes.pi.url = "ssh-ng://pi";
+#     settings.connect_timeout = 5;                 # any key of nixspool's config
 #   };
+#
+# The units, the dispatcher scripts and their hardening are not written here:
+# they are read from the files nixspool ships (hook/nixspool/data), the same
+# files `nixspool setup` installs on other distributions, so there is one source.
 {
   config,
   lib,
@@ -16,33 +21,65 @@
 let
   cfg = config.services.nixspool;
   toml = pkgs.formats.toml { };
+  data = ../../hook/nixspool/data;
 
-  remoteSettings = lib.mapAttrs (
-    _: remote:
-    lib.filterAttrs (_: value: value != null) {
-      inherit (remote) url;
-      ssh_key = remote.sshKey;
-      sign_key_file = if remote.signKeyFile != null then remote.signKeyFile else cfg.signKeyFile;
-    }
-  ) cfg.remotes;
+  # The [section] of a systemd unit file as { Key = "value"; }: how the module
+  # takes the shipped units' settings, hardening included.
+  unitSection =
+    file: section:
+    let
+      step =
+        acc: raw:
+        let
+          line = lib.trim raw;
+          pair = builtins.match "([A-Za-z][A-Za-z-]*)=(.*)" line;
+        in
+        if lib.hasPrefix "[" line then
+          acc // { current = line; }
+        else if acc.current == "[${section}]" && pair != null then
+          acc // { values = acc.values // { ${builtins.elemAt pair 0} = builtins.elemAt pair 1; }; }
+        else
+          acc;
+    in
+    (builtins.foldl' step {
+      current = "";
+      values = { };
+    } (lib.splitString "\n" (builtins.readFile file))).values;
 
-  configFile = toml.generate "nixspool.toml" (
-    {
-      spool = "/var/lib/nixspool/spool.sqlite";
-      inherit (cfg) user;
-      remotes = remoteSettings;
-    }
-    // cfg.settings
+  spoolDir = dirOf cfg.settings.spool;
+  gcRootsDir = "/nix/var/nix/gcroots/nixspool";
+  userHome = config.users.users.${cfg.user}.home or "/home/${cfg.user}";
+
+  # Values nixspool does not accept are caught when the system is built, as
+  # nix.conf's checkConfig does: by nixspool's own loader.
+  configFile =
+    pkgs.runCommand "nixspool-config.toml"
+      {
+        nativeBuildInputs = [ cfg.package ];
+        unchecked = toml.generate "nixspool-config-unchecked.toml" cfg.settings;
+      }
+      ''
+        nixspool --config "$unchecked" config >/dev/null
+        cp "$unchecked" "$out"
+      '';
+
+  # As `nixspool setup` writes them: one name a line, single-quoted for sh.
+  shellList =
+    items: "'" + lib.concatMapStringsSep "\n" (builtins.replaceStrings [ "'" ] [ "'\\''" ]) items + "'";
+  dispatcher = pkgs.writeScript "90-nixspool" (
+    builtins.replaceStrings
+      [ ''NIXSPOOL_INTERFACES=""'' ''NIXSPOOL_CONNECTIONS=""'' ''NIXSPOOL=""'' ]
+      [
+        (if cfg.networkmanager.interfaces == [ ] then ''NIXSPOOL_INTERFACES=""'' else "NIXSPOOL_INTERFACES=${shellList cfg.networkmanager.interfaces}")
+        (if cfg.networkmanager.connections == [ ] then ''NIXSPOOL_CONNECTIONS=""'' else "NIXSPOOL_CONNECTIONS=${shellList cfg.networkmanager.connections}")
+        "NIXSPOOL='${cfg.package}/bin/nixspool'"
+      ]
+      (builtins.readFile (data + "/90-nixspool"))
   );
 
-  dispatcher = pkgs.writeShellScript "90-nixspool" ''
-    case "$2" in
-      up|vpn-up|dhcp4-change|dhcp6-change) ;;
-      connectivity-change) [ "''${CONNECTIVITY_STATE:-}" = NONE ] && exit 0 ;;
-      *) exit 0 ;;
-    esac
-    exec ${config.systemd.package}/bin/systemctl start --no-block nixspool-flush.service
-  '';
+  service = unitSection (data + "/nixspool-flush.service") "Service";
+  timer = unitSection (data + "/nixspool-flush.timer") "Timer";
+  pathUnit = unitSection (data + "/nixspool-flush.path") "Path";
 in
 {
   options.services.nixspool = {
@@ -63,7 +100,7 @@ in
 
     remotes = lib.mkOption {
       default = { };
-      description = "Stores to upload to; every remote gets every path.";
+      description = "Stores to upload to; every remote gets every path. Shorthand for `settings.remotes`.";
       type = lib.types.attrsOf (
         lib.types.submodule {
           options = {
@@ -96,36 +133,87 @@ in
 
     timerInterval = lib.mkOption {
       type = lib.types.str;
-      default = "10min";
+      default = timer.OnUnitInactiveSec;
       description = "How often to retry while rows remain queued (systemd time span).";
     };
 
-    networkmanager.enable = lib.mkOption {
+    networkmanager = {
+      enable = lib.mkOption {
+        type = lib.types.bool;
+        default = config.networking.networkmanager.enable;
+        defaultText = lib.literalExpression "config.networking.networkmanager.enable";
+        description = "Start a flush when NetworkManager brings a connection up.";
+      };
+      interfaces = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "wlan0" ];
+        description = "Only these interfaces start a flush (default: any).";
+      };
+      connections = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "Home WiFi" ];
+        description = "Only these NetworkManager connections start a flush (default: any).";
+      };
+    };
+
+    networkdDispatcher.enable = lib.mkOption {
       type = lib.types.bool;
-      default = config.networking.networkmanager.enable;
-      defaultText = lib.literalExpression "config.networking.networkmanager.enable";
-      description = "Start a flush when NetworkManager brings a connection up.";
+      default = false;
+      description = "Start a flush when systemd-networkd makes a link routable (networkd-dispatcher).";
+    };
+
+    flushAfterBuild = lib.mkOption {
+      type = lib.types.bool;
+      default = false;
+      description = "Start a flush soon after each recorded build (the .path unit); for machines that are usually online.";
     };
 
     settings = lib.mkOption {
-      type = toml.type;
       default = { };
       example = {
         connect_timeout = 5;
+        remotes.nas.url = "ssh://nas";
       };
-      description = "Other top-level settings of nixspool's config (see its README).";
+      description = ''
+        nixspool's config (see its README), as TOML. The options above set their
+        keys with `mkDefault`; anything here merges with them, remotes included.
+      '';
+      type = lib.types.submodule {
+        freeformType = toml.type;
+        options.spool = lib.mkOption {
+          type = lib.types.str;
+          default = "/var/lib/nixspool/spool.sqlite";
+          description = "The spool file; its directory is created for the user and made writable for the flush.";
+        };
+      };
     };
   };
 
   config = lib.mkIf cfg.enable {
+    services.nixspool.settings = {
+      user = lib.mkDefault cfg.user;
+      remotes = lib.mapAttrs (
+        _: remote:
+        lib.mapAttrs (_: lib.mkDefault) (
+          lib.filterAttrs (_: value: value != null) {
+            inherit (remote) url;
+            ssh_key = remote.sshKey;
+            sign_key_file = if remote.signKeyFile != null then remote.signKeyFile else cfg.signKeyFile;
+          }
+        )
+      ) cfg.remotes;
+    };
+
     environment.systemPackages = [ cfg.package ];
     environment.etc."nixspool/config.toml".source = configFile;
 
     nix.settings.post-build-hook = "${cfg.package}/bin/nixspool-hook";
 
     systemd.tmpfiles.rules = [
-      "d /var/lib/nixspool 0700 ${cfg.user} - -"
-      "d /nix/var/nix/gcroots/nixspool 0755 ${cfg.user} - -"
+      "d ${spoolDir} 0700 ${cfg.user} - -"
+      "d ${gcRootsDir} 0755 ${cfg.user} - -"
     ];
 
     systemd.services.nixspool-flush = {
@@ -139,38 +227,31 @@ in
         config.nix.package
         pkgs.openssh
       ];
-      environment.NIX_REMOTE = "daemon";
-      serviceConfig = {
-        Type = "oneshot";
+      # A switch must not kill an upload in progress (it may run for hours).
+      restartIfChanged = false;
+      serviceConfig = service // {
         ExecStart = "${cfg.package}/bin/nixspool flush";
-        SuccessExitStatus = 75;
-        TimeoutStartSec = "6h";
-        Nice = 19;
-        CPUSchedulingPolicy = "idle";
-        IOSchedulingClass = "idle";
-        ProtectSystem = "strict";
+        # The spool's directory, the GC roots and the user's home (ssh writes
+        # known_hosts there, nix copy its ~/.cache/nix): writable, the rest not.
         ReadWritePaths = [
-          "/var/lib/nixspool"
-          "/nix/var/nix/gcroots/nixspool"
+          spoolDir
+          gcRootsDir
+          "-${userHome}"
         ];
-        PrivateTmp = true;
-        NoNewPrivileges = true;
-        ProtectKernelTunables = true;
-        ProtectKernelModules = true;
-        ProtectControlGroups = true;
-        RestrictSUIDSGID = true;
-        LockPersonality = true;
-        UMask = "0077";
       };
     };
 
     systemd.timers.nixspool-flush = {
       wantedBy = [ "timers.target" ];
-      timerConfig = {
-        OnBootSec = "2min";
+      timerConfig = timer // {
         OnUnitInactiveSec = cfg.timerInterval;
-        RandomizedDelaySec = "1min";
-        Persistent = true;
+      };
+    };
+
+    systemd.paths.nixspool-flush = lib.mkIf cfg.flushAfterBuild {
+      wantedBy = [ "paths.target" ];
+      pathConfig = pathUnit // {
+        PathModified = "${cfg.settings.spool}-wal";
       };
     };
 
@@ -181,10 +262,22 @@ in
       }
     ];
 
+    services.networkd-dispatcher = lib.mkIf cfg.networkdDispatcher.enable {
+      enable = true;
+      rules.nixspool = {
+        onState = [ "routable" ];
+        script = builtins.readFile (data + "/50-nixspool");
+      };
+    };
+
     assertions = [
       {
-        assertion = cfg.remotes != { };
-        message = "services.nixspool.remotes must name at least one remote.";
+        assertion = cfg.settings.remotes or { } != { };
+        message = "services.nixspool: name at least one remote (remotes.<name>.url or settings.remotes).";
+      }
+      {
+        assertion = config.users.users ? ${cfg.user};
+        message = "services.nixspool.user = \"${cfg.user}\" is not a user of this system (users.users).";
       }
     ];
   };

@@ -7,13 +7,24 @@
 let
   pyproject = lib.importTOML ../../pyproject.toml;
   python = python3Packages.python;
+  # What the build reads, nothing else: tests/, .ci/ and contrib/ do not change
+  # the package's hash.
+  sourceFiles = lib.fileset.unions [
+    ../../pyproject.toml
+    ../../README.md
+    ../../hook
+  ];
 in
 python3Packages.buildPythonApplication {
   pname = pyproject.project.name;
   version = pyproject.project.version;
   pyproject = true;
 
-  src = lib.cleanSource ../..;
+  src = lib.fileset.toSource {
+    root = ../..;
+    fileset = sourceFiles;
+  };
+  passthru.sourceFiles = map toString (lib.fileset.toList sourceFiles);
 
   build-system = [ python3Packages.setuptools ];
 
@@ -24,6 +35,7 @@ python3Packages.buildPythonApplication {
     pynacl
     tenacity
     platformdirs
+    rich
   ];
 
   # The installed hook is a sh preamble that finds the venv's python; here the
@@ -41,6 +53,11 @@ python3Packages.buildPythonApplication {
     HOOK
     chmod 0755 $out/bin/nixspool-hook
   '';
+
+  pythonImportsCheck = [
+    "nixspool.cli"
+    "nixspool.hook"
+  ];
 
   # The test suite needs root, a nix-daemon, sshd and network namespaces.
   doCheck = false;

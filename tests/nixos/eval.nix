@@ -1,0 +1,138 @@
+# Evaluate nixspool's flake and NixOS module against a pinned nixpkgs, without
+# building anything (nothing can be downloaded in the test lab):
+#
+#   nix-instantiate --eval --strict --json tests/nixos/eval.nix --arg nixpkgs /path/to/nixpkgs
+#
+# prints, for each configuration below, what the module made of it: the config
+# (as JSON), the rendered units, tmpfiles rules, dispatcher scripts, failed
+# assertions, and for some the whole system's derivation. tests/test_nixos.py
+# checks it.
+{ nixpkgs }:
+let
+  # The flakes evaluated by hand, as `nix flake` would: each `outputs` gets its
+  # inputs, nixpkgs the pinned tree.
+  nixpkgsFlake = (import (nixpkgs + "/flake.nix")).outputs {
+    self = nixpkgsFlake // {
+      outPath = nixpkgs;
+    };
+  };
+  flake = (import ../../flake.nix).outputs {
+    self = flake // {
+      outPath = ../..;
+    };
+    nixpkgs = nixpkgsFlake;
+  };
+  inherit (nixpkgsFlake) lib;
+  system = "x86_64-linux";
+
+  evaluate =
+    module:
+    (lib.nixosSystem {
+      modules = [
+        flake.nixosModules.default
+        {
+          nixpkgs.hostPlatform = system;
+          boot.isContainer = true;
+          system.stateVersion = "26.05";
+          users.users.alice.isNormalUser = true;
+        }
+        module
+      ];
+    }).config;
+
+  report =
+    {
+      module,
+      toplevel ? false,
+    }:
+    let
+      config = evaluate module;
+      units = config.systemd.units;
+      text = name: if units ? ${name} then units.${name}.text else null;
+      failed = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+    in
+    {
+      settings = config.services.nixspool.settings;
+      service = text "nixspool-flush.service";
+      timer = text "nixspool-flush.timer";
+      path = text "nixspool-flush.path";
+      tmpfiles = builtins.filter (lib.hasInfix " alice ") config.systemd.tmpfiles.rules;
+      postBuildHook = config.nix.settings.post-build-hook or null;
+      dispatchers = map (s: s.source.text) (config.networking.networkmanager.dispatcherScripts or [ ]);
+      networkd = lib.mapAttrs (_: r: r.script) (config.services.networkd-dispatcher.rules or { });
+      failedAssertions = failed;
+      toplevel = if toplevel && failed == [ ] then config.system.build.toplevel.drvPath else null;
+    };
+in
+{
+  flake = {
+    package = flake.packages.${system}.default.drvPath;
+    overlay = (import nixpkgs { inherit system; overlays = [ flake.overlays.default ]; }).nixspool.drvPath;
+    importsCheck = flake.packages.${system}.default.pythonImportsCheck or [ ];
+    sourceFiles = flake.packages.${system}.default.sourceFiles;
+    check = flake.checks.${system}.module.drvPath;
+  };
+
+  minimal = report {
+    module.services.nixspool = {
+      enable = true;
+      user = "alice";
+      remotes.pi.url = "ssh-ng://pi";
+    };
+  };
+
+  # NetworkManager, signing, two remotes, interface and connection filters.
+  laptop = report {
+    toplevel = true;
+    module = {
+      networking.networkmanager.enable = true;
+      services.nixspool = {
+        enable = true;
+        user = "alice";
+        signKeyFile = "/etc/nixspool/cache.sec";
+        remotes.pi.url = "ssh-ng://pi";
+        remotes.nas = {
+          url = "ssh://nas";
+          sshKey = "/home/alice/.ssh/id_nas";
+        };
+        networkmanager.interfaces = [ "wlan0" ];
+        networkmanager.connections = [ "Home's WiFi" ];
+      };
+    };
+  };
+
+  # settings merge with the options: remotes added and extended, the spool moved.
+  merged = report {
+    module.services.nixspool = {
+      enable = true;
+      user = "alice";
+      remotes.pi.url = "ssh-ng://pi";
+      settings = {
+        spool = "/srv/spool/nixspool.sqlite";
+        connect_timeout = 5;
+        remotes.pi.batch_size = 100;
+        remotes.cache.url = "file:///srv/cache";
+      };
+    };
+  };
+
+  # No NetworkManager; networkd-dispatcher and the .path unit instead.
+  server = report {
+    module.services.nixspool = {
+      enable = true;
+      user = "alice";
+      remotes.pi.url = "ssh-ng://pi";
+      networkdDispatcher.enable = true;
+      flushAfterBuild = true;
+      timerInterval = "30min";
+    };
+  };
+
+  noSuchUser = report {
+    module.services.nixspool = {
+      enable = true;
+      user = "bob";
+      remotes.pi.url = "ssh-ng://pi";
+    };
+  };
+}
