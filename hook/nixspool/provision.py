@@ -118,9 +118,11 @@ def render_dispatcher(
     return text.replace('NIXSPOOL=""', f"NIXSPOOL={quoted((nixspool,))}")
 
 
-def render_unit(name: str, nixspool: str, spool_dir: str) -> str:
+def render_unit(name: str, nixspool: str, spool_dir: str, home: str) -> str:
+    """A unit of hook/nixspool/data with this machine's program, spool and user."""
     text = template(name).replace("/opt/nixspool/bin/nixspool", nixspool)
-    return text.replace("/var/lib/nixspool", spool_dir)
+    text = text.replace("/var/lib/nixspool", spool_dir)
+    return text.replace(" -/home\n", f" -{home}\n")
 
 
 def setup(req: SetupRequest) -> SetupReport:
@@ -160,7 +162,7 @@ def setup(req: SetupRequest) -> SetupReport:
         for unit in UNITS:
             write_file(
                 os.path.join(root, UNIT_DIR, unit),
-                render_unit(unit, nixspool, spool_dir),
+                render_unit(unit, nixspool, spool_dir, account.home),
                 0o644,
                 report,
             )
