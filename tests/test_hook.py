@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -234,29 +235,76 @@ def test_an_unsafe_spool_directory_is_refused(hook_env, run_hook, tmp_path) -> N
     assert paths_in(spool) == set()
 
 
-def test_a_broken_config_still_records_in_the_default_spool(tmp_path, run_hook) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text('spool = "relative/path"\n')
-    home = tmp_path / "home"
-    env = {
-        "NIXSPOOL_CONFIG": str(config),
-        "HOME": str(home),
-        "DRV_PATH": out("a.drv"),
-        "OUT_PATHS": out("a"),
-        "PATH": os.environ["PATH"],
-    }
-    result = subprocess.run(
+def test_records_made_while_the_config_is_broken_reach_the_configured_spool(
+    nix_lab: Path,
+) -> None:
+    """Adversarial run: with a typo in the config the hook recorded into the default
+    spool, and after the fix those builds were never delivered. Now they wait in the
+    journal beside the default spool, and the next command imports them into the
+    spool the config names. As alice (a single-user Nix runs the hook as its user),
+    so the machine's own default spool is never touched."""
+    lab.ensure_user(lab.ALICE)
+    work = nix_lab / "stray"
+    work.mkdir(mode=0o755)
+    lab.sh("chown", lab.ALICE, str(work))
+    config = work / "config.toml"
+    config.write_text('spool = "relative/path"\n')  # the typo
+    env = {"NIXSPOOL_CONFIG": str(config), "XDG_DATA_HOME": str(work / "data")}
+    hooked = lab.run_as(
+        lab.ALICE,
         [lab.installed_program("nixspool-hook")],
-        env=env,
-        text=True,
-        capture_output=True,
-        check=False,
+        {**env, "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
     )
-    assert result.returncode == 0
-    assert "must be an absolute path" in result.stderr
-    # As root the default is /var/lib/nixspool; do not touch the real one.
-    if os.geteuid() != 0:
-        assert (home / ".local/share/nixspool/spool.sqlite.fallback.jsonl").exists()
+    assert hooked.returncode == 0
+    assert "must be an absolute path" in hooked.stderr
+    assert len(hooked.stderr.splitlines()) == 1
+    assert (work / "data" / "nixspool" / "spool.sqlite.fallback.jsonl").exists()
+    assert not (work / "data" / "nixspool" / "spool.sqlite").exists()
+
+    spool = work / "spool" / "spool.sqlite"
+    config.write_text(f'spool = "{spool}"\n')  # fixed
+    status = lab.run_as(lab.ALICE, [lab.installed_program("nixspool"), "status", "--json"], env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["paths"] == 1
+    assert not (work / "data" / "nixspool" / "spool.sqlite.fallback.jsonl").exists()
+
+
+def test_bytes_that_are_not_utf8_in_the_config_path_still_reach_its_spool(
+    hook_env, nix_lab: Path, tmp_path: Path
+) -> None:
+    odd = os.fsencode(tmp_path) + b"/conf\xff\n"
+    os.mkdir(odd)
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    with open(odd + b"/config.toml", "w") as f:
+        f.write(f'spool = "{spool}"\n')
+    env = {k.encode(): v.encode() for k, v in hook_env(out("a.drv"), out("a")).items()}
+    env[b"NIXSPOOL_CONFIG"] = odd + b"/config.toml"
+    ok = subprocess.run(
+        [lab.installed_program("nixspool-hook")], env=env, capture_output=True, timeout=30
+    )
+    assert ok.returncode == 0 and ok.stderr == b""
+    assert paths_in(spool) == {out("a")}
+    # A missing file of that name: one clear line, the odd bytes escaped. As
+    # alice, whose default spool (where the record then waits) is in the lab.
+    lab.ensure_user(lab.ALICE)
+    data = nix_lab / "odd-bytes"
+    data.mkdir(mode=0o755)
+    lab.sh("chown", lab.ALICE, str(data))
+    env[b"NIXSPOOL_CONFIG"] = odd + b"/missing.toml"
+    env[b"XDG_DATA_HOME"] = os.fsencode(data)
+    env[b"HOME"] = os.fsencode(data)
+    missing = subprocess.run(
+        ["runuser", "-u", lab.ALICE, "--", "env", "-i"]
+        + [k + b"=" + v for k, v in env.items()]
+        + [lab.installed_program("nixspool-hook")],
+        capture_output=True,
+        timeout=30,
+    )
+    assert missing.returncode == 0
+    assert len(missing.stderr.splitlines()) == 1, missing.stderr
+    assert b"\\udcff\\n" in missing.stderr, missing.stderr
+    assert (data / "nixspool" / "spool.sqlite.fallback.jsonl").exists()
 
 
 # -- under fire ----------------------------------------------------------------

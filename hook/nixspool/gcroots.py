@@ -11,6 +11,7 @@ still queued get one, delivered or dropped ones lose theirs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -27,32 +28,62 @@ def roots_dir(spool: str, environ: dict[str, str] | None = None) -> str:
     return os.path.join(state, "gcroots", "nixspool", spool_id)
 
 
+def _open_directory(directory: str) -> int:
+    """A descriptor of `directory`, made if missing, without following a link in
+    the part nixspool owns (below gcroots/): that part may belong to the spool's
+    user, who must not be able to point root's unlink and symlink elsewhere."""
+    gcroots_dir = os.path.dirname(os.path.dirname(directory))  # <state>/gcroots: Nix's
+    os.makedirs(gcroots_dir, mode=0o755, exist_ok=True)
+    fd = os.open(gcroots_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in os.path.relpath(directory, gcroots_dir).split(os.sep):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tuple[int, int]:
     """Make this spool's roots exactly `wanted`; return (added, removed).
 
     Best effort: without the right to write there (a flusher started as the
-    user before `nixspool setup` made the directory theirs) it warns and goes
-    on; delivery does not depend on it.
+    user before `nixspool setup` made the directory theirs), or where a link
+    stands in for one of its directories, it warns and goes on; delivery does
+    not depend on it. Every change is made through a descriptor of the
+    directory: names in it are never resolved through links.
     """
     directory = directory or roots_dir(spool)
     want = {os.path.basename(p): p for p in wanted}
     added = removed = 0
     try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        have = set(os.listdir(directory))
-        for name in have - want.keys():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
-                removed += 1
-        for name in want.keys() - have:
-            with contextlib.suppress(FileExistsError):
-                os.symlink(want[name], os.path.join(directory, name))
-                added += 1
+        fd = _open_directory(directory)
+        try:
+            have = set(os.listdir(fd))
+            for name in have - want.keys():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+                    removed += 1
+            for name in want.keys() - have:
+                with contextlib.suppress(FileExistsError):
+                    os.symlink(want[name], name, dir_fd=fd)
+                    added += 1
+        finally:
+            os.close(fd)
     except OSError as e:
+        reason = (
+            "a symbolic link stands where a directory should be"
+            if e.errno in (errno.ELOOP, errno.ENOTDIR)
+            else e.strerror
+        )
         log.warning(
             "cannot keep GC roots in %s: %s; queued paths are not protected from "
             "garbage collection (see README#gc-roots)",
             directory,
-            e.strerror,
+            reason,
         )
     return added, removed

@@ -23,8 +23,8 @@ import stat
 import sys
 import time
 
-from . import locate, storepath
-from .record import Record, store
+from . import files, locate, storepath
+from .record import Record, store, validated
 
 # The C module behind `sqlite3`, without the DB-API layer's datetime adapters
 # and their imports: about a third of an interpreter start saved on every
@@ -41,27 +41,24 @@ BALLAST_SUFFIX = ".ballast"
 
 
 def _say(level: str, message: str) -> None:
+    # One line, whatever the message holds: a newline, or bytes that are not
+    # UTF-8 (surrogates), from a path in the environment, are shown escaped.
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     try:  # noqa: SIM105 - contextlib is one more import on every build
-        print(f"nixspool: {level}: {message}", file=sys.stderr, flush=True)
+        print(f"nixspool: {level}: {line}", file=sys.stderr, flush=True)
     except Exception:  # noqa: S110 - stderr closed: nothing left to tell, the build goes on
         pass
 
 
 def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Record:
     """Validate DRV_PATH and OUT_PATHS into a record of what to store."""
-    store_dir = storepath.store_dir(environ)
-    rejects: list[tuple[str, str]] = []
-    drv_path = environ.get("DRV_PATH", "")
-    if drv_path:
-        reason = storepath.why_invalid(drv_path, store_dir)
-        if reason is None and not drv_path.endswith(".drv"):
-            reason = "is not a derivation (.drv)"
-        if reason is not None:
-            rejects.append((storepath.shown(drv_path), "DRV_PATH " + reason))
-            drv_path = ""
-    outputs, bad_outputs = storepath.split_paths(environ.get("OUT_PATHS", ""), store_dir)
-    rejects += [(value, "OUT_PATHS entry " + reason) for value, reason in bad_outputs]
-    return Record(drv_path, outputs, rejects, now)
+    return validated(
+        environ.get("DRV_PATH", ""),
+        environ.get("OUT_PATHS", "").split(" "),
+        [],
+        now,
+        storepath.store_dir(environ),
+    )
 
 
 def _check_directory(directory: str) -> None:
@@ -80,8 +77,10 @@ def _check_directory(directory: str) -> None:
 
 def write_spool(spool: str, record: Record) -> None:
     """Store the record in the SQLite spool or raise."""
-    if os.path.islink(spool):
-        raise PermissionError(f"{spool} is a symbolic link; refusing to follow it as root")
+    # SQLite follows links and blocks on FIFOs: whatever else the spool's owner
+    # left at these names would make root write through it or hang the build.
+    for name in (spool, spool + "-wal", spool + "-shm"):
+        files.check_regular(name)
     # mode=rw: never create the spool here. A missing spool is created, with
     # its schema and owner, by the next `nixspool` command; until then
     # records wait in the journal.
@@ -152,19 +151,26 @@ def run(environ: dict[str, str] | os._Environ[str]) -> None:
         return
     try:
         spool = locate.hook_spool(environ)
+        config_error = None
     except Exception as e:
+        # Not into the default spool itself, whose rows no remote of the real
+        # config would ever see: into the journal beside it, which every
+        # nixspool command imports into whichever spool the config names.
         spool = locate.default_spool(environ)
-        _say("warning", f"config: {e}; using the default spool {spool}")
+        config_error = f"config: {e}"
     try:
         _check_directory(os.path.dirname(spool))
     except OSError as e:
         _say("error", f"did not record {_describe(record)}: {e}")
         return
-    try:
-        write_spool(spool, record)
-        return
-    except Exception as e:
-        spool_error = _why(e)
+    if config_error is not None:
+        spool_error = config_error
+    else:
+        try:
+            write_spool(spool, record)
+            return
+        except Exception as e:
+            spool_error = _why(e)
     try:
         where = write_journal(spool, record)
     except Exception as e:

@@ -25,7 +25,8 @@ import fcntl
 import os
 import time
 
-from .record import Record
+from . import files, storepath
+from .record import Record, validated
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -51,20 +52,24 @@ def encode(record: Record) -> bytes:
     return ("\n" + line + "\n").encode("utf-8", "surrogateescape")
 
 
-def decode(line: bytes) -> Record:
-    """A record from one journal line; ValueError if it is not one."""
+def decode(line: bytes, store_dir: str) -> Record:
+    """A record from one journal line, its paths checked again (see
+    record.validated); ValueError if the line is not a record at all."""
     import json
 
     data = json.loads(line.decode("utf-8", "surrogateescape"))
     if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
         raise ValueError("not a nixspool journal record")
-    record = Record(
+    if not isinstance(data["out"], list) or not isinstance(data["rej"], list):
+        raise ValueError("not a nixspool journal record")
+    return validated(
         str(data["drv"]),
         [str(p) for p in data["out"]],
         [(str(v), str(r)) for v, r in data["rej"]],
         float(data["t"]),
+        store_dir,
+        source="journal: ",
     )
-    return record
 
 
 def _lock(fd: int, operation: int, deadline: float) -> None:
@@ -84,9 +89,8 @@ def append(path: str, record: Record) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
-        fd = os.open(path, flags, 0o600)
+        fd = files.open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
             _lock(fd, fcntl.LOCK_SH, deadline)
             held = os.fstat(fd)
@@ -96,7 +100,7 @@ def append(path: str, record: Record) -> None:
                 current = None
             if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
                 continue  # an importer took this file away; open the new one
-            _give_to_directory_owner(fd, held, directory)
+            files.give_to_directory_owner(fd, directory)
             written = os.write(fd, data)
             if written != len(data):
                 raise OSError(errno.ENOSPC, f"short write to {path}")
@@ -104,16 +108,6 @@ def append(path: str, record: Record) -> None:
             return
         finally:
             os.close(fd)
-
-
-def _give_to_directory_owner(fd: int, held: os.stat_result, directory: str) -> None:
-    # The hook runs as root; the flusher may run as the spool's owner. A file
-    # root creates here would lock that user out, so it takes the owner of
-    # the directory, as SQLite does for its -wal and -shm files.
-    if os.geteuid() == 0:
-        owner = os.stat(directory)
-        if (held.st_uid, held.st_gid) != (owner.st_uid, owner.st_gid):
-            os.fchown(fd, owner.st_uid, owner.st_gid)
 
 
 def drain(path: str, consume: Callable[[list[Record], list[str]], None]) -> int:
@@ -124,8 +118,9 @@ def drain(path: str, consume: Callable[[list[Record], list[str]], None]) -> int:
     Returns the number of records and unreadable lines handed over.
     """
     importing = path + ".importing"
+    files.check_regular(path)  # a directory or FIFO there is refused, not renamed
     total = 0
-    if os.path.exists(importing):  # left by an importer that died
+    if os.path.lexists(importing):  # left by an importer that died
         total += _import(importing, consume)
     try:
         os.rename(path, importing)
@@ -135,7 +130,7 @@ def drain(path: str, consume: Callable[[list[Record], list[str]], None]) -> int:
 
 
 def _import(importing: str, consume: Callable[[list[Record], list[str]], None]) -> int:
-    fd = os.open(importing, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = files.open_regular(importing, os.O_RDONLY)
     try:
         _lock(fd, fcntl.LOCK_EX, time.monotonic() + 10 * LOCK_WAIT_SECONDS)
         chunks = []
@@ -143,11 +138,12 @@ def _import(importing: str, consume: Callable[[list[Record], list[str]], None]) 
             chunks.append(chunk)
         records: list[Record] = []
         unreadable: list[str] = []
+        store_dir = storepath.store_dir()
         for line in b"".join(chunks).split(b"\n"):
             if not line.strip():
                 continue
             try:
-                records.append(decode(line))
+                records.append(decode(line, store_dir))
             except (ValueError, KeyError, TypeError):
                 unreadable.append(line.decode("utf-8", "backslashreplace"))
         consume(records, unreadable)

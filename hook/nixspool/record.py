@@ -8,9 +8,12 @@ of the schema: migrations in spool.py must keep them valid (a test checks).
 
 from __future__ import annotations
 
+from . import storepath
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import sqlite3
+    from collections.abc import Iterable
 
 INSERT_PATH = (
     "INSERT INTO paths (path, drv_path, needs_outputs, recorded_at) VALUES (?, ?, ?, ?)"
@@ -57,6 +60,34 @@ class Record:
         if self.drv_path:  # Nix 2.8.0: OUT_PATHS empty; the flusher resolves them
             return [(self.drv_path, self.drv_path, 1, self.recorded_at)]
         return []
+
+
+def validated(
+    drv_path: str,
+    outputs: Iterable[str],
+    rejects: list[tuple[str, str]],
+    recorded_at: float,
+    store_dir: str,
+    source: str = "",
+) -> Record:
+    """The one way a Record is made: every value checked as a store path.
+
+    The hook builds records from Nix's environment with it, and the import of
+    the fallback journal from the journal's lines: a journal line is no more
+    trusted than DRV_PATH (its directory belongs to the spool's user).
+    `source` prefixes the reasons ("DRV_PATH ", "OUT_PATHS entry ").
+    """
+    rejects = list(rejects)
+    if drv_path:
+        reason = storepath.why_invalid(drv_path, store_dir)
+        if reason is None and not drv_path.endswith(".drv"):
+            reason = "is not a derivation (.drv)"
+        if reason is not None:
+            rejects.append((storepath.shown(drv_path), f"{source}DRV_PATH {reason}"))
+            drv_path = ""
+    good, bad = storepath.partition(outputs, store_dir)
+    rejects += [(value, f"{source}OUT_PATHS entry {reason}") for value, reason in bad]
+    return Record(drv_path, good, rejects, recorded_at)
 
 
 def store(con: sqlite3.Connection, records: list[Record]) -> None:

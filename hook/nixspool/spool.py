@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import os
 import pwd
 import sqlite3
@@ -32,9 +33,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from . import journal, locate, record
+from . import files, journal, locate, record, storepath
 from .errors import SpoolError, UsageError
 from .hook import BALLAST_SUFFIX
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_SECONDS = 10.0
 BALLAST_BYTES = 1 << 20
@@ -136,6 +139,16 @@ class Selector:
     remote: str | None = None
 
 
+def untrusted_row(reason: str) -> str:
+    return f"not a Nix store path: {reason} (nixspool did not write this row; it is never used)"
+
+
+def _store_paths(rows: Iterable[tuple[str]]) -> list[str]:
+    """The paths of `rows` that are store paths: the only ones that leave the spool."""
+    store_dir = storepath.store_dir()
+    return [path for (path,) in rows if storepath.why_invalid(path, store_dir) is None]
+
+
 def _trusted_owners(owner: Owner | None) -> set[int]:
     return {0, os.geteuid()} | ({owner.uid} if owner else set())
 
@@ -197,6 +210,11 @@ class Spool:
         try:
             check_permissions(directory, owner)
             check_permissions(path, owner)
+            # SQLite follows links and blocks on FIFOs; root must do neither here.
+            for name in (path, path + "-wal", path + "-shm"):
+                files.check_regular(name)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"spool: {e}") from None
         except PermissionError:
             raise SpoolError(
                 f"spool {path}: permission denied; run nixspool as root or as "
@@ -273,28 +291,26 @@ class Spool:
                 if (st.st_uid, st.st_gid) != (owner.uid, owner.gid) and not stat.S_ISLNK(
                     st.st_mode
                 ):
-                    os.chown(path, owner.uid, owner.gid)
+                    os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
             except FileNotFoundError:
                 pass
 
     def _keep_ballast(self) -> None:
         # Disk space the hook may free to write its journal on a full disk.
         ballast = self.path + BALLAST_SUFFIX
-        if os.path.exists(ballast):
+        if os.path.lexists(ballast):
             return
         try:
-            fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = files.open_regular(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         except OSError:
             return
         try:
+            files.give_to_directory_owner(fd, os.path.dirname(self.path))
             os.posix_fallocate(fd, 0, BALLAST_BYTES)
         except OSError:
             os.unlink(ballast)  # no room for it now; try again next time
         finally:
             os.close(fd)
-        st = os.stat(os.path.dirname(self.path))
-        if os.geteuid() == 0 and os.path.exists(ballast):
-            os.chown(ballast, st.st_uid, st.st_gid)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -323,12 +339,28 @@ class Spool:
                 )
 
         try:
-            return journal.drain(locate.fallback_journal(self.path), consume)
+            imported = journal.drain(locate.fallback_journal(self.path), consume)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"cannot import the fallback journal: {e}") from None
         except PermissionError as e:
             raise SpoolError(
                 f"cannot import the fallback journal: {e}; run nixspool as root "
                 "or as the spool's owner"
             ) from None
+        # Records the hook made while it could not read the config wait beside
+        # the default spool (see hook.run): they belong to this one.
+        stray = locate.fallback_journal(locate.default_spool(os.environ))
+        if stray != locate.fallback_journal(self.path) and os.path.lexists(stray):
+            try:
+                imported += journal.drain(stray, consume)
+            except OSError as e:
+                log.warning(
+                    "records made while the config could not be read wait in %s: %s; "
+                    "run nixspool as root to import them",
+                    stray,
+                    e.strerror or e,
+                )
+        return imported
 
     # -- fan-out to remotes ------------------------------------------------------
 
@@ -527,8 +559,19 @@ class Spool:
     # -- for the flusher ---------------------------------------------------------
 
     def unresolved(self) -> list[tuple[int, str]]:
-        """(id, drv path) of rows recorded without their outputs."""
-        return list(self.conn.execute("SELECT id, path FROM paths WHERE needs_outputs = 1"))
+        """(id, drv path) of rows recorded without their outputs; rows that are not
+        derivations in the store are failed here and never handed out."""
+        rows = list(self.conn.execute("SELECT id, path FROM paths WHERE needs_outputs = 1"))
+        good = []
+        for drv_id, path in rows:
+            reason = storepath.why_invalid(path, storepath.store_dir())
+            if reason is None and not path.endswith(".drv"):
+                reason = "is not a derivation (.drv)"
+            if reason is None:
+                good.append((drv_id, path))
+            else:
+                self.fail_unresolved(drv_id, untrusted_row(reason))
+        return good
 
     def resolve(self, drv_id: int, outputs: Sequence[str]) -> None:
         """Replace a .drv row by its outputs; they inherit nothing but the time."""
@@ -538,7 +581,10 @@ class Spool:
             ).fetchone()
             if row is None:
                 return  # dropped meanwhile
-            self.conn.executemany(record.INSERT_PATH, [(out, row[0], 0, row[1]) for out in outputs])
+            good, bad = storepath.partition(outputs, storepath.store_dir())
+            if bad:
+                raise SpoolError(f"Nix named outputs of {row[0]} that are not store paths: {bad}")
+            self.conn.executemany(record.INSERT_PATH, [(out, row[0], 0, row[1]) for out in good])
             self.conn.execute("DELETE FROM paths WHERE id = ?", (drv_id,))
 
     def fail_unresolved(self, drv_id: int, reason: str, now: float | None = None) -> None:
@@ -560,6 +606,7 @@ class Spool:
         when it runs out, and nothing was lost or marked twice.
         """
         now = time.time() if now is None else now
+        store_dir = storepath.store_dir()
         with self.transaction():
             rows = self.conn.execute(
                 "SELECT d.path_id, p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
@@ -568,6 +615,16 @@ class Spool:
                 " ORDER BY d.next_attempt_at, d.path_id LIMIT ?",  # walks deliveries_due
                 (remote, now, now, limit),
             ).fetchall()
+            # Every path leaves the spool checked as a store path again: the
+            # spool's owner can write rows, and these become nix arguments.
+            bad = [(i, why) for i, p in rows if (why := storepath.why_invalid(p, store_dir))]
+            self.conn.executemany(
+                "UPDATE deliveries SET state = 'failed', last_error = ?, updated_at = ?"
+                " WHERE remote = ? AND path_id = ?",
+                [(untrusted_row(why), now, remote, i) for i, why in bad],
+            )
+            refused = {i for i, _ in bad}
+            rows = [row for row in rows if row[0] not in refused]
             self.conn.executemany(
                 "UPDATE deliveries SET lease_owner = ?, lease_until = ?"
                 " WHERE remote = ? AND path_id = ?",
@@ -599,14 +656,13 @@ class Spool:
             )
 
     def delivered_paths(self, remote: str) -> list[str]:
-        return [
-            r[0]
-            for r in self.conn.execute(
+        return _store_paths(
+            self.conn.execute(
                 "SELECT p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
                 " WHERE d.remote = ? AND d.state = 'delivered' ORDER BY p.id",
                 (remote,),
             )
-        ]
+        )
 
     def reclaim_leases(self) -> int:
         """Free every lease. Only for a flusher that holds the flush lock: then no
@@ -703,13 +759,12 @@ class Spool:
 
     def protected_paths(self) -> list[str]:
         """Paths some remote still waits for (and .drv rows not yet resolved)."""
-        return [
-            r[0]
-            for r in self.conn.execute(
+        return _store_paths(
+            self.conn.execute(
                 "SELECT path FROM paths WHERE needs_outputs = 1 OR id IN"
                 " (SELECT path_id FROM deliveries WHERE state = 'queued')"
             )
-        ]
+        )
 
     def queued_count(self, remote: str) -> int:
         return int(

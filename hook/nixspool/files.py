@@ -1,0 +1,91 @@
+"""Opening files in a directory someone else owns, as root, safely.
+
+Standard library only (the hook imports it).
+
+The spool's directory belongs to the configured user, and the hook and the
+flusher run as root. Whatever that user left at a name there (a symbolic link
+to /etc/shadow, a FIFO, a directory) must not make root write through it, nor
+block a build on it, nor crash a command. So every file nixspool opens beside
+the spool goes through `open_regular`: no links followed, an open that cannot
+block, and a check that what it got is a plain file. Files root creates there
+go to the directory's owner, so the user's own `nixspool` can use them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
+
+
+class NotRegularFile(OSError):
+    """Something other than a plain file sits where nixspool keeps one."""
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _refuse(path: str, mode: int) -> NotRegularFile:
+    return NotRegularFile(
+        f"{path} is {_kind(mode)}, not a regular file; nixspool will not use it "
+        "(move it aside; see README#ownership)"
+    )
+
+
+def check_regular(path: str) -> None:
+    """Raise NotRegularFile if `path` exists and is not a plain file (links included)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _refuse(path, st.st_mode)
+
+
+def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
+    """os.open(), refusing links and anything but a plain file, never blocking.
+
+    O_NOFOLLOW: a link at `path` fails instead of being followed. O_NONBLOCK:
+    opening a FIFO returns at once instead of waiting for its other end. Then
+    fstat() on what was opened (not on the name, which may change meanwhile).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        # A link, a FIFO nobody reads (for writing), a directory (for writing).
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise e from None
+            raise _refuse(path, st.st_mode) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _refuse(path, st.st_mode)
+    return fd
+
+
+def give_to_directory_owner(fd: int, directory: str) -> None:
+    """As root, give an open file to the owner of the directory it is in.
+
+    The spool's owner runs `nixspool` too: a root-only file beside the spool
+    would lock them out. SQLite does the same for its -wal and -shm files.
+    """
+    if os.geteuid() != 0:
+        return
+    owner = os.lstat(directory)
+    held = os.fstat(fd)
+    if (held.st_uid, held.st_gid) != (owner.st_uid, owner.st_gid):
+        os.fchown(fd, owner.st_uid, owner.st_gid)
