@@ -324,6 +324,12 @@ class LanHost:
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
 
+    def in_sshd_mounts(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run argv in sshd's mount namespace (`ip netns exec` gave it its own), so
+        that a mount made there is what the host's Nix sees."""
+        assert self.sshd is not None
+        return sh("nsenter", "-t", str(self.sshd.pid), "-m", "--", *argv)
+
     def start_sshd(self) -> None:
         self.sshd = subprocess.Popen(
             [

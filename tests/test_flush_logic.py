@@ -48,7 +48,13 @@ from nixspool.remote import SshTarget, ssh_options
             Outcome.PERMANENT,
         ),
         ("error: getting status of '/nix/store/x': No such file or directory", Outcome.PERMANENT),
-        ("error: writing to file: No space left on device", Outcome.PERMANENT),
+        # A full remote disk frees up: transient, even though Nix also says "cannot add".
+        ("error: writing to file: No space left on device", Outcome.TRANSIENT),
+        (
+            "error: cannot add path '/nix/store/x': writing to file: No space left on device",
+            Outcome.TRANSIENT,
+        ),
+        ("error: writing to file: Disk quota exceeded", Outcome.TRANSIENT),
         ("error: some protocol hiccup", Outcome.TRANSIENT),
         ("", Outcome.TRANSIENT),
     ],

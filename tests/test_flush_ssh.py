@@ -254,6 +254,48 @@ def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid(signed | unsigned) == signed
 
 
+def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab) -> None:
+    """The host answers SSH but its Nix does not start: not "away" (75, retried for
+    ever, nothing in status), but an error a person sees, with what Nix said."""
+    host = ssh_lab.hosts[0]
+    config = ssh_lab.config(
+        ssh_lab.root / "no-remote-nix",
+        f'\n[remotes.pi]\nurl = "ssh-ng://{host.alias}?remote-program=/nonexistent/nix-daemon"\n',
+    )
+    outputs = ssh_lab.build(1)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush", "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert not report["unreachable"]
+    assert "the host answers SSH, but Nix there did not" in report["error"], report
+    rows = queued_rows(config, "pi")
+    assert len(rows) == len(outputs)  # kept, and told why
+    assert all(r["attempts"] == 1 and "Nix there did not" in r["last_error"] for r in rows)
+
+
+def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab) -> None:
+    host = ssh_lab.hosts[0]
+    config = ssh_lab.config(ssh_lab.root / "disk-full")
+    outputs = ssh_lab.build(1, bytes_each=8 << 20)
+    ssh_lab.spool_in(config, outputs)
+    uid = lab.sh("id", "-u", host.user).stdout.strip()
+    # The LAN host's store on a 2 MiB disk: room for its database, not for the paths.
+    host.in_sshd_mounts(
+        "mount", "-t", "tmpfs", "-o", f"size=2m,mode=0755,uid={uid}", "full", str(host.store)
+    )
+    try:
+        result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    finally:
+        host.in_sshd_mounts("umount", str(host.store))
+    assert result.returncode == 75, result.stderr  # transient: retried later
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert (report["deferred"], report["failed"]) == (len(outputs), 0), report
+    rows = queued_rows(config, "pi")
+    assert len(rows) == len(outputs)
+    assert all("no space left" in (r["last_error"] or "").lower() for r in rows), rows
+
+
 def test_an_unknown_host_key_is_refused_loudly_and_rows_stay(ssh_lab) -> None:
     config = ssh_lab.config(ssh_lab.root / "hostkey")
     outputs = ssh_lab.build(1)

@@ -27,9 +27,15 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import gcroots, nix, privileges, sign
+from . import files, gcroots, nix, privileges, sign
 from .config import Config, Remote
-from .errors import CommandError, RemoteConfigError, SigningKeyError, UnreachableError
+from .errors import (
+    CommandError,
+    RemoteConfigError,
+    SigningKeyError,
+    SpoolError,
+    UnreachableError,
+)
 from .remote import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
 from .run import Running, last_line
 from .spool import Spool
@@ -63,12 +69,16 @@ _UNREACHABLE = (
     "host is down",
     "operation timed out",
     "did not finish within",
+    "cannot connect",
+    "timeout, server",
+    # The connection ended early: the link dropped, or the remote's Nix is missing
+    # or broken. For ssh remotes a probe tells which (see Flusher._copy_once).
     "broken pipe",
     "connection reset",
     "connection closed",
-    "cannot connect",
-    "timeout, server",
     "unexpected end-of-file",
+    "cannot open connection to remote store",
+    "disconnected unexpectedly",
 )
 _PERMANENT = (
     "lacks a valid signature",  # Nix 2.8-2.19
@@ -83,18 +93,34 @@ _PERMANENT = (
     "is not a valid store path",
     "read-only file system",
     "cannot add path",
-    "no space left",
     "host key verification failed",
+)
+# Checked first: a full disk also prints "cannot add path", but space comes back.
+_TRANSIENT = (
+    "no space left on device",
+    "disk quota exceeded",
+    "database or disk is full",  # the remote store's SQLite
 )
 
 
 def classify(stderr: str) -> Outcome:
     text = stderr.lower()
+    if any(fragment in text for fragment in _TRANSIENT):
+        return Outcome.TRANSIENT
     if any(fragment in text for fragment in _UNREACHABLE):
         return Outcome.UNREACHABLE
     if any(fragment in text for fragment in _PERMANENT):
         return Outcome.PERMANENT
     return Outcome.TRANSIENT
+
+
+def reason_of(stderr: str) -> str:
+    """The line of nix copy's output to keep as a row's last error: the one that
+    names a transient cause if there is one (a full disk), else the last."""
+    for line in stderr.splitlines():
+        if any(fragment in line.lower() for fragment in _TRANSIENT):
+            return line.strip()
+    return last_line(stderr)
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -125,7 +151,11 @@ Progress = Callable[[str, int, int], None]  # (remote, delivered just now, due i
 @contextmanager
 def single_flusher(spool_path: str) -> Iterator[bool]:
     """Hold the spool's flush lock if nobody else does; yield whether we got it."""
-    fd = os.open(spool_path + ".flush.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = files.open_regular(spool_path + ".flush.lock", os.O_RDWR | os.O_CREAT)
+        files.give_to_directory_owner(fd, os.path.dirname(spool_path))
+    except OSError as e:
+        raise SpoolError(f"flush lock: {e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -156,6 +186,27 @@ def resolve_derivations(spool: Spool) -> None:
     for drv_id, drv_path in unresolved:
         if drv_path in outputs:
             spool.resolve(drv_id, outputs[drv_path])
+
+
+class _RemoteNixFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def remote_message(error: CommandError) -> str:
+    """The most telling line of a failed nix copy: the remote shell's or Nix's own
+    complaint, rather than the generic last line ("unexpected end-of-file")."""
+    lines = [line.strip() for line in (error.stderr or "").splitlines() if line.strip()]
+    telling = [
+        line
+        for line in lines
+        if any(
+            k in line.lower()
+            for k in ("not found", "no such file", "permission denied", "cannot", "error:")
+        )
+    ]
+    return "; ".join(dict.fromkeys(telling[-3:] or lines[-1:])) or str(error)
 
 
 class _Transient(Exception):
@@ -330,6 +381,11 @@ class Flusher:
         except _Transient as e:
             self._defer(remote, ids, e.reason, report)
             return
+        except _RemoteNixFailed as e:
+            # Counts as an attempt, with its reason where `status` shows it; the
+            # remote stops here and the flush exits 1: a person must look.
+            self._defer(remote, ids, e.reason, report)
+            raise RemoteConfigError(f"{remote.url}: {e.reason}") from None
         except CommandError as e:  # the remote or a path says no
             self._refused(remote, batch, e, report)
             return
@@ -410,8 +466,17 @@ class Flusher:
             running.wait()
         except CommandError as e:
             outcome = classify(e.stderr or str(e))
-            reason = last_line(e.stderr) if e.stderr else str(e)
+            reason = reason_of(e.stderr) if e.stderr else str(e)
             if outcome is Outcome.UNREACHABLE:
+                if remote.uses_ssh:
+                    # What nix copy prints when the link drops is also what it
+                    # prints when the remote's Nix is missing or broken (the
+                    # connection ends early). The probe tells them apart: "away"
+                    # only if the host does not answer SSH now.
+                    self.check_reachable(remote)
+                    raise _RemoteNixFailed(
+                        f"the host answers SSH, but Nix there did not: {remote_message(e)}"
+                    ) from None
                 raise UnreachableError(f"{remote.url}: {reason}") from None
             if outcome is Outcome.TRANSIENT:
                 raise _Transient(reason) from None
