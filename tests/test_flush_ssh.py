@@ -238,11 +238,8 @@ def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab) -> None:
     config = ssh_lab.config(ssh_lab.root / "reject")
     signed = ssh_lab.build(5)
     # A daemon without the signing key builds one path the LAN host will refuse.
-    unsigning = lab.NixDaemon(ssh_lab.root / "nix-unsigned", None)
-    try:
-        unsigned = ssh_lab.build(1, daemon=unsigning)
-    finally:
-        unsigning.stop()
+    # The lab's own: a second daemon in its directory raced it for the socket.
+    unsigned = ssh_lab.build(1, daemon=ssh_lab.unsigned)
     ssh_lab.spool_in(config, signed | unsigned)
     result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
     assert result.returncode == 1, result.stderr
