@@ -52,6 +52,14 @@ def check_regular(path: str) -> None:
         raise _refuse(path, st.st_mode)
 
 
+def check_database(path: str) -> None:
+    """check_regular() for an SQLite database and the -wal and -shm files SQLite
+    opens beside it: SQLite follows links and blocks on a FIFO, so whatever else
+    stands at these names must be refused before SQLite opens them."""
+    for name in (path, path + "-wal", path + "-shm"):
+        check_regular(name)
+
+
 def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
     """os.open(), refusing links and anything but a plain file, never blocking.
 

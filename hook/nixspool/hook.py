@@ -56,6 +56,8 @@ def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Recor
     """Validate DRV_PATH and OUT_PATHS into a record of what to store."""
     return validated(
         environ.get("DRV_PATH", ""),
+        # Nix separates with single spaces; runs of spaces are tolerated, but not
+        # newlines or tabs, which are control characters and rejected as such.
         environ.get("OUT_PATHS", "").split(" "),
         [],
         now,
@@ -79,10 +81,7 @@ def _check_directory(directory: str) -> None:
 
 def write_spool(spool: str, record: Record) -> None:
     """Store the record in the SQLite spool or raise."""
-    # SQLite follows links and blocks on FIFOs: whatever else the spool's owner
-    # left at these names would make root write through it or hang the build.
-    for name in (spool, spool + "-wal", spool + "-shm"):
-        files.check_regular(name)
+    files.check_database(spool)  # no link, FIFO or directory the owner left there
     # mode=rw: never create the spool here. A missing spool is created, with
     # its schema and owner, by the next `nixspool` command; until then
     # records wait in the journal.
@@ -171,23 +170,21 @@ def run(environ: dict[str, str] | os._Environ[str]) -> None:
     if not record.path_rows() and not record.rejects:
         _say("error", "DRV_PATH and OUT_PATHS are empty: run me as Nix's post-build-hook")
         return
+    spool_error = None
     try:
         spool = locate.hook_spool(environ)
-        config_error = None
     except Exception as e:
         # Not into the default spool itself, whose rows no remote of the real
         # config would ever see: into the journal beside it, which every
         # nixspool command imports into whichever spool the config names.
         spool = locate.default_spool(environ)
-        config_error = f"config: {e}"
+        spool_error = f"config: {e}"
     try:
         _check_directory(os.path.dirname(spool))
     except OSError as e:
         _say("error", f"did not record {_describe(record)}: {e}")
         return
-    if config_error is not None:
-        spool_error = config_error
-    else:
+    if spool_error is None:
         try:
             write_spool(spool, record)
             return

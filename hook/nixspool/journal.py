@@ -58,9 +58,12 @@ def decode(line: bytes, store_dir: str) -> Record:
     import json
 
     data = json.loads(line.decode("utf-8", "surrogateescape"))
-    if not isinstance(data, dict) or data.get("v") != FORMAT_VERSION:
-        raise ValueError("not a nixspool journal record")
-    if not isinstance(data["out"], list) or not isinstance(data["rej"], list):
+    if (
+        not isinstance(data, dict)
+        or data.get("v") != FORMAT_VERSION
+        or not isinstance(data["out"], list)
+        or not isinstance(data["rej"], list)
+    ):
         raise ValueError("not a nixspool journal record")
     return validated(
         str(data["drv"]),

@@ -79,9 +79,7 @@ def validated(
     """
     rejects = list(rejects)
     if drv_path:
-        reason = storepath.why_invalid(drv_path, store_dir)
-        if reason is None and not drv_path.endswith(".drv"):
-            reason = "is not a derivation (.drv)"
+        reason = storepath.why_not_derivation(drv_path, store_dir)
         if reason is not None:
             rejects.append((storepath.shown(drv_path), f"{source}DRV_PATH {reason}"))
             drv_path = ""

@@ -210,9 +210,7 @@ class Spool:
         try:
             check_permissions(directory, owner)
             check_permissions(path, owner)
-            # SQLite follows links and blocks on FIFOs; root must do neither here.
-            for name in (path, path + "-wal", path + "-shm"):
-                files.check_regular(name)
+            files.check_database(path)
         except files.NotRegularFile as e:
             raise SpoolError(f"spool: {e}") from None
         except PermissionError:
@@ -562,11 +560,10 @@ class Spool:
         """(id, drv path) of rows recorded without their outputs; rows that are not
         derivations in the store are failed here and never handed out."""
         rows = list(self.conn.execute("SELECT id, path FROM paths WHERE needs_outputs = 1"))
+        store_dir = storepath.store_dir()
         good = []
         for drv_id, path in rows:
-            reason = storepath.why_invalid(path, storepath.store_dir())
-            if reason is None and not path.endswith(".drv"):
-                reason = "is not a derivation (.drv)"
+            reason = storepath.why_not_derivation(path, store_dir)
             if reason is None:
                 good.append((drv_id, path))
             else:

@@ -79,6 +79,14 @@ def why_invalid(path: str, store: str) -> str | None:
     return None
 
 
+def why_not_derivation(path: str, store: str) -> str | None:
+    """The reason `path` is not a derivation (.drv) directly in `store`, or None."""
+    reason = why_invalid(path, store)
+    if reason is None and not path.endswith(".drv"):
+        reason = "is not a derivation (.drv)"
+    return reason
+
+
 def shown(value: str) -> str:
     """`value` made safe for one line of a table or log: escaped and cut."""
     text = value.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
@@ -86,13 +94,6 @@ def shown(value: str) -> str:
     if len(text) > MAX_SHOWN_VALUE:
         text = text[:MAX_SHOWN_VALUE] + f"... ({len(value)} characters)"
     return text
-
-
-def split_paths(value: str, store: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Split a space-separated list (OUT_PATHS) into valid paths and rejections."""
-    # Nix separates with single spaces; tolerate any run of spaces, but not
-    # newlines or tabs, which are control characters and rejected as such.
-    return partition(value.split(" "), store)
 
 
 def partition(values: Iterable[str], store: str) -> tuple[list[str], list[tuple[str, str]]]:
