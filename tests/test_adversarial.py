@@ -43,7 +43,7 @@ def alices_spool(ssh_lab: lab.SshLab, request: pytest.FixtureRequest) -> tuple[P
 
 
 def as_alice(ssh_lab: lab.SshLab, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in ssh_lab.daemon.client_env().items()}
+    env = ssh_lab.daemon.client_env()
     return lab.run_as(
         lab.ALICE, [lab.installed_program("nixspool"), "--config", str(config), *args], env
     )

@@ -188,10 +188,14 @@ def resolve_derivations(spool: Spool) -> None:
             spool.resolve(drv_id, outputs[drv_path])
 
 
-class _RemoteNixFailed(Exception):
+class _CopyFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _RemoteNixFailed(_CopyFailed):
+    """The host answers SSH, but its Nix failed: a person must look."""
 
 
 def remote_message(error: CommandError) -> str:
@@ -209,12 +213,8 @@ def remote_message(error: CommandError) -> str:
     return "; ".join(dict.fromkeys(telling[-3:] or lines[-1:])) or str(error)
 
 
-class _Transient(Exception):
+class _Transient(_CopyFailed):
     """A copy failed for a reason that may go away: tenacity retries it."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Flusher:

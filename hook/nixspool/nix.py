@@ -24,12 +24,12 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from . import storepath
 from .errors import CommandError, NixOutputError
 from .run import Account, Running, run, spawn
 from .storepath import nix_base32, why_invalid
@@ -39,6 +39,8 @@ from .storepath import nix_base32, why_invalid
 NIX = ("nix", "--extra-experimental-features", "nix-command")
 # Keep each argv far below ARG_MAX (2 MiB), whatever the batch size.
 ARGV_CHUNK = 2000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,7 @@ def path_infos(
     infos: dict[str, PathInfo] = {}
     for chunk in chunks(paths):
         result = run([*argv, "--", *chunk], env=env, account=account, timeout=timeout)
-        infos.update(_parsed("path-info", parse_path_infos, result.stdout, _store_dir(chunk)))
+        infos.update(_parsed("path-info", parse_path_infos, result.stdout))
     return infos
 
 
@@ -222,9 +224,7 @@ def outputs_of_many(drv_paths: Sequence[str], timeout: float = 120) -> dict[str,
     outputs: dict[str, list[str]] = {}
     for chunk in chunks(drv_paths):
         result = run([*argv, "--", *chunk], timeout=timeout)
-        outputs.update(
-            _parsed(" ".join(show), parse_derivation_outputs, result.stdout, _store_dir(chunk))
-        )
+        outputs.update(_parsed(" ".join(show), parse_derivation_outputs, result.stdout))
     if set(outputs) != set(drv_paths):
         raise CommandError(f"{' '.join(show)} did not describe every derivation")
     return outputs
@@ -305,14 +305,10 @@ def settings(timeout: float = 30) -> dict[str, str]:
     return parse_settings(run(config_show_argv(version().has(2, 20)), timeout=timeout).stdout)
 
 
-def _store_dir(paths: Sequence[str]) -> str:
-    return os.path.dirname(paths[0]) if paths else "/nix/store"
-
-
-def _parsed(command: str, parse: Any, text: str, store_dir: str) -> Any:
-    """parse(text, store_dir), or an error that names the command and the Nix."""
+def _parsed(command: str, parse: Callable[[str, str], T], text: str) -> T:
+    """parse(text, store dir), or an error that names the command and the Nix."""
     try:
-        return parse(text, store_dir)
+        return parse(text, storepath.store_dir())
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise NixOutputError(
             f"`nix {command}` of {version()} printed what nixspool cannot read ({e}); "
