@@ -61,10 +61,10 @@ def hook_gets_out_paths() -> bool:
     return (v.major, v.minor, v.patch) != (2, 8, 0)
 
 
-def unsigned_refusal() -> str:
-    """How a remote Nix refuses a path without a trusted signature. The remote is
-    a LAN host of the lab, so it runs the Nix under test."""
-    v = nix_version()
+def unsigned_refusal(remote: NixVersion | None = None) -> str:
+    """How a remote Nix refuses a path without a trusted signature: the LAN host's
+    own Nix says it, which is the Nix under test unless a test gives another."""
+    v = remote or nix_version()
     return (
         "lacks a valid signature"
         if (v.major, v.minor) <= (2, 18)
@@ -90,13 +90,23 @@ def ensure_user(name: str, groups: Iterable[str] = ()) -> None:
 
 
 def run_as(
-    user: str, argv: list[str], env: Mapping[str, str], **kwargs: object
+    user: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    prefix: Iterable[str] = (),
+    **kwargs: object,
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv as `user` (with a login-like environment plus `env`)."""
+    """Run argv as `user` (with a login-like environment plus `env`), after `prefix`
+    (e.g. an nsenter into another mount namespace)."""
     home = os.path.expanduser(f"~{user}")
     full_env = {"HOME": home, "USER": user, "PATH": os.environ["PATH"], **env}
     return subprocess.run(
-        ["runuser", "-u", user, "--", "env", *[f"{k}={v}" for k, v in full_env.items()], *argv],
+        [
+            *prefix,
+            *["runuser", "-u", user, "--", "env"],
+            *[f"{k}={v}" for k, v in full_env.items()],
+            *argv,
+        ],
         text=True,
         capture_output=True,
         **kwargs,
@@ -248,10 +258,16 @@ class LanHost:
     `link_down()` makes it vanish the way a LAN host does when the laptop
     leaves home: packets go nowhere and connections hang until their timeout.
     `stop_sshd()` gives the quick "connection refused" case instead.
+
+    `nix_root`, another Debian root of the matrix, makes the host run that
+    root's Nix instead of the one under test: a 2.8 builder and a 2.34 cache.
     """
 
-    def __init__(self, root: Path, index: int, trusted_key: str) -> None:
+    def __init__(
+        self, root: Path, index: int, trusted_key: str, nix_root: Path | None = None
+    ) -> None:
         self.root = root
+        self.nix_root = nix_root
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         tag = f"{os.getpid() % 10000}{index}"
@@ -266,11 +282,15 @@ class LanHost:
         self.user = f"{CACHE}{index}"
         self.store = root / "store-root"
         self.sshd_log = root / "sshd.log"
-        self._netns_up()
-        self._remote_user(trusted_key)
-        self._sshd_config()
         self.sshd: subprocess.Popen[str] | None = None
-        self.start_sshd()
+        try:
+            self._netns_up()
+            self._remote_user(trusted_key)
+            self._sshd_config()
+            self.start_sshd()
+        except BaseException:
+            self.close()  # no namespace, veth or sshd outlives a host that failed
+            raise
 
     def _netns_up(self) -> None:
         sh("ip", "netns", "add", self.netns)
@@ -324,11 +344,42 @@ class LanHost:
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
 
-    def in_sshd_mounts(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        """Run argv in sshd's mount namespace (`ip netns exec` gave it its own), so
-        that a mount made there is what the host's Nix sees."""
+    def sshd_mounts(self) -> list[str]:
+        """The prefix that enters sshd's mount namespace (`ip netns exec` gave it its
+        own): what runs there sees the host's mounts, and its Nix."""
         assert self.sshd is not None
-        return sh("nsenter", "-t", str(self.sshd.pid), "-m", "--", *argv)
+        return ["nsenter", "-t", str(self.sshd.pid), "-m", "--"]
+
+    def in_sshd_mounts(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return sh(*self.sshd_mounts(), *argv)
+
+    def _run_other_nix(self, nix_root: Path) -> None:
+        """In sshd's mount namespace only, /usr/bin/nix (which nix-store and
+        nix-daemon link to) becomes a wrapper that starts `nix_root`'s nix with that
+        root's own dynamic loader and libraries: the host's sessions, and so the
+        builder's ssh:// and ssh-ng:// copies, talk to that Nix. The builder keeps
+        its own: the mount is not seen outside."""
+        loaders = sorted((nix_root / "usr" / "lib").glob("*-linux-gnu*/ld-linux*.so.[0-9]"))
+        assert loaders, f"no dynamic loader in {nix_root}: not a Debian root with Nix"
+        loader = loaders[0]
+        # Debian 12's Nix keeps its own libraries in /usr/lib/nix (its RUNPATH,
+        # which would name the builder's): searched first, by --library-path.
+        libraries = [d for d in (loader.parent, nix_root / "usr/lib/nix") if d.is_dir()]
+        wrapper = self.root / "other-nix"
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            "# nix-store, nix-daemon, nix: one binary that reads its name from argv[0]\n"
+            f"exec {loader} --library-path {':'.join(map(str, libraries))} "
+            f'--argv0 "${{0##*/}}" {nix_root}/usr/bin/nix "$@"\n'
+        )
+        wrapper.chmod(0o755)
+        self.in_sshd_mounts("mount", "--bind", str(wrapper), "/usr/bin/nix")
+
+    def nix_version(self) -> NixVersion:
+        """The Nix this host's sessions run."""
+        return NixVersion.parse(
+            run_as(self.user, ["nix-store", "--version"], {}, prefix=self.sshd_mounts()).stdout
+        )
 
     def start_sshd(self) -> None:
         self.sshd = subprocess.Popen(
@@ -353,6 +404,8 @@ class LanHost:
             assert self.sshd.poll() is None, self.sshd_log.read_text()
             assert time.monotonic() < deadline, "sshd did not start"
             time.sleep(0.05)
+        if self.nix_root is not None:  # a new sshd, a new mount namespace
+            self._run_other_nix(self.nix_root)
 
     def stop_sshd(self) -> None:
         if self.sshd is not None:
@@ -416,7 +469,9 @@ class LanHost:
         paths = list(paths)
         if not paths:
             return set()
-        result = run_as(self.user, ["nix-store", "--check-validity", "--print-invalid", *paths], {})
+        argv = ["nix-store", "--check-validity", "--print-invalid", *paths]
+        # In sshd's mounts: its Nix, which may not be the builder's, owns that store.
+        result = run_as(self.user, argv, {}, prefix=self.sshd_mounts())
         assert result.returncode == 0, result.stderr
         return set(paths) - set(result.stdout.split())
 
@@ -477,9 +532,13 @@ class KeyOwner:
 
 
 class SshLab:
-    """The whole lab: a signing nix-daemon, two LAN hosts, the key owner."""
+    """The whole lab: a signing nix-daemon, two LAN hosts, the key owner.
 
-    def __init__(self, root: Path) -> None:
+    `lan_nix` makes both hosts run another root's Nix (see LanHost); `first_host`
+    numbers them, so that two labs in one process do not share addresses.
+    """
+
+    def __init__(self, root: Path, lan_nix: Path | None = None, first_host: int = 0) -> None:
         self.root = root
         root.mkdir(mode=0o755, exist_ok=True)
         self.secret_key, self.public_key = signing_key(root)
@@ -500,15 +559,20 @@ class SshLab:
             env={"NIXSPOOL_CONFIG": str(hook_config)},
             extra_conf=f"secret-key-files = {self.secret_key}\n",
         )
-        self.alice = KeyOwner()
-        trusted = f"{self.public_key} {self.nixspool_public_key}"
-        self.hosts = [LanHost(root / f"lan{i}", i, trusted) for i in range(2)]
+        self.hosts: list[LanHost] = []
         self._unsigned: NixDaemon | None = None
-        for host in self.hosts:
-            host.authorize(self.alice.public_key)
-            self.alice.know(host)
+        try:
+            self.alice = KeyOwner()
+            trusted = f"{self.public_key} {self.nixspool_public_key}"
+            for i in range(first_host, first_host + 2):
+                self.hosts.append(LanHost(root / f"lan{i}", i, trusted, nix_root=lan_nix))
+            for host in self.hosts:
+                host.authorize(self.alice.public_key)
+                self.alice.know(host)
+        except BaseException:
+            self.close()  # the daemon and the hosts made so far
+            raise
         self.expr = write_expr(root)
-        self.count = 0
 
     def config(self, work: Path, body: str = "", **top: object) -> Path:
         """A nixspool config in `work`: its own spool, alice as user, both hosts."""
