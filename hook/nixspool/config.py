@@ -109,23 +109,32 @@ def find(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, 
 def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     env = os.environ if environ is None else environ
     path, _ = find(explicit, env)
-    data: dict[str, Any] = {}
-    text = ""
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            text = raw.decode("utf-8")
-            data = tomllib.loads(text)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except PermissionError:
-            raise ConfigError(f"{path}: permission denied; is it readable by this user?") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    return _build(data, path, text, env)
+    if path is None:
+        return parse("", None, env)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied; is it readable by this user?") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse(text, path, env)
+
+
+def parse(text: str, path: str | None, environ: Mapping[str, str]) -> Config:
+    """A config from its TOML text; `path` names it in errors (None: the defaults)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path or 'config'}: invalid TOML: {e}") from None
+    return _build(data, path, text, environ)
 
 
 def _line_of(text: str, table: str | None, key: str) -> int | None:

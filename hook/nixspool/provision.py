@@ -57,7 +57,9 @@ def render_config(req: SetupRequest) -> str:
         lines.append(f"spool = {json.dumps(req.spool)}\n")
     lines.append(f"user = {json.dumps(req.user)}\n")
     for name, url in req.remotes:
-        lines.append(f"\n[remotes.{name}]\nurl = {json.dumps(url)}\n")
+        # A bare TOML key unless it has a dot (which would make a nested table).
+        key = name if "." not in name else json.dumps(name)
+        lines.append(f"\n[remotes.{key}]\nurl = {json.dumps(url)}\n")
         if req.ssh_key:
             lines.append(f"ssh_key = {json.dumps(req.ssh_key)}\n")
     return "".join(lines)
@@ -131,7 +133,10 @@ def setup(req: SetupRequest) -> SetupReport:
     if not req.remotes:
         raise UsageError("name at least one remote: --remote pi=ssh-ng://pi")
     # 1. The config, unless one with other content is there (never clobbered silently).
+    # Checked by the loader every command uses before anything is written: setup
+    # never leaves a config behind that the next command would refuse.
     content = render_config(req)
+    config_mod.parse(content, req.config_path, environ={})
     if os.path.exists(req.config_path) and not req.force:
         with open(req.config_path) as f:
             if f.read() != content:
