@@ -619,10 +619,11 @@ class SshLab:
             record.store(s.conn, [record.Record("", sorted(outputs), [], time.time())])
 
     def nixspool(
-        self, config: Path, *args: str, timeout: float = 300
+        self, config: Path, *args: str, timeout: float = 300, path: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """The installed `nixspool`, as root, as systemd or NetworkManager would start it."""
-        env = {"PATH": os.environ["PATH"], **self.daemon.client_env()}
+        """The installed `nixspool`, as root, as systemd or NetworkManager would start it
+        (`path`: another PATH, e.g. one without Nix)."""
+        env = {"PATH": path or os.environ["PATH"], **self.daemon.client_env()}
         env.pop("NIX_REMOTE")
         return subprocess.run(
             [installed_program("nixspool"), "--config", str(config), *args],
@@ -632,6 +633,12 @@ class SshLab:
             timeout=timeout,
             check=False,
         )
+
+    def rows(self, config: Path, remote: str) -> dict[str, dict[str, object]]:
+        """`nixspool list --json` for one remote, by path."""
+        listed = self.nixspool(config, "list", "--json", "--remote", remote)
+        assert listed.returncode == 0, listed.stderr
+        return {r["path"]: r for r in json.loads(listed.stdout)}
 
     @property
     def unsigned(self) -> NixDaemon:

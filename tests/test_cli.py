@@ -113,7 +113,33 @@ def test_an_unreadable_spool_is_one_line(tmp_path: Path) -> None:
     assert err.startswith(f"error: spool {spool}: file is not a database")
 
 
-def test_flush_to_a_file_cache_needs_nix(config: Path, tmp_path: Path) -> None:
+def test_flush_refuses_an_unknown_remote(config: Path) -> None:
     # Only the argument handling here; real flushes are in the integration tests.
     code, _, err = nixspool(config, "flush", "--remote", "nope")
     assert code == 2 and "unknown remote 'nope'" in err
+
+
+def test_keygen_into_a_path_that_cannot_be_a_directory_is_one_line(
+    config: Path, tmp_path: Path
+) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    code, out, err = nixspool(config, "keygen", "k", "--out", str(not_a_dir / "sub"))
+    assert code == 2, out
+    assert err == (
+        f"error: cannot write the key pair in {not_a_dir / 'sub'}: Not a directory; "
+        "pass --out DIRECTORY\n"
+    )
+
+
+@pytest.mark.parametrize("item", ["bad name=ssh-ng://pi", "a/b=ssh-ng://pi", "=ssh://x", "pi"])
+def test_setup_refuses_a_bad_remote_before_writing_anything(tmp_path: Path, item: str) -> None:
+    target = tmp_path / "config.toml"
+    result = runner.invoke(
+        app,
+        ["setup", "--user", "root", "--remote", item, "--config-file", str(target)],
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --remote"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not target.exists()

@@ -14,6 +14,7 @@ from nixspool.flush import (
     EX_FAILED,
     EX_OK,
     EX_TEMPFAIL,
+    FlushReport,
     Outcome,
     RemoteReport,
     backoff,
@@ -32,7 +33,6 @@ from nixspool.remote import SshTarget, ssh_options
         ("ssh: Could not resolve hostname pi: Name or service not known", Outcome.UNREACHABLE),
         ("Timeout, server pi not responding.", Outcome.UNREACHABLE),
         ("error: unexpected end-of-file", Outcome.UNREACHABLE),
-        ("nix did not finish within 3600 s and was stopped", Outcome.UNREACHABLE),
         (
             "error: cannot add path '/nix/store/x' because it lacks a valid signature",
             Outcome.PERMANENT,
@@ -74,19 +74,21 @@ def test_backoff_is_exponential_capped_and_jittered(attempts: int, low: float, h
 
 
 @pytest.mark.parametrize(
-    ("reports", "code"),
+    ("reports", "errors", "code"),
     [
-        ([], EX_OK),
-        ([RemoteReport("a", delivered=3)], EX_OK),
-        ([RemoteReport("a", unreachable=True, error="x")], EX_TEMPFAIL),
-        ([RemoteReport("a", deferred=1)], EX_TEMPFAIL),
-        ([RemoteReport("a", failed=1)], EX_FAILED),
-        ([RemoteReport("a", error="host key unknown")], EX_FAILED),
-        ([RemoteReport("a", failed=1), RemoteReport("b", unreachable=True, error="x")], EX_FAILED),
+        ([], [], EX_OK),
+        ([RemoteReport("a", delivered=3)], [], EX_OK),
+        ([RemoteReport("a", unreachable=True, error="x")], [], EX_TEMPFAIL),
+        ([RemoteReport("a", deferred=1)], [], EX_TEMPFAIL),
+        ([RemoteReport("a", failed=1)], [], EX_FAILED),
+        ([RemoteReport("a", error="host key unknown")], [], EX_FAILED),
+        ([RemoteReport("a", failed=1), RemoteReport("b", unreachable=True, error="x")], [], 1),
+        # A local failure for all remotes (resolving derivations) outranks "try later".
+        ([RemoteReport("a", unreachable=True, error="x")], ["resolving: nix broke"], EX_FAILED),
     ],
 )
-def test_exit_code(reports: list[RemoteReport], code: int) -> None:
-    assert exit_code(reports) == code
+def test_exit_code(reports: list[RemoteReport], errors: list[str], code: int) -> None:
+    assert exit_code(FlushReport(reports, errors)) == code
 
 
 def test_ssh_options_bound_every_step_and_never_prompt() -> None:

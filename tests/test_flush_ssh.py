@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import lab
+from nixspool import flush
 
 pytestmark = pytest.mark.integration
 
@@ -364,3 +365,51 @@ def test_started_as_another_user_it_refuses(ssh_lab) -> None:
         f"error: nixspool flush runs as root or as {lab.ALICE} (the "
         f"config's 'user'), not as {lab.BUILDER}\n"
     )
+
+
+def test_a_copy_past_copy_timeout_counts_backs_off_goes_alone_then_fails(ssh_lab) -> None:
+    """Our own bound is not "the host is away": each time counts an attempt, the
+    rows then go one by one (the small ones arrive), and the path that cannot make
+    it within copy_timeout alone fails, with the fix, where status shows it."""
+    host = ssh_lab.hosts[0]
+    config = ssh_lab.config(
+        ssh_lab.root / "slow",
+        f'\n[remotes.pi]\nurl = "ssh-ng://{host.alias}"\n',
+        copy_timeout=3,
+        retry_min=1,
+        retry_max=1,
+        connect_timeout=10,  # the probe shares the busy link with the first copy
+    )
+    small = ssh_lab.build(3)
+    big = ssh_lab.build(1, bytes_each=48 << 20)  # its `out`: 20 s at 20 Mbit/s
+    huge = next(p for p in big if not p.endswith("-dev"))
+    ssh_lab.spool_in(config, small | big)
+    host.shape("20mbit")
+    try:
+        first = ssh_lab.nixspool(config, "flush", "--json")
+        assert first.returncode == 75, first.stderr
+        report = json.loads(first.stdout)["remotes"]["pi"]
+        assert not report["unreachable"] and report["deferred"] == len(small | big), report
+        rows = ssh_lab.rows(config, "pi")
+        assert {r["attempts"] for r in rows.values()} == {1}
+        assert all(r["last_error"].startswith(flush.TIMED_OUT) for r in rows.values())
+        assert flush.TIMEOUTS_ALONE == 3  # the steps below
+        time.sleep(1.1)  # retry_max: due again
+        second = ssh_lab.nixspool(config, "flush")
+        assert second.returncode == 75, second.stderr
+        rows = ssh_lab.rows(config, "pi")
+        assert rows[huge]["state"] == "queued" and rows[huge]["attempts"] == 2
+        assert {p for p, r in rows.items() if r["state"] == "delivered"} == (small | big) - {huge}
+        time.sleep(1.1)
+        last = ssh_lab.nixspool(config, "flush", "--json")
+    finally:
+        host.shape(None)
+    assert last.returncode == 1, last.stderr
+    rows = ssh_lab.rows(config, "pi")
+    assert rows[huge]["state"] == "failed"
+    assert rows[huge]["attempts"] == flush.TIMEOUTS_ALONE
+    assert "raise copy_timeout for pi" in rows[huge]["last_error"]
+    assert {p for p, r in rows.items() if r["state"] == "delivered"} == (small | big) - {huge}
+    assert host.remote_valid(small | big) == (small | big) - {huge}
+    status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)["remotes"]["pi"]
+    assert status["failed"] == 1

@@ -219,3 +219,22 @@ def test_only_paths_the_hook_recorded_are_signed(ssh_lab) -> None:
     assert any(s.startswith("nixspool-cache-key:") for s in infos[dependent].signatures)
     assert not any(s.startswith("nixspool-cache-key:") for s in infos[dependency].signatures)
     assert ssh_lab.hosts[0].remote_valid([dependent, dependency]) == set()
+
+
+def test_signing_that_cannot_run_is_a_local_error_and_stops_only_its_remote(ssh_lab) -> None:
+    """No `nix` on root's PATH: signing for pi cannot start. That is this machine's
+    fault: pi's rows stay as they were (not failed, not counted, not bisected as
+    the remote's refusal). nas, which does not sign, still delivers: its copy runs
+    as the user, whose PATH has Nix. The JSON report is printed all the same."""
+    config = signing_config(ssh_lab, "no-local-nix", ssh_lab.nixspool_key)
+    outputs = ssh_lab.build(3)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush", "--json", path="/nonexistent")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)["remotes"]
+    assert report["pi"]["error"].startswith("signing for pi failed, nothing was copied")
+    assert "cannot run nix" in report["pi"]["error"]
+    assert (report["pi"]["failed"], report["pi"]["failures"]) == (0, [])
+    rows = ssh_lab.rows(config, "pi").values()
+    assert {(r["state"], r["attempts"], r["last_error"]) for r in rows} == {("queued", 0, None)}
+    assert (report["nas"]["delivered"], report["nas"]["error"]) == (len(outputs), None)

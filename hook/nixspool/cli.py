@@ -1,4 +1,4 @@
-"""The `nixspool` command. The one place where errors are caught and shown.
+"""The `nixspool` command. The one place where errors are caught and shown (_Commands).
 
 Every command loads the config, opens the spool (which imports the hook's
 fallback journal) and fans recorded paths out to the configured remotes
@@ -8,25 +8,58 @@ before it reads or changes anything, so what it shows is complete.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from . import config as config_mod
 from . import locate, privileges
 from .errors import NixspoolError, UsageError
 from .spool import Owner, Selector, Spool, State
 
+
+class _Commands(TyperGroup):
+    """Every command runs inside invoke(): the one place where errors are caught.
+
+    nixspool's own errors, and the OS's and SQLite's, are shown as one `error:`
+    line (exit 2 for a bad command line, else 1); --debug shows the traceback
+    instead. Anything else is a bug, and Python's traceback says where.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context: typer >= 0.22 vendors click
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # `nixspool list | head`: click ends quietly
+        except (NixspoolError, OSError, sqlite3.Error) as e:
+            if settings.debug:
+                raise
+            fail(describe(e), 2 if isinstance(e, UsageError) else 1)
+
+
+def describe(error: Exception) -> str:
+    """One line for an error the user can act on."""
+    if isinstance(error, sqlite3.Error):
+        return f"spool database: {error} (see `nixspool doctor`)"
+    if isinstance(error, OSError) and not isinstance(error, NixspoolError):
+        names = [n for n in (error.filename, error.filename2) if n is not None]
+        where = " -> ".join(map(str, names))
+        return f"{where}: {error.strerror}" if where else str(error)
+    return str(error)
+
+
 app = typer.Typer(
     name="nixspool",
+    cls=_Commands,
     help="Queue Nix build outputs recorded by nixspool-hook and upload them to remote "
     "stores whenever those can be reached. See README.md for setup.",
     no_args_is_help=True,
@@ -36,7 +69,6 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("nixspool")
-F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = Annotated[
     Path | None,
@@ -86,21 +118,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def reports_errors(command: F) -> F:
-    """Show a NixspoolError as one `error:` line (a traceback only with --debug)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except NixspoolError as e:
-            if settings.debug:
-                raise
-            fail(str(e), 2 if isinstance(e, UsageError) else 1)
-
-    return wrapper  # type: ignore[return-value]
-
-
 def load_config(remote: str | None = None) -> config_mod.Config:
     """The config in force; UsageError if `remote` (from --remote) is not in it."""
     cfg = config_mod.load(settings.config_path)
@@ -138,7 +155,6 @@ def ago(seconds: float | None) -> str:
 
 
 @app.command()
-@reports_errors
 def status(json_output: JsonOption = False) -> None:
     """Counts per state and per remote, the oldest queued row, the last error."""
     cfg = load_config()
@@ -195,7 +211,6 @@ def status(json_output: JsonOption = False) -> None:
 
 
 @app.command("list")
-@reports_errors
 def list_rows(
     state: Annotated[
         State | None, typer.Option("--state", "-s", help="Only rows in this state.")
@@ -273,7 +288,6 @@ def selector(targets: list[str] | None, all_failed: bool, remote: str | None) ->
 
 
 @app.command()
-@reports_errors
 def retry(
     targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
 ) -> None:
@@ -285,7 +299,6 @@ def retry(
 
 
 @app.command()
-@reports_errors
 def drop(
     targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
 ) -> None:
@@ -303,7 +316,6 @@ def drop(
 
 
 @app.command()
-@reports_errors
 def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     """Upload due rows to the remotes that can be reached now.
 
@@ -325,18 +337,21 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             raise typer.Exit(flush_mod.EX_TEMPFAIL)
         started = time.monotonic()
         with _progress(enabled=not json_output) as progress:
-            reports = flush_mod.Flusher(cfg, spool, progress).run(remote)
-    code = flush_mod.exit_code(reports)
+            report = flush_mod.Flusher(cfg, spool, progress).run(remote)
+    code = flush_mod.exit_code(report)
     if json_output:
         print_json(
             {
                 "exit_code": code,
                 "seconds": round(time.monotonic() - started, 3),
-                "remotes": {r.remote: vars(r) for r in reports},
+                "remotes": {r.remote: vars(r) for r in report.remotes},
+                "errors": report.errors,
             }
         )
     else:
-        for r in reports:
+        for error in report.errors:
+            typer.echo(f"error: {error}", err=True)
+        for r in report.remotes:
             line = (
                 f"{r.remote}: {r.delivered} delivered, {r.failed} failed, "
                 f"{r.queued} still queued ({r.seconds:.1f} s)"
@@ -362,17 +377,20 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     bars: dict[str, Any] = {}
+    # auto_refresh=False: no refresh thread. The flusher starts its children with
+    # a preexec_fn (run.py), which is only safe in a process without threads.
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        auto_refresh=False,
     ) as bar:
 
         def update(remote: str, done: int, total: int) -> None:
             if remote not in bars:
                 bars[remote] = bar.add_task(remote, total=total)
-            bar.update(bars[remote], completed=done)
+            bar.update(bars[remote], completed=done, refresh=True)
 
         yield update
 
@@ -381,7 +399,6 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
 
 
 @app.command()
-@reports_errors
 def keygen(
     name: Annotated[
         str,
@@ -418,21 +435,25 @@ def keygen(
                 "signed will no longer be trusted by its public key)"
             )
     secret, public = sign.generate(name)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    for path, text, mode in ((secret_path, secret, 0o600), (public_path, public, 0o644)):
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        for path, text, mode in ((secret_path, secret, 0o600), (public_path, public, 0o644)):
+            tmp = path + ".tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write the key pair in {directory}: {e.strerror}; pass --out DIRECTORY"
+        ) from None
     typer.echo(f"secret key: {secret_path} (mode 0600; never share it)")
     typer.echo(f"public key: {public_path}")
     typer.echo(public)
 
 
 @app.command()
-@reports_errors
 def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     """Check the signatures of delivered paths on the remotes that sign (sign_key_file).
 
@@ -471,7 +492,6 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
 
 
 @app.command()
-@reports_errors
 def setup(
     user: Annotated[
         str,
@@ -528,6 +548,10 @@ def setup(
         name, eq, url = item.partition("=")
         if not eq or not name or not url:
             raise UsageError(f"--remote takes NAME=URL, e.g. pi=ssh-ng://pi, not {item!r}")
+        if not config_mod.REMOTE_NAME.fullmatch(name):
+            raise UsageError(
+                f"--remote {item!r}: a remote name is letters, digits, '_', '.' and '-'"
+            )
         pairs.append((name, url))
     report = provision.setup(
         provision.SetupRequest(
@@ -553,7 +577,6 @@ def setup(
 
 
 @app.command()
-@reports_errors
 def doctor(json_output: JsonOption = False) -> None:
     """Check the setup: nix.conf, the spool, each remote (SSH, Nix, trust), key files.
 
@@ -576,7 +599,6 @@ def doctor(json_output: JsonOption = False) -> None:
 
 
 @app.command("config")
-@reports_errors
 def show_config(json_output: JsonOption = False) -> None:
     """The effective config, and where each value came from."""
     path, how = config_mod.find(settings.config_path, os.environ)

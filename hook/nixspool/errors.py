@@ -23,12 +23,12 @@ class SpoolError(NixspoolError):
 
 
 class CommandError(NixspoolError):
-    """An external command failed or timed out."""
+    """An external command failed, or ran past nixspool's own time bound (timed_out)."""
 
-    def __init__(self, message: str, *, stderr: str = "", returncode: int | None = None) -> None:
+    def __init__(self, message: str, *, stderr: str = "", timed_out: bool = False) -> None:
         super().__init__(message)
         self.stderr = stderr
-        self.returncode = returncode
+        self.timed_out = timed_out
 
 
 class NixOutputError(NixspoolError):
@@ -41,6 +41,16 @@ class PrivilegeError(NixspoolError):
 
 class UnreachableError(NixspoolError):
     """A remote cannot be reached now; its rows stay queued."""
+
+
+class ProbeError(NixspoolError):
+    """nixspool's own SSH probe failed (a bug, or a surprise from paramiko): never
+    taken for "the host is away", which would hide it behind exit 75 for ever."""
+
+
+class LocalError(NixspoolError):
+    """Something on this machine failed during a flush (signing, the local store):
+    not the remote's doing, so never recorded as the remote's refusal of a path."""
 
 
 class RemoteConfigError(NixspoolError):

@@ -8,7 +8,12 @@ user. A batch the remote rejects is split in halves until the bad paths are
 found, so one bad path fails only its own row. A batch that fails for an
 unclear reason is retried within this flush (tenacity, exponential backoff
 with jitter, re-probing first), then deferred to a later flush with a
-growing delay.
+growing delay. A batch that runs past copy_timeout counts an attempt and is
+deferred; its rows then go one at a time, and a path that times out alone
+TIMEOUTS_ALONE times fails, with the reason, for a person to raise the bound.
+
+One remote's trouble, even a bug, never stops another's: each remote's
+failure ends up in its own report (see flush_remote).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from . import files, gcroots, nix, privileges, sign
 from .config import Config, Remote
 from .errors import (
     CommandError,
+    LocalError,
+    NixOutputError,
+    NixspoolError,
+    ProbeError,
     RemoteConfigError,
     SigningKeyError,
     SpoolError,
@@ -47,6 +56,10 @@ EX_OK, EX_FAILED, EX_TEMPFAIL = 0, 1, 75
 # long to wait in between (seconds, exponential with jitter).
 ATTEMPTS_PER_FLUSH = 3
 RETRY_WAIT = (1.0, 10.0)
+# A row whose last error starts with this ran past copy_timeout: it is copied
+# alone from then on, and fails once it has timed out this often in all.
+TIMED_OUT = "nix copy did not finish within copy_timeout"
+TIMEOUTS_ALONE = 3
 
 
 class Outcome(enum.Enum):
@@ -68,7 +81,6 @@ _UNREACHABLE = (
     "temporary failure in name",
     "host is down",
     "operation timed out",
-    "did not finish within",
     "cannot connect",
     "timeout, server",
     # The connection ended early: the link dropped, or the remote's Nix is missing
@@ -217,6 +229,20 @@ class _Transient(_CopyFailed):
     """A copy failed for a reason that may go away: tenacity retries it."""
 
 
+class _TimedOut(_CopyFailed):
+    """A copy ran past copy_timeout: an attempt, but not retried within this flush
+    (it has had its time already)."""
+
+
+@dataclass
+class FlushReport:
+    """A whole flush: each remote's report, and what failed on this machine for all
+    of them (resolving derivations)."""
+
+    remotes: list[RemoteReport]
+    errors: list[str] = field(default_factory=list)
+
+
 class Flusher:
     """One flush run over one open spool."""
 
@@ -239,7 +265,7 @@ class Flusher:
 
     # -- delivering ----------------------------------------------------------------
 
-    def run(self, only: str | None = None) -> list[RemoteReport]:
+    def run(self, only: str | None = None) -> FlushReport:
         """Flush; the caller holds the flush lock (see single_flusher)."""
         remotes = self.cfg.selected(only)
         stale = self.spool.reclaim_leases()
@@ -252,10 +278,15 @@ class Flusher:
         for remote in remotes:
             if remote.uses_ssh and self.spool.due_count(remote.name):
                 self._probes[remote.name] = self._start_probe(remote)
+        errors = []
         try:
-            resolve_derivations(self.spool)
-            self.spool.sync_remotes(r.name for r in self.cfg.remotes)
-            return [self.flush_remote(remote) for remote in remotes]
+            try:
+                resolve_derivations(self.spool)
+                self.spool.sync_remotes(r.name for r in self.cfg.remotes)
+            except NixspoolError as e:  # local: the rows already resolved still go
+                errors.append(f"resolving derivations: {e}")
+                log.error("cannot resolve derivations recorded without outputs: %s", e)
+            return FlushReport([self.flush_remote(remote) for remote in remotes], errors)
         finally:
             for running in self._probes.values():
                 running.kill()
@@ -276,9 +307,16 @@ class Flusher:
         except UnreachableError as e:
             report.unreachable, report.error = True, str(e)
             log.warning("%s: unreachable, rows stay queued: %s", remote.name, e)
-        except RemoteConfigError as e:
+        except NixspoolError as e:  # refuses us, its Nix failed, ours did: a person looks
             report.error = str(e)
             log.error("%s: %s", remote.name, e)
+        except Exception as e:  # a bug: this remote stops here, the others go on
+            report.error = (
+                f"nixspool failed ({type(e).__name__}: {e}); this is a bug, please report "
+                "it with the traceback `nixspool --debug flush` shows"
+            )
+            log.error("%s: %s", remote.name, report.error)
+            log.debug("%s: the traceback", remote.name, exc_info=True)
         report.queued = self.spool.queued_count(remote.name)
         report.seconds = round(time.monotonic() - started, 3)
         return report
@@ -295,6 +333,8 @@ class Flusher:
     def _verdict(self, remote: Remote, running: Running) -> ProbeResult:
         result = verdict(running)
         log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
+        if result.detail:
+            log.debug("%s: the probe said:\n%s", remote.name, result.detail.rstrip())
         return result
 
     @staticmethod
@@ -303,6 +343,11 @@ class Flusher:
             raise UnreachableError(result.message)
         if result.verdict is Verdict.MISCONFIGURED:
             raise RemoteConfigError(result.message)
+        if result.verdict is Verdict.ERROR:
+            raise ProbeError(
+                f"the SSH probe failed: {result.message}; this is a bug in nixspool "
+                "(`nixspool --debug flush` shows the probe's traceback)"
+            )
 
     def check_reachable(self, remote: Remote) -> None:
         """Raise UnreachableError or RemoteConfigError unless the remote lets us in."""
@@ -330,9 +375,12 @@ class Flusher:
         key = self._key(remote)
         if key is None:
             return
-        infos = nix.path_infos(paths, recursive=True)
-        ours = self.spool.recorded(infos)
-        signed = sign.attach(key, [info for path, info in infos.items() if path in ours])
+        try:
+            infos = nix.path_infos(paths, recursive=True)
+            ours = self.spool.recorded(infos)
+            signed = sign.attach(key, [info for path, info in infos.items() if path in ours])
+        except (CommandError, NixOutputError, OSError) as e:
+            raise LocalError(f"signing for {remote.name} failed, nothing was copied: {e}") from None
         if signed:
             log.info("%s: signed %d paths with %s", remote.name, len(signed), key.name)
 
@@ -374,10 +422,35 @@ class Flusher:
                 raise
 
     def _copy(self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport) -> None:
+        """A claimed batch; the rows that ran past copy_timeout before go one by one,
+        so that one huge path cannot hold the others back for ever."""
+        last = self.spool.last_errors(remote.name, [i for i, _ in batch])
+        slow = [row for row in batch if (last.get(row[0]) or "").startswith(TIMED_OUT)]
+        rest = [row for row in batch if row not in slow]
+        for part in ([rest] if rest else []) + [[row] for row in slow]:
+            self._copy_part(remote, part, report)
+
+    def _copy_part(
+        self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport
+    ) -> None:
         ids = [i for i, _ in batch]
         try:
             self._sign(remote, [p for _, p in batch])
+        except LocalError as signing:
+            # Paths garbage-collected since they were queued make path-info fail:
+            # theirs is a reason of their own. Anything else stops this remote.
+            try:
+                gone_handled = self._fail_gone(remote, batch, report)
+            except CommandError:
+                raise signing from None
+            if gone_handled:
+                return
+            raise
+        try:
             self._copy_with_retries(remote, [p for _, p in batch])
+        except _TimedOut as e:
+            self._timed_out(remote, batch, e.reason, report)
+            return
         except _Transient as e:
             self._defer(remote, ids, e.reason, report)
             return
@@ -391,8 +464,52 @@ class Flusher:
             return
         report.delivered += self.spool.delivered(remote.name, self.owner, ids)
         if remote.verifies:
-            verdicts = self.verify(remote, [p for _, p in batch])
+            try:
+                verdicts = self.verify(remote, [p for _, p in batch])
+            except CommandError as e:
+                why = f"{remote.url}: delivered, but reading the signatures back failed ({e})"
+                if classify(e.stderr or str(e)) is Outcome.UNREACHABLE:
+                    raise UnreachableError(why) from None
+                raise RemoteConfigError(f"{why}; `nixspool verify` checks again") from None
             report.unverified += sum(not ok for ok in verdicts.values())
+
+    def _fail_gone(
+        self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport
+    ) -> bool:
+        """Fail the rows whose path is no longer in the local store, and copy the
+        rest; False if none is gone."""
+        gone = nix.invalid_paths([p for _, p in batch])
+        if not gone:
+            return False
+        reason = "no longer in the local store (garbage-collected before upload)"
+        bad = [(i, p) for i, p in batch if p in gone]
+        report.failed += self.spool.failed(remote.name, self.owner, [i for i, _ in bad], reason)
+        report.failures += [{"path": p, "error": reason} for _, p in bad]
+        rest = [(i, p) for i, p in batch if p not in gone]
+        if rest:
+            self._copy_part(remote, rest, report)
+        return True
+
+    def _timed_out(
+        self, remote: Remote, batch: Sequence[tuple[int, str]], reason: str, report: RemoteReport
+    ) -> None:
+        """An attempt that ran past copy_timeout. What it copied stays on the remote
+        (nix copy adds path by path), so trying again makes progress; a path that
+        times out alone, again and again, needs a person to raise the bound."""
+        ids = [i for i, _ in batch]
+        if len(batch) == 1:
+            attempts = self.spool.attempts(remote.name, ids)[ids[0]] + 1
+            if attempts >= TIMEOUTS_ALONE:
+                why = (
+                    f"{reason}, {attempts} attempts, the last ones alone: raise "
+                    f"copy_timeout for {remote.name}, then `nixspool retry`"
+                )
+                report.failed += self.spool.failed(remote.name, self.owner, ids, why)
+                report.failures.append({"path": batch[0][1], "error": why})
+                log.error("%s: %s failed: %s", remote.name, batch[0][1], why)
+                return
+        log.warning("%s: %s; %d rows deferred", remote.name, reason, len(ids))
+        self._defer(remote, ids, reason, report)
 
     def _refused(
         self,
@@ -404,20 +521,12 @@ class Flusher:
         """Find which paths of a refused batch are bad; deliver the others."""
         # Paths garbage-collected since they were queued are the usual suspects,
         # and cheap to find: asked only now, never for a batch that went through.
-        gone = nix.invalid_paths([p for _, p in batch])
-        if gone:
-            reason = "no longer in the local store (garbage-collected before upload)"
-            bad = [(i, p) for i, p in batch if p in gone]
-            report.failed += self.spool.failed(remote.name, self.owner, [i for i, _ in bad], reason)
-            report.failures += [{"path": p, "error": reason} for _, p in bad]
-            rest = [(i, p) for i, p in batch if p not in gone]
-            if rest:
-                self._copy(remote, rest, report)
+        if self._fail_gone(remote, batch, report):
             return
         if len(batch) > 1:
             middle = len(batch) // 2  # bisect: the good halves go through
-            self._copy(remote, batch[:middle], report)
-            self._copy(remote, batch[middle:], report)
+            self._copy_part(remote, batch[:middle], report)
+            self._copy_part(remote, batch[middle:], report)
             return
         reason = last_line(error.stderr) if error.stderr else str(error)
         report.failed += self.spool.failed(remote.name, self.owner, [batch[0][0]], reason)
@@ -447,13 +556,16 @@ class Flusher:
                 self._copy_once(remote, paths)
 
     def _copy_once(self, remote: Remote, paths: list[str]) -> None:
-        running = nix.start_copy(
-            remote.url,
-            paths,
-            timeout=remote.copy_timeout,
-            env=self.copy_env(remote),
-            account=self.account,
-        )
+        try:
+            running = nix.start_copy(
+                remote.url,
+                paths,
+                timeout=remote.copy_timeout,
+                env=self.copy_env(remote),
+                account=self.account,
+            )
+        except CommandError as e:  # nix could not even start: ours, not the remote's
+            raise LocalError(str(e)) from None
         pending = self._probes.pop(remote.name, None)
         if pending is not None:
             # The first copy ran alongside the probe; the probe's verdict decides.
@@ -465,6 +577,10 @@ class Flusher:
         try:
             running.wait()
         except CommandError as e:
+            if e.timed_out:  # our own bound, not the network's: away only if the probe says so
+                if remote.uses_ssh:
+                    self.check_reachable(remote)
+                raise _TimedOut(f"{TIMED_OUT} ({remote.copy_timeout:g} s)") from None
             outcome = classify(e.stderr or str(e))
             reason = reason_of(e.stderr) if e.stderr else str(e)
             if outcome is Outcome.UNREACHABLE:
@@ -491,10 +607,14 @@ class Flusher:
             )
 
 
-def exit_code(reports: Sequence[RemoteReport]) -> int:
-    """DESIGN.md's codes. 1 wins over 75: failed rows and a remote that refuses us
-    need a person, while an unreachable remote is retried by the timer anyway."""
-    if any(r.failed or r.unverified or (r.error and not r.unreachable) for r in reports):
+def exit_code(flush: FlushReport) -> int:
+    """0 done, 75 try later, 1 a person must look. 1 wins over 75: failed rows and a
+    remote that refuses us need a person, while an unreachable remote is retried by
+    the timer anyway."""
+    reports = flush.remotes
+    if flush.errors or any(
+        r.failed or r.unverified or (r.error and not r.unreachable) for r in reports
+    ):
         return EX_FAILED
     if any(r.unreachable or r.deferred for r in reports):
         return EX_TEMPFAIL

@@ -9,7 +9,10 @@ authenticate with the agent or the user's keys. It tells apart
   rows stay queued, the flush exits 75, and no attempt is counted;
 - MISCONFIGURED: the host answers but will not let us in (unknown or changed
   host key, no key accepted). Retrying will not help until someone acts, so
-  the flush says so loudly and exits 1, and the rows still stay queued.
+  the flush says so loudly and exits 1, and the rows still stay queued;
+- ERROR: the probe itself failed (a bug, a surprise from paramiko, a probe
+  that ran past its own bound). Not "away": that would hide it behind exit 75
+  for ever. The flush exits 1; --debug shows the probe's traceback.
 
 paramiko costs ~0.13 s to import: it is imported inside `probe()`, only
 when there is an ssh remote with due rows.
@@ -23,8 +26,9 @@ import json
 import os
 import socket
 import sys
+import traceback
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import privileges
@@ -37,13 +41,15 @@ class Verdict(enum.StrEnum):
     OK = "ok"
     UNREACHABLE = "unreachable"
     MISCONFIGURED = "misconfigured"
+    ERROR = "error"  # the probe's own failure
 
 
 @dataclass(frozen=True)
 class ProbeResult:
     verdict: Verdict
-    stage: str  # the step that decided: resolve, tcp, banner, hostkey, auth, done
+    stage: str  # the step that decided: resolve, tcp, banner, hostkey, auth, done, error
     message: str
+    detail: str = ""  # ERROR: the probe's traceback, for --debug
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -51,7 +57,7 @@ class ProbeResult:
     @classmethod
     def from_json(cls, text: str) -> ProbeResult:
         data = json.loads(text)
-        return cls(Verdict(data["verdict"]), data["stage"], data["message"])
+        return cls(Verdict(data["verdict"]), data["stage"], data["message"], data.get("detail", ""))
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,6 @@ class ProbeRequest:
     ssh_key: str | None = None
     accept_new_host_keys: bool = False
     agent_socket: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
@@ -137,11 +142,21 @@ def start_probe(remote: Remote, account: Account, *, accept_new_host_keys: bool)
 
 
 def verdict(running: Running) -> ProbeResult:
-    """A started probe's result; a probe that failed or hung says "unreachable"."""
+    """A started probe's result. Every step of the probe is bounded, so a probe that
+    crashed, printed nonsense or ran past its bound is an ERROR, not "away"."""
     try:
-        return ProbeResult.from_json(running.wait().stdout)
-    except (CommandError, ValueError, KeyError) as e:
-        return ProbeResult(Verdict.UNREACHABLE, "error", f"the probe failed: {e}")
+        completed = running.wait()
+    except CommandError as e:
+        return ProbeResult(Verdict.ERROR, "error", f"the probe failed: {e}", e.stderr)
+    try:
+        return ProbeResult.from_json(completed.stdout)
+    except (ValueError, KeyError, TypeError) as e:
+        return ProbeResult(
+            Verdict.ERROR,
+            "error",
+            f"the probe printed what nixspool cannot read ({type(e).__name__}: {e})",
+            completed.stderr,
+        )
 
 
 def nix_ssh_env(remote: Remote, account: Account, accept_new_host_keys: bool) -> dict[str, str]:
@@ -209,6 +224,14 @@ def probe(request: ProbeRequest) -> ProbeResult:
                 Verdict.UNREACHABLE,
                 "banner",
                 f"no SSH handshake with {where}: {e or type(e).__name__}",
+            )
+        if not transport.is_active() or not transport.initial_kex_done:
+            # start_client() returns, without an error, when its timeout passes
+            # before the key exchange is done: the host is too slow to answer.
+            return ProbeResult(
+                Verdict.UNREACHABLE,
+                "banner",
+                f"no SSH key exchange with {where} within {timeout:g} s",
             )
         verdict = _check_host_key(request, transport, hostname, port)
         if verdict is not None:
@@ -299,8 +322,10 @@ def main() -> None:
     request = ProbeRequest(**json.loads(sys.stdin.read()))
     try:
         result = probe(request)
-    except Exception as e:  # a bug or a surprise from paramiko: report, do not hang
-        result = ProbeResult(Verdict.UNREACHABLE, "error", f"{type(e).__name__}: {e}")
+    except Exception as e:  # a bug or a surprise from paramiko: say so, with where
+        result = ProbeResult(
+            Verdict.ERROR, "error", f"{type(e).__name__}: {e}", traceback.format_exc()
+        )
     sys.stdout.write(result.to_json())
 
 

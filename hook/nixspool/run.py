@@ -11,6 +11,7 @@ waits for it.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import shlex
@@ -64,9 +65,10 @@ class Running:
             self.kill()
             stdout, stderr = self.proc.communicate()
             raise CommandError(
-                f"{self.argv[0]} did not finish within {self.timeout:g} s and was stopped",
+                f"`{command_name(self.argv)}` did not finish within {self.timeout:g} s "
+                "and was stopped",
                 stderr=stderr,
-                returncode=None,
+                timed_out=True,
             ) from None
         except BaseException:
             self.kill()  # interrupted: leave no child behind
@@ -74,10 +76,9 @@ class Running:
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
         if self.check and self.proc.returncode != 0:
             raise CommandError(
-                f"{shlex.join(self.argv[:3])}... failed (exit "
-                f"{self.proc.returncode}): {last_line(stderr)}",
+                f"`{command_name(self.argv)}` failed (exit {self.proc.returncode}): "
+                f"{last_line(stderr)}",
                 stderr=stderr,
-                returncode=self.proc.returncode,
             )
         return result
 
@@ -154,7 +155,8 @@ def _prctl() -> Callable[[int, int], int]:
 def _die_with(parent: int) -> Callable[[], None]:
     """In the child: get SIGKILL when nixspool dies, even by SIGKILL, so no nix copy
     or ssh is left running unbounded. Runs after the uid change (which clears it).
-    nixspool starts no threads, so a preexec_fn is safe here."""
+    A preexec_fn is only safe in a process without threads: nixspool starts none
+    (its progress bar refreshes when told, not from a thread of its own)."""
     prctl = _prctl()
 
     def set_parent_death_signal() -> None:
@@ -163,6 +165,18 @@ def _die_with(parent: int) -> Callable[[], None]:
             os._exit(1)
 
     return set_parent_death_signal
+
+
+def command_name(argv: Sequence[str]) -> str:
+    """The program and its subcommand, for messages: `nix copy`, `nix store info`,
+    `nix-store --check-validity`, `python3 -m nixspool.remote`."""
+    program, rest = os.path.basename(argv[0]), list(argv[1:])
+    if rest[:1] == ["--extra-experimental-features"]:  # nix.NIX's prefix
+        rest = rest[2:]
+    words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), rest))
+    if not words:  # an operation given as an option: nix-store --check-validity
+        words = rest[:2] if rest[:1] == ["-m"] else rest[:1]
+    return " ".join([program, *words])
 
 
 def last_line(text: str) -> str:

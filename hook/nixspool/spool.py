@@ -744,6 +744,16 @@ class Spool:
             )
         )
 
+    def last_errors(self, remote: str, ids: Sequence[int]) -> dict[int, str | None]:
+        marks = ",".join("?" * len(ids))
+        return dict(
+            self.conn.execute(
+                "SELECT path_id, last_error FROM deliveries"
+                f" WHERE remote = ? AND path_id IN ({marks})",
+                (remote, *ids),
+            )
+        )
+
     def due_count(self, remote: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
         return int(
