@@ -17,12 +17,17 @@ def load(tmp_path: Path, text: str) -> config.Config:
 
 
 def test_no_file_means_defaults(tmp_path: Path) -> None:
-    cfg = config.load(None, environ={"NIXSPOOL_CONFIG": ""} | {"HOME": str(tmp_path)})
+    # Not this machine's /etc/nixspool/config.toml: one that does not exist.
+    cfg = config.load(
+        None,
+        environ={"NIXSPOOL_CONFIG": "", "HOME": str(tmp_path)},
+        system_config=str(tmp_path / "etc" / "config.toml"),
+    )
     assert cfg.remotes == ()
     assert cfg.sources["connect_timeout"] == "default"
 
 
-def test_minimal_config_from_design_md(tmp_path: Path) -> None:
+def test_minimal_config(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,
         'spool = "/var/lib/nixspool/spool.sqlite"\nuser = "alice"\n\n'

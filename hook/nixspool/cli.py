@@ -326,7 +326,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     from . import flush as flush_mod
 
     cfg = load_config(remote)
-    privileges.remote_account(cfg)  # who may flush: refuse before touching the spool
+    account = privileges.remote_account(cfg)  # who may flush: refuse before the spool
     if not cfg.remotes:
         raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
     with open_spool(cfg) as spool, flush_mod.single_flusher(spool.path) as alone:
@@ -337,7 +337,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             raise typer.Exit(flush_mod.EX_TEMPFAIL)
         started = time.monotonic()
         with _progress(enabled=not json_output) as progress:
-            report = flush_mod.Flusher(cfg, spool, progress).run(remote)
+            report = flush_mod.Flusher(cfg, spool, account, progress).run(remote)
     code = flush_mod.exit_code(report)
     if json_output:
         print_json(
@@ -463,10 +463,10 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
     from . import flush as flush_mod
 
     cfg = load_config()
-    privileges.remote_account(cfg)
+    account = privileges.remote_account(cfg)
     results: dict[str, dict[str, bool]] = {}
     with open_spool(cfg) as spool:
-        flusher = flush_mod.Flusher(cfg, spool)
+        flusher = flush_mod.Flusher(cfg, spool, account)
         for r in cfg.selected(remote):
             if r.sign_key_file:
                 results[r.name] = flusher.verify(r, spool.delivered_paths(r.name))

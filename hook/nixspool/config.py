@@ -1,6 +1,6 @@
 """The TOML config: where it is, what it says, and where each value came from.
 
-Looked up in this order (DESIGN.md): `--config PATH`, `$NIXSPOOL_CONFIG`,
+Looked up in this order (docs/ARCHITECTURE.md#contracts): `--config PATH`, `$NIXSPOOL_CONFIG`,
 `/etc/nixspool/config.toml`, the user's config dir. No file at all is valid:
 every key has a default, and there are then no remotes.
 """
@@ -93,22 +93,23 @@ class Config:
         return self.remotes if name is None else (self.remote(name),)
 
 
-def find(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+def find(
+    explicit: str | None, environ: Mapping[str, str], system_config: str = locate.SYSTEM_CONFIG
+) -> tuple[str | None, str]:
     """The config file in force and why: (path or None, how it was chosen)."""
     if explicit:
         return explicit, "--config"
-    candidates = locate.config_candidates(environ)
-    if len(candidates) == 1:
-        return candidates[0]
-    for path, how in candidates:
-        if os.path.exists(path):
-            return path, how
-    return None, "no config file (defaults)"
+    return locate.find_config(environ, system_config)
 
 
-def load(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def load(
+    explicit: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    system_config: str = locate.SYSTEM_CONFIG,
+) -> Config:
     env = os.environ if environ is None else environ
-    path, _ = find(explicit, env)
+    path, _ = find(explicit, env, system_config)
     if path is None:
         return parse("", None, env)
     try:

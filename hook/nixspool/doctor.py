@@ -18,12 +18,13 @@ import stat
 from dataclasses import asdict, dataclass
 
 from . import config as config_mod
-from . import gcroots, nix, privileges
+from . import files, gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, NixspoolError
 from .provision import program
 from .remote import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
 from .run import Account, run
+from .spool import Owner, trusted_uids
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,11 @@ def check_hook(settings: dict[str, str]) -> Check:
 
 
 def check_spool(cfg: Config) -> list[Check]:
+    """The rule every command applies (files.why_spool_unsafe), not a stricter one."""
     directory = os.path.dirname(cfg.spool)
-    owner = cfg.user or "root"
+    owner = Owner.of_user(cfg.user) if cfg.user else None
     checks = []
-    for path, want, kind in ((directory, "0700", "directory"), (cfg.spool, "0600", "file")):
+    for path, kind in ((directory, "directory"), (cfg.spool, "file")):
         if not os.path.exists(path):
             checks.append(
                 Check(
@@ -71,19 +73,13 @@ def check_spool(cfg: Config) -> list[Check]:
                 )
             )
             return checks
-        st = os.stat(path)
+        st = os.lstat(path)
         who = pwd.getpwuid(st.st_uid).pw_name if _known_uid(st.st_uid) else str(st.st_uid)
-        if _mode(path) != want or who != owner:
-            checks.append(
-                Check(
-                    "spool",
-                    False,
-                    f"{kind} {path} is {who} {_mode(path)}, should be {owner} {want}",
-                    f"chown {owner} {path} && chmod {want} {path}",
-                )
-            )
+        reason = files.why_spool_unsafe(path, trusted_uids(owner))
+        if reason is not None:
+            checks.append(Check("spool", False, reason))
         else:
-            checks.append(Check("spool", True, f"{kind} {path} is {owner} {want}"))
+            checks.append(Check("spool", True, f"{kind} {path} is {who} {_mode(path)}"))
     return checks
 
 
@@ -140,6 +136,15 @@ def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[C
     if not remote.uses_ssh:
         return [_ping(remote, account, name)]
     result = _probe(remote, account)
+    if result.verdict is Verdict.ERROR:  # not a stage of the login: our own failure
+        return [
+            Check(
+                name,
+                False,
+                f"the SSH probe failed: {result.message}",
+                "a bug in nixspool: please report it with `nixspool --debug flush` output",
+            )
+        ]
     stages = ["resolve", "tcp", "banner", "hostkey", "auth"]
     labels = {
         "resolve": "name resolution",
@@ -204,33 +209,23 @@ def _ping(remote: Remote, account: Account, name: str) -> Check:
     return Check(name, True, "Nix answers on the remote")
 
 
-def _remote_settings(ssh: list[str], account: Account, timeout: float) -> str:
-    """The remote Nix's settings. Its version is not known here: the current command
-    first (no deprecation warning on 2.20+), then the name Nix 2.8-2.19 knows."""
-    env = privileges.child_env(account)
-    try:
-        current = nix.config_show_argv(current=True)
-        return run([*ssh, *current], account=account, env=env, timeout=timeout).stdout
-    except CommandError as e:
-        if "show" not in e.stderr and "config" not in e.stderr:
-            raise  # not an unknown command: the remote's real answer
-        legacy = nix.config_show_argv(current=False)
-        return run([*ssh, *legacy], account=account, env=env, timeout=timeout).stdout
-
-
 def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> Check:
     """Will the remote accept our uploads? Ask its own Nix, over ssh, as the user."""
     target = SshTarget.from_url(remote.url)
     host = f"{target.user}@{target.host}" if target.user else target.host
     ssh = ["ssh", *ssh_options(remote, False).split(), host, "--"]
     try:
-        out = _remote_settings(ssh, account, timeout=4 * remote.connect_timeout + 10)
+        remote_settings = nix.remote_settings(
+            ssh,
+            account=account,
+            env=privileges.child_env(account),
+            timeout=4 * remote.connect_timeout + 10,
+        )
         login = run(
             ["ssh", "-G", host], account=account, env=privileges.child_env(account), timeout=10
         ).stdout
     except CommandError as e:
         return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
-    remote_settings = nix.parse_settings(out)
     remote_user = next(
         (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
     )

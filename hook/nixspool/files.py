@@ -42,6 +42,39 @@ def _refuse(path: str, mode: int) -> NotRegularFile:
     )
 
 
+def why_spool_unsafe(path: str, trusted_uids: set[int] | None) -> str | None:
+    """The spool rule, for the spool file and its directory alike; the hook, every
+    `nixspool` command and `doctor` apply this one: a row is a request to sign and
+    upload, so only trusted users may be able to write one.
+
+    Safe: not a symbolic link, not writable by group or others, and owned by a
+    trusted uid (root, the configured user, whoever runs this; None: the caller
+    cannot know the configured user, as the hook, which checks the mode only).
+    Returns None if safe or absent, else what is wrong and the command that fixes it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
+    if stat.S_ISLNK(st.st_mode):
+        return f"spool {kind} {path} is a symbolic link; point 'spool' at the real file"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        mode = "0700" if kind == "directory" else "0600"
+        return (
+            f"spool {kind} {path} is writable by group or others: anyone could queue "
+            f"uploads; run 'chmod {mode} {path}' (see README#ownership)"
+        )
+    if trusted_uids is not None and st.st_uid not in trusted_uids:
+        directory = path if kind == "directory" else os.path.dirname(path)
+        return (
+            f"spool {kind} {path} belongs to uid {st.st_uid}, whom nixspool does not "
+            f"trust (root or the config's 'user'); set 'user' to its owner, or run "
+            f"'chown -R root {directory}' (see README#ownership)"
+        )
+    return None
+
+
 def check_regular(path: str) -> None:
     """Raise NotRegularFile if `path` exists and is not a plain file (links included)."""
     try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import files, gcroots, nix, privileges, sign
+from . import files, gcroots, nix, sign
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -46,7 +46,7 @@ from .errors import (
     UnreachableError,
 )
 from .remote import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
-from .run import Running, last_line
+from .run import Account, Running, last_line
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,12 @@ def single_flusher(spool_path: str) -> Iterator[bool]:
         os.close(fd)
 
 
-def resolve_derivations(spool: Spool) -> None:
-    """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs."""
+def resolve_derivations(spool: Spool) -> int:
+    """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs; how
+    many were resolved."""
     unresolved = spool.unresolved()
     if not unresolved:
-        return
+        return 0
     try:  # one call for all of them, the common case
         outputs = nix.outputs_of_many([drv for _, drv in unresolved])
     except CommandError:  # some derivation is gone: find it, one by one
@@ -198,6 +199,7 @@ def resolve_derivations(spool: Spool) -> None:
     for drv_id, drv_path in unresolved:
         if drv_path in outputs:
             spool.resolve(drv_id, outputs[drv_path])
+    return len(outputs)
 
 
 class _CopyFailed(Exception):
@@ -246,14 +248,21 @@ class FlushReport:
 class Flusher:
     """One flush run over one open spool."""
 
-    def __init__(self, cfg: Config, spool: Spool, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        spool: Spool,
+        account: Account,
+        progress: Progress | None = None,
+    ) -> None:
         self.cfg = cfg
         self.spool = spool
+        # Who runs ssh and nix copy (privileges.remote_account, which the command
+        # asks before it opens the spool); run.spawn() switches to it only when
+        # that is not who runs nixspool.
+        self.account = account
         self.progress = progress or (lambda remote, done, total: None)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Who runs ssh and nix copy; refuses before touching anything. run.spawn()
-        # switches to it only when that is not who runs nixspool.
-        self.account = privileges.remote_account(cfg)
         # Probes started but not yet asked for their verdict, by remote name.
         self._probes: dict[str, Running] = {}
         self._keys: dict[str, sign.SecretKey] = {}
@@ -271,7 +280,8 @@ class Flusher:
         stale = self.spool.reclaim_leases()
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
-        self.spool.sync_remotes(r.name for r in self.cfg.remotes)
+        # The spool was opened with every recorded path fanned out to the remotes
+        # (cli.open_spool); only outputs resolved below need it again.
         # Probes take a few hundred ms (a Python child, paramiko, an SSH login):
         # start them now, so they run while the local work below and the first
         # copy do; each remote's verdict is still awaited before anything counts.
@@ -281,8 +291,8 @@ class Flusher:
         errors = []
         try:
             try:
-                resolve_derivations(self.spool)
-                self.spool.sync_remotes(r.name for r in self.cfg.remotes)
+                if resolve_derivations(self.spool):
+                    self.spool.sync_remotes(r.name for r in self.cfg.remotes)
             except NixspoolError as e:  # local: the rows already resolved still go
                 errors.append(f"resolving derivations: {e}")
                 log.error("cannot resolve derivations recorded without outputs: %s", e)

@@ -15,17 +15,21 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
 
-def roots_dir(spool: str, environ: dict[str, str] | None = None) -> str:
-    """This spool's own directory of roots: two spools never touch each other's."""
+def base_dir(environ: Mapping[str, str] | None = None) -> str:
+    """nixspool's directory in Nix's gcroots, holding one directory per spool."""
     env = os.environ if environ is None else environ
-    state = env.get("NIX_STATE_DIR", "/nix/var/nix")
+    return os.path.join(env.get("NIX_STATE_DIR", "/nix/var/nix"), "gcroots", "nixspool")
+
+
+def roots_dir(spool: str, environ: Mapping[str, str] | None = None) -> str:
+    """This spool's own directory of roots: two spools never touch each other's."""
     spool_id = hashlib.sha256(os.path.abspath(spool).encode()).hexdigest()[:16]
-    return os.path.join(state, "gcroots", "nixspool", spool_id)
+    return os.path.join(base_dir(environ), spool_id)
 
 
 def _open_directory(directory: str) -> int:

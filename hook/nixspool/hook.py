@@ -19,12 +19,11 @@ Where a record goes, first choice first:
 from __future__ import annotations
 
 import os
-import stat
 import sys
 import time
 
 from . import files, locate, storepath
-from .record import Record, store, validated
+from .record import BALLAST_SUFFIX, HOOK_BUSY_TIMEOUT_SECONDS, Record, store, validated
 
 # The C module behind `sqlite3`, without the DB-API layer's datetime adapters
 # and their imports: about a third of an interpreter start saved on every
@@ -34,10 +33,6 @@ try:
 except ImportError:  # pragma: no cover - an interpreter without the split
     import sqlite3  # type: ignore[no-redef]
 
-# How long a hook waits for a spool another process holds locked. Writers
-# hold it for milliseconds; past this bound the record goes to the journal.
-BUSY_TIMEOUT_SECONDS = 2.0
-BALLAST_SUFFIX = ".ballast"
 # The WAL size past which the hook empties it (see _bound_wal).
 WAL_LIMIT_BYTES = 1 << 20
 
@@ -66,17 +61,12 @@ def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Recor
 
 
 def _check_directory(directory: str) -> None:
-    # A row is a request to sign and upload, and this runs as root: refuse a
-    # spool directory that others could write to (planted rows, symlinks).
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        return  # the journal creates it, 0700
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise PermissionError(
-            f"{directory} is writable by group or others; "
-            f"run 'chmod 0700 {directory}' (see README#ownership)"
-        )
+    # This runs as root: refuse a directory others could write to (planted rows,
+    # links). The hook does not read `user`, so any owner passes here; `nixspool`
+    # checks the owner too.
+    reason = files.why_spool_unsafe(directory, None)
+    if reason is not None:
+        raise PermissionError(reason)
 
 
 def write_spool(spool: str, record: Record) -> None:
@@ -86,10 +76,10 @@ def write_spool(spool: str, record: Record) -> None:
     # its schema and owner, by the next `nixspool` command; until then
     # records wait in the journal.
     uri = "file:" + spool.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
-    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    deadline = time.monotonic() + HOOK_BUSY_TIMEOUT_SECONDS
     while True:
         con = sqlite3.connect(
-            uri + "?mode=rw", uri=True, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
+            uri + "?mode=rw", uri=True, timeout=HOOK_BUSY_TIMEOUT_SECONDS, isolation_level=None
         )
         try:
             # As durable as Nix's own record of the build: Nix keeps its store

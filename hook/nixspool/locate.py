@@ -42,27 +42,34 @@ def default_spool(environ: Mapping[str, str], euid: int | None = None) -> str:
     return os.path.join(_xdg_dir(environ, "XDG_DATA_HOME", ".local/share"), APP, "spool.sqlite")
 
 
-def config_candidates(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+def config_candidates(
+    environ: Mapping[str, str], system_config: str = SYSTEM_CONFIG
+) -> list[tuple[str, str]]:
     """(path, how it was chosen) for each config file to try, in order.
 
     `$NIXSPOOL_CONFIG` is authoritative when set: if it names a missing file,
     that is an error for the caller to report, not a reason to fall through.
+    `system_config` is another path only for tests, which must not read this
+    machine's.
     """
     explicit = environ.get("NIXSPOOL_CONFIG")
     if explicit:
         return [(explicit, "$NIXSPOOL_CONFIG")]
-    return [(SYSTEM_CONFIG, "system config"), (user_config_file(environ), "user config")]
+    return [(system_config, "system config"), (user_config_file(environ), "user config")]
 
 
-def find_config(environ: Mapping[str, str]) -> str | None:
-    """The first config file that exists, or the explicit one, or None."""
-    candidates = config_candidates(environ)
+def find_config(
+    environ: Mapping[str, str], system_config: str = SYSTEM_CONFIG
+) -> tuple[str | None, str]:
+    """The config file in force and why: the explicit one, else the first that
+    exists; (None, ...) for none (the defaults)."""
+    candidates = config_candidates(environ, system_config)
     if len(candidates) == 1:
-        return candidates[0][0]
-    for path, _ in candidates:
+        return candidates[0]
+    for path, how in candidates:
         if os.path.exists(path):
-            return path
-    return None
+            return path, how
+    return None, "no config file (defaults)"
 
 
 class NeedsToml(Exception):
@@ -130,7 +137,7 @@ def spool_from_config(path: str) -> str | None:
 
 def hook_spool(environ: Mapping[str, str]) -> str:
     """The spool the hook writes to: from the config in force, else the default."""
-    config = find_config(environ)
+    config, _ = find_config(environ)
     if config is not None:
         spool = spool_from_config(config)
         if spool is not None:

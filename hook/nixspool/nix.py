@@ -305,6 +305,22 @@ def settings(timeout: float = 30) -> dict[str, str]:
     return parse_settings(run(config_show_argv(version().has(2, 20)), timeout=timeout).stdout)
 
 
+def remote_settings(
+    ssh: Sequence[str], *, account: Account, env: Mapping[str, str], timeout: float
+) -> dict[str, str]:
+    """The settings of the Nix at the end of `ssh` (an ssh command line up to `--`).
+    Its version is not known: the current command first (no deprecation warning on
+    2.20+), then the name Nix 2.8-2.19 and Lix know."""
+    try:
+        argv = [*ssh, *config_show_argv(current=True)]
+        return parse_settings(run(argv, account=account, env=env, timeout=timeout).stdout)
+    except CommandError as e:
+        if "show" not in e.stderr and "config" not in e.stderr:
+            raise  # not an unknown command: the remote's real answer
+    argv = [*ssh, *config_show_argv(current=False)]
+    return parse_settings(run(argv, account=account, env=env, timeout=timeout).stdout)
+
+
 def _parsed(command: str, parse: Callable[[str, str], T], text: str) -> T:
     """parse(text, store dir), or an error that names the command and the Nix."""
     try:

@@ -20,7 +20,7 @@ from .errors import PrivilegeError
 from .run import Account
 
 # Variables a child must not inherit: they would point nix at another store or
-# change its settings behind the config's back (DESIGN.md).
+# change its settings behind the config's back (docs/ARCHITECTURE.md#contracts).
 DROPPED = ("NIX_CONFIG", "NIX_REMOTE")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from . import config as config_mod
+from . import gcroots
 from .errors import UsageError
 from .privileges import account_of
 from .spool import Owner, Spool
@@ -150,7 +151,7 @@ def setup(req: SetupRequest) -> SetupReport:
     before = os.path.exists(cfg.spool)
     Spool.open(cfg.spool, Owner.of_user(req.user)).close()
     (report.unchanged if before else report.changed).append(cfg.spool)
-    roots = os.path.join(os.environ.get("NIX_STATE_DIR", "/nix/var/nix"), "gcroots", "nixspool")
+    roots = gcroots.base_dir()
     os.makedirs(roots, mode=0o755, exist_ok=True)
     if os.geteuid() == 0:
         os.chown(roots, account.uid, account.gid)

@@ -15,6 +15,16 @@ if TYPE_CHECKING:
     import sqlite3
     from collections.abc import Iterable
 
+# What the hook and `nixspool` share besides the SQL.
+# How long a writer waits for the spool's lock. The hook is on every build's
+# critical path: past its bound the record goes to the journal instead. A
+# command has no such hurry, and rather waits than fails.
+HOOK_BUSY_TIMEOUT_SECONDS = 2.0
+COMMAND_BUSY_TIMEOUT_SECONDS = 10.0
+# Beside the spool: the file `nixspool` keeps so that the hook can free its
+# room when the disk is full, and still write the journal.
+BALLAST_SUFFIX = ".ballast"
+
 INSERT_PATH = (
     "INSERT INTO paths (path, drv_path, needs_outputs, recorded_at) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (path) DO NOTHING"

@@ -35,11 +35,10 @@ from typing import Any
 
 from . import files, journal, locate, record, storepath
 from .errors import SpoolError, UsageError
-from .hook import BALLAST_SUFFIX
+from .record import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 
-BUSY_TIMEOUT_SECONDS = 10.0
 BALLAST_BYTES = 1 << 20
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
@@ -149,37 +148,16 @@ def _store_paths(rows: Iterable[tuple[str]]) -> list[str]:
     return [path for (path,) in rows if storepath.why_invalid(path, store_dir) is None]
 
 
-def _trusted_owners(owner: Owner | None) -> set[int]:
+def trusted_uids(owner: Owner | None) -> set[int]:
+    """Who may own the spool: root, whoever runs this, and the configured user."""
     return {0, os.geteuid()} | ({owner.uid} if owner else set())
 
 
 def check_permissions(path: str, owner: Owner | None) -> None:
     """Refuse a spool (file or directory) that someone untrusted could write."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file"
-    if stat.S_ISLNK(st.st_mode):
-        raise SpoolError(f"spool {kind} {path} is a symbolic link; point 'spool' at the real file")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        mode = "0700" if kind == "directory" else "0600"
-        raise SpoolError(
-            f"spool {kind} {path} is writable by group or others: anyone could queue "
-            f"uploads; run 'chmod {mode} {path}' (see README#ownership)"
-        )
-    if st.st_uid not in _trusted_owners(owner):
-        fix = path if kind == "directory" else os.path.dirname(path)
-        if owner is None:
-            raise SpoolError(
-                f"spool {kind} {path} belongs to uid {st.st_uid}, not to root; if "
-                "that is the flusher's user, set 'user' in the config, else run "
-                f"'chown -R root {fix}'"
-            )
-        raise SpoolError(
-            f"spool {kind} {path} belongs to uid {st.st_uid}, not to root or "
-            f"{owner.name}; run 'chown -R {owner.name} {fix}'"
-        )
+    reason = files.why_spool_unsafe(path, trusted_uids(owner))
+    if reason is not None:
+        raise SpoolError(reason)
 
 
 class Spool:
@@ -200,7 +178,7 @@ class Spool:
     # -- opening ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, owner: Owner | None = None, *, create: bool = True) -> Spool:
+    def open(cls, path: str, owner: Owner | None = None) -> Spool:
         """Open (and if needed create) the spool, migrate it, import the journal.
 
         `owner` is the configured user: files root creates are given to them,
@@ -218,15 +196,13 @@ class Spool:
                 f"spool {path}: permission denied; run nixspool as root or as "
                 "the spool's owner (see README#ownership)"
             ) from None
-        if not os.path.exists(path) and not create:
-            raise SpoolError(
-                f"spool {path} does not exist; run `nixspool status` as root to create it"
-            )
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             old_umask = os.umask(0o077)
             try:
-                conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+                conn = sqlite3.connect(
+                    path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None
+                )
             finally:
                 os.umask(old_umask)
             spool = cls(path, conn)
