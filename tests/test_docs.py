@@ -66,3 +66,67 @@ def test_readme_names_both_programs(name: str) -> None:
 
 if __name__ == "__main__":
     typer.echo(reference(), nl=False)
+
+
+# -- references ---------------------------------------------------------------------
+
+ROOT = README.parent
+# Files of the project that name other files of it: a rename must not leave one
+# pointing nowhere (a comment citing a design document that is not in the project).
+REFERRING = [
+    "README.md",
+    "docs/*.md",
+    "hook/**/*.py",
+    "hook/nixspool/data/*",
+    "contrib/**/*",
+    "tests/*.py",
+    "tests/run",
+    "tests/platform/*",
+    "nix.conf.example",
+    "flake.nix",
+]
+PATH_REFERENCE = re.compile(r"(?<![\w/.])((?:docs|hook|tests|contrib)/[\w.+-]+(?:/[\w.+-]+)*)")
+NOT_PATHS = {"hook/bare"}  # a ratio's label in the benchmarks' output
+ANCHOR_REFERENCE = re.compile(r"\b((?:README|docs/ARCHITECTURE)(?:\.md)?)#([a-z0-9-]+)")
+
+
+def referring_files() -> list[Path]:
+    found = {p for pattern in REFERRING for p in ROOT.glob(pattern) if p.is_file()}
+    found.discard(Path(__file__))  # its own examples of bad references
+    return sorted(p for p in found if "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+
+def slugs(markdown: Path) -> set[str]:
+    """GitHub's anchors for the headings of a Markdown file."""
+    headings = re.findall(r"^#+ (.+)$", markdown.read_text(), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+
+
+def test_every_file_the_project_names_exists() -> None:
+    missing = []
+    for source in referring_files():
+        for ref in PATH_REFERENCE.findall(source.read_text(errors="replace")):
+            target = ref.rstrip(".")
+            if "*" in target or target in NOT_PATHS:
+                continue
+            if not (ROOT / target).exists():
+                missing.append(f"{source.relative_to(ROOT)}: {target}")
+    assert missing == []
+
+
+def test_every_section_the_project_names_exists() -> None:
+    missing = []
+    for source in referring_files():
+        for name, anchor in ANCHOR_REFERENCE.findall(source.read_text(errors="replace")):
+            doc = ROOT / (name if name.endswith(".md") else name + ".md")
+            if anchor not in slugs(doc):
+                missing.append(f"{source.relative_to(ROOT)}: {name}#{anchor}")
+    assert missing == []
+
+
+def test_the_references_checks_can_fail(tmp_path: Path) -> None:
+    """The patterns find what they are meant to (else the two tests above pass on nothing)."""
+    text = "see docs/NOPE.md and README#no-such-section, and tests/run"
+    assert PATH_REFERENCE.findall(text) == ["docs/NOPE.md", "tests/run"]
+    assert ANCHOR_REFERENCE.findall(text) == [("README", "no-such-section")]
+    assert "ownership" in slugs(README)
