@@ -35,6 +35,31 @@ def machine_spool_untouched() -> Iterator[None]:
         assert _machine_state() == before, "tests wrote to /var/lib/nixspool or /etc/nixspool"
 
 
+MACHINE_GC_ROOTS = Path("/nix/var/nix/gcroots/nixspool")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_gc_roots_restored() -> Iterator[None]:
+    """The lab's flushes root their queued paths where Nix looks for roots, this
+    machine's /nix/var/nix/gcroots/nixspool (a root anywhere else is no root). Each
+    lab spool has its own directory there: remove those, and give the directory
+    back its owner and mode, so that the machine's own nixspool and `doctor` find
+    it as they left it. The lab's spools are all new, so every new entry is ours."""
+    existed = MACHINE_GC_ROOTS.is_dir()
+    before = set(os.listdir(MACHINE_GC_ROOTS)) if existed else set()
+    st = MACHINE_GC_ROOTS.stat() if existed else None
+    yield
+    if os.environ.get("NIXSPOOL_TESTS_OWN_MACHINE") == "1" or not MACHINE_GC_ROOTS.is_dir():
+        return
+    for name in set(os.listdir(MACHINE_GC_ROOTS)) - before:
+        shutil.rmtree(MACHINE_GC_ROOTS / name)
+    if st is None:
+        MACHINE_GC_ROOTS.rmdir()
+    else:
+        os.chown(MACHINE_GC_ROOTS, st.st_uid, st.st_gid)
+        MACHINE_GC_ROOTS.chmod(st.st_mode & 0o7777)
+
+
 @pytest.fixture
 def hook_env(tmp_path: Path) -> Callable[..., dict[str, str]]:
     """An environment for running nixspool-hook against a spool in tmp_path."""
@@ -61,7 +86,7 @@ def run_hook() -> Callable[..., subprocess.CompletedProcess[str]]:
     hook = lab.installed_program("nixspool-hook")
 
     def run(env: dict[str, str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+        result: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
             [hook],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -69,7 +94,8 @@ def run_hook() -> Callable[..., subprocess.CompletedProcess[str]]:
             capture_output=True,
             timeout=30,
             **kwargs,
-        )  # type: ignore
+        )
+        return result
 
     return run
 

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -100,7 +101,7 @@ def run_as(
     (e.g. an nsenter into another mount namespace)."""
     home = os.path.expanduser(f"~{user}")
     full_env = {"HOME": home, "USER": user, "PATH": os.environ["PATH"], **env}
-    return subprocess.run(
+    result: subprocess.CompletedProcess[str] = subprocess.run(
         [
             *prefix,
             *["runuser", "-u", user, "--", "env"],
@@ -111,6 +112,7 @@ def run_as(
         capture_output=True,
         **kwargs,
     )  # type: ignore[call-overload]
+    return result
 
 
 class NixDaemon:
@@ -240,7 +242,10 @@ CACHE = "nixspool-cache"  # + the host's index: the account whose store receives
 
 
 def sh(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), text=True, capture_output=True, check=check, **kwargs)  # type: ignore[call-overload]
+    result: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        list(argv), text=True, capture_output=True, check=check, **kwargs
+    )
+    return result
 
 
 def signing_key(directory: Path, name: str = "nixspool-lab") -> tuple[Path, str]:
@@ -634,7 +639,7 @@ class SshLab:
             check=False,
         )
 
-    def rows(self, config: Path, remote: str) -> dict[str, dict[str, object]]:
+    def rows(self, config: Path, remote: str) -> dict[str, dict[str, Any]]:
         """`nixspool list --json` for one remote, by path."""
         listed = self.nixspool(config, "list", "--json", "--remote", remote)
         assert listed.returncode == 0, listed.stderr

@@ -49,7 +49,9 @@ def as_alice(ssh_lab: lab.SshLab, config: Path, *args: str) -> subprocess.Comple
     )
 
 
-def test_journal_lines_that_are_not_store_paths_never_become_rows(ssh_lab, alices_spool) -> None:
+def test_journal_lines_that_are_not_store_paths_never_become_rows(
+    ssh_lab: lab.SshLab, alices_spool
+) -> None:
     config, spool = alices_spool
     journal = Path(str(spool) + ".fallback.jsonl")
     planted = ["--version", "/etc/passwd", "/nix/store/../../etc/shadow", "relative/x"]
@@ -68,7 +70,9 @@ def test_journal_lines_that_are_not_store_paths_never_become_rows(ssh_lab, alice
     assert set(planted) | {"--store"} <= rejected
 
 
-def test_rows_planted_by_the_spools_owner_never_become_arguments(ssh_lab, alices_spool) -> None:
+def test_rows_planted_by_the_spools_owner_never_become_arguments(
+    ssh_lab: lab.SshLab, alices_spool
+) -> None:
     config, spool = alices_spool
     marker = ssh_lab.root / "adversarial" / "pwned"
     url = f"ssh-ng://localhost?remote-program=touch%20{marker}%3B"
@@ -129,7 +133,7 @@ def test_a_fifo_beside_the_spool_never_makes_the_hook_wait(
     assert "a FIFO, not a regular file" in result.stderr
 
 
-def test_a_root_flush_leaves_nothing_the_user_cannot_use(ssh_lab, alices_spool) -> None:
+def test_a_root_flush_leaves_nothing_the_user_cannot_use(ssh_lab: lab.SshLab, alices_spool) -> None:
     config, spool = alices_spool
     ssh_lab.spool_in(config, {out("missing")})
     as_root = ssh_lab.nixspool(config, "flush")

@@ -36,7 +36,7 @@ def cross_lab(nix_lab: Path) -> Iterator[lab.SshLab]:
         the_lab.close()
 
 
-def test_the_lan_hosts_run_another_nix_than_the_builder(cross_lab) -> None:
+def test_the_lan_hosts_run_another_nix_than_the_builder(cross_lab: lab.SshLab) -> None:
     """Without this, every other test here could pass on one version."""
     ours = lab.nix_version()
     for host in cross_lab.hosts:
@@ -60,7 +60,7 @@ def signed_config(cross_lab: lab.SshLab, name: str) -> Path:
     )
 
 
-def test_signed_closures_delivered_and_verified_over_both_protocols(cross_lab) -> None:
+def test_signed_closures_delivered_and_verified_over_both_protocols(cross_lab: lab.SshLab) -> None:
     # Built without the daemon's key: only nixspool's signature can make them trusted.
     outputs = cross_lab.build(6, daemon=cross_lab.unsigned)
     config = signed_config(cross_lab, "signed")
@@ -82,7 +82,7 @@ def test_signed_closures_delivered_and_verified_over_both_protocols(cross_lab) -
     assert {(r["state"], r["verified"]) for r in rows} == {("delivered", True)}
 
 
-def test_a_refusal_in_the_other_nix_words_fails_only_those_rows(cross_lab) -> None:
+def test_a_refusal_in_the_other_nix_words_fails_only_those_rows(cross_lab: lab.SshLab) -> None:
     """The remote's Nix words the refusal; the builder's nixspool must still read
     it as a refusal of those paths (failed, with the reason), not as the host away."""
     config = cross_lab.config(cross_lab.root / "refused")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +21,7 @@ def requisites(*paths: str) -> set[str]:
     return set(lab.sh("nix-store", "--query", "--requisites", *paths).stdout.split())
 
 
-def test_ssh_ng_and_ssh_deliver_every_path_and_its_closure(ssh_lab) -> None:
+def test_ssh_ng_and_ssh_deliver_every_path_and_its_closure(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "basic")
     outputs = ssh_lab.build(9)
     # Spool only the paths that refer to another one: the closure must follow.
@@ -36,7 +39,7 @@ def test_ssh_ng_and_ssh_deliver_every_path_and_its_closure(ssh_lab) -> None:
         assert host.remote_valid(closure) == closure
 
 
-def queued_rows(config: Path, remote: str) -> list[dict]:
+def queued_rows(config: Path, remote: str) -> list[dict[str, Any]]:
     rows = json.loads(
         lab.sh(
             lab.installed_program("nixspool"),
@@ -51,7 +54,7 @@ def queued_rows(config: Path, remote: str) -> list[dict]:
     return [r for r in rows if r["state"] == "queued"]
 
 
-def test_link_down_returns_promptly_keeps_rows_then_delivers(ssh_lab) -> None:
+def test_link_down_returns_promptly_keeps_rows_then_delivers(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "link", connect_timeout=2)
     outputs = ssh_lab.build(4)
     ssh_lab.spool_in(config, outputs)
@@ -77,7 +80,7 @@ def test_link_down_returns_promptly_keeps_rows_then_delivers(ssh_lab) -> None:
     assert host.remote_valid(outputs) == outputs
 
 
-def test_sshd_stopped_is_unreachable_at_once(ssh_lab) -> None:
+def test_sshd_stopped_is_unreachable_at_once(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "refused", connect_timeout=10)
     ssh_lab.spool_in(config, ssh_lab.build(2))
     host = ssh_lab.hosts[1]
@@ -93,7 +96,7 @@ def test_sshd_stopped_is_unreachable_at_once(ssh_lab) -> None:
     assert "Connection refused" in json.loads(result.stdout)["remotes"]["nas"]["error"]
 
 
-def test_each_lan_host_has_its_own_store(ssh_lab) -> None:
+def test_each_lan_host_has_its_own_store(ssh_lab: lab.SshLab) -> None:
     # The remote-side checks below mean something only if the hosts are distinct.
     config = ssh_lab.config(ssh_lab.root / "distinct")
     outputs = ssh_lab.build(1)
@@ -103,7 +106,7 @@ def test_each_lan_host_has_its_own_store(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid(outputs) == set()
 
 
-def test_one_remote_down_does_not_hold_up_the_other(ssh_lab) -> None:
+def test_one_remote_down_does_not_hold_up_the_other(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "onedown", connect_timeout=2)
     outputs = ssh_lab.build(3)
     ssh_lab.spool_in(config, outputs)
@@ -119,7 +122,7 @@ def test_one_remote_down_does_not_hold_up_the_other(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
 
 
-def test_started_as_root_ssh_runs_as_the_user(ssh_lab) -> None:
+def test_started_as_root_ssh_runs_as_the_user(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "asuser")
     ssh_lab.spool_in(config, ssh_lab.build(2))
     ssh_lab.alice.uid_log.write_text("")
@@ -139,7 +142,7 @@ def test_started_as_root_ssh_runs_as_the_user(ssh_lab) -> None:
     )
 
 
-def test_root_without_a_user_refuses_to_run_ssh(ssh_lab) -> None:
+def test_root_without_a_user_refuses_to_run_ssh(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "nouser")
     text = config.read_text().replace(f'user = "{lab.ALICE}"\n', "")
     config.write_text(text)
@@ -149,7 +152,9 @@ def test_root_without_a_user_refuses_to_run_ssh(ssh_lab) -> None:
     assert "the config names no 'user'" in result.stderr
 
 
-def test_a_path_garbage_collected_before_the_flush_fails_with_that_reason(ssh_lab) -> None:
+def test_a_path_garbage_collected_before_the_flush_fails_with_that_reason(
+    ssh_lab: lab.SshLab,
+) -> None:
     config = ssh_lab.config(ssh_lab.root / "gcd", gc_roots=False)
     outputs = sorted(ssh_lab.build(2))  # three paths, none depends on another
     ssh_lab.spool_in(config, set(outputs))
@@ -164,7 +169,7 @@ def test_a_path_garbage_collected_before_the_flush_fails_with_that_reason(ssh_la
     assert "garbage-collected" in status["remotes"]["pi"]["last_error"]
 
 
-def test_queued_paths_are_gc_roots_until_delivered(ssh_lab) -> None:
+def test_queued_paths_are_gc_roots_until_delivered(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "roots", connect_timeout=1)
     outputs = sorted(ssh_lab.build(1))
     ssh_lab.spool_in(config, set(outputs))
@@ -179,18 +184,20 @@ def test_queued_paths_are_gc_roots_until_delivered(ssh_lab) -> None:
     lab.sh("nix-store", "--delete", outputs[0])  # delivered everywhere: no longer a root
 
 
-def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(ssh_lab) -> None:
+def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(
+    ssh_lab: lab.SshLab,
+) -> None:
     config = ssh_lab.config(ssh_lab.root / "kill", batch_size=4)
     outputs = ssh_lab.build(12, bytes_each=4 << 20)
     ssh_lab.spool_in(config, outputs)
-    env = {"PATH": lab.os.environ["PATH"], **ssh_lab.daemon.client_env()}
+    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
     env.pop("NIX_REMOTE")
     ssh_lab.hosts[0].shape("100mbit")  # 48 MB take seconds: the kill lands mid-upload
     try:
-        flusher = lab.subprocess.Popen(
+        flusher = subprocess.Popen(
             [lab.installed_program("nixspool"), "--config", str(config), "flush", "--remote", "pi"],
             env=env,
-            stderr=lab.subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 60
         while not ssh_lab.hosts[0].remote_valid(outputs):  # kill it once uploads have begun
@@ -216,18 +223,16 @@ def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(ssh_lab
     assert {r["attempts"] for r in rows} == {1}  # marked once, by the flush that copied it
 
 
-def test_two_flushers_started_together_deliver_everything_once(ssh_lab) -> None:
+def test_two_flushers_started_together_deliver_everything_once(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "two")
     outputs = ssh_lab.build(6)
     ssh_lab.spool_in(config, outputs)
-    env = {"PATH": lab.os.environ["PATH"], **ssh_lab.daemon.client_env()}
+    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
     env.pop("NIX_REMOTE")
     argv = [lab.installed_program("nixspool"), "--config", str(config), "flush"]
-    procs = [
-        lab.subprocess.Popen(argv, env=env, stderr=lab.subprocess.PIPE, text=True) for _ in range(2)
-    ]
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     codes = sorted(p.wait(timeout=120) for p in procs)
-    assert codes in ([0, 0], [0, 75]), [p.stderr.read() for p in procs]
+    assert codes in ([0, 0], [0, 75]), [p.communicate()[1] for p in procs]
     for host in ssh_lab.hosts:
         assert host.remote_valid(outputs) == outputs
     rows = json.loads(ssh_lab.nixspool(config, "list", "--json").stdout)
@@ -235,7 +240,7 @@ def test_two_flushers_started_together_deliver_everything_once(ssh_lab) -> None:
     assert {(r["state"], r["attempts"]) for r in rows} == {("delivered", 1)}
 
 
-def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab) -> None:
+def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "reject")
     signed = ssh_lab.build(5)
     # A daemon without the signing key builds one path the LAN host will refuse.
@@ -252,7 +257,7 @@ def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid(signed | unsigned) == signed
 
 
-def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab) -> None:
+def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab: lab.SshLab) -> None:
     """The host answers SSH but its Nix does not start: not "away" (75, retried for
     ever, nothing in status), but an error a person sees, with what Nix said."""
     host = ssh_lab.hosts[0]
@@ -272,7 +277,7 @@ def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab) -> 
     assert all(r["attempts"] == 1 and "Nix there did not" in r["last_error"] for r in rows)
 
 
-def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab) -> None:
+def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab: lab.SshLab) -> None:
     host = ssh_lab.hosts[0]
     config = ssh_lab.config(ssh_lab.root / "disk-full")
     outputs = ssh_lab.build(1, bytes_each=16 << 20)
@@ -297,7 +302,7 @@ def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab) ->
     assert all(any(f in e for f in full) for e in errors), (errors, result.stderr)
 
 
-def test_an_unknown_host_key_is_refused_loudly_and_rows_stay(ssh_lab) -> None:
+def test_an_unknown_host_key_is_refused_loudly_and_rows_stay(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "hostkey")
     outputs = ssh_lab.build(1)
     ssh_lab.spool_in(config, outputs)
@@ -322,7 +327,7 @@ def test_an_unknown_host_key_is_refused_loudly_and_rows_stay(ssh_lab) -> None:
         known_hosts.write_text(saved)
 
 
-def test_a_key_the_host_does_not_accept_is_refused_loudly(ssh_lab) -> None:
+def test_a_key_the_host_does_not_accept_is_refused_loudly(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "badkey")
     ssh_lab.spool_in(config, ssh_lab.build(1))
     ssh_lab.hosts[1].authorize(
@@ -337,7 +342,7 @@ def test_a_key_the_host_does_not_accept_is_refused_loudly(ssh_lab) -> None:
     assert "accepted none of" in json.loads(result.stdout)["remotes"]["nas"]["error"]
 
 
-def test_started_as_the_user_it_runs_directly(ssh_lab) -> None:
+def test_started_as_the_user_it_runs_directly(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "byalice")
     outputs = ssh_lab.build(2)
     ssh_lab.spool_in(config, outputs)
@@ -352,7 +357,7 @@ def test_started_as_the_user_it_runs_directly(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
 
 
-def test_started_as_another_user_it_refuses(ssh_lab) -> None:
+def test_started_as_another_user_it_refuses(ssh_lab: lab.SshLab) -> None:
     config = ssh_lab.config(ssh_lab.root / "byother")
     ssh_lab.spool_in(config, ssh_lab.build(1))
     result = lab.run_as(
@@ -367,7 +372,9 @@ def test_started_as_another_user_it_refuses(ssh_lab) -> None:
     )
 
 
-def test_a_copy_past_copy_timeout_counts_backs_off_goes_alone_then_fails(ssh_lab) -> None:
+def test_a_copy_past_copy_timeout_counts_backs_off_goes_alone_then_fails(
+    ssh_lab: lab.SshLab,
+) -> None:
     """Our own bound is not "the host is away": each time counts an attempt, the
     rows then go one by one (the small ones arrive), and the path that cannot make
     it within copy_timeout alone fails, with the fix, where status shows it."""

@@ -188,9 +188,9 @@ def nix_stderr(daemon: lab.NixDaemon, monkeypatch: pytest.MonkeyPatch) -> list[s
     for key, value in daemon.client_env().items():
         monkeypatch.setenv(key, value)
     seen: list[str] = []
-    real_run = nix.run
+    real_run = nix.run  # type: ignore[attr-defined]  # run.run, as nix.py calls it
 
-    def recording_run(argv, **kwargs):  # type: ignore[no-untyped-def]
+    def recording_run(argv, **kwargs):
         try:
             result = real_run(argv, **kwargs)
         except CommandError as e:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import nacl.signing
 import pytest
 
 import lab
@@ -86,14 +87,14 @@ def test_a_malformed_key_is_refused_without_showing_it(tmp_path: Path) -> None:
     with pytest.raises(SigningKeyError) as error:
         sign.load_secret_key(str(path))
     assert "c2VjcmV0" not in str(error.value) and "not a Nix secret key" in str(error.value)
-    assert "<secret>" in repr(sign.SecretKey("k", sign.nacl.signing.SigningKey.generate()))
+    assert "<secret>" in repr(sign.SecretKey("k", nacl.signing.SigningKey.generate()))
 
 
 # -- against Nix 2.8 -----------------------------------------------------------
 
 
 @pytest.fixture
-def fresh_paths(ssh_lab) -> list[str]:
+def fresh_paths(ssh_lab: lab.SshLab) -> list[str]:
     """Two unsigned paths, one of which refers to the other."""
     outputs = ssh_lab.build(5, daemon=ssh_lab.unsigned)
     paths = sorted(p for p in outputs if p.endswith(("-test-3", "-test-4")))
@@ -101,7 +102,7 @@ def fresh_paths(ssh_lab) -> list[str]:
     return paths
 
 
-def test_keygen_keys_are_accepted_by_nix(ssh_lab, fresh_paths, tmp_path: Path) -> None:
+def test_keygen_keys_are_accepted_by_nix(ssh_lab: lab.SshLab, fresh_paths, tmp_path: Path) -> None:
     subprocess.run(
         [lab.installed_program("nixspool"), "keygen", "k2", "--out", str(tmp_path)],
         check=True,
@@ -153,7 +154,7 @@ def test_signatures_are_byte_identical_to_nix_store_sign(
         assert [s for s in theirs[path].signatures if s.startswith("k3:")] == [ours[path]]
 
 
-def signing_config(ssh_lab, name: str, key: Path) -> Path:
+def signing_config(ssh_lab: lab.SshLab, name: str, key: Path) -> Path:
     config = ssh_lab.config(ssh_lab.root / name)
     text = config.read_text().replace(
         'url = "ssh-ng://lanhost0"\n', f'url = "ssh-ng://lanhost0"\nsign_key_file = "{key}"\n'
@@ -162,7 +163,7 @@ def signing_config(ssh_lab, name: str, key: Path) -> Path:
     return config
 
 
-def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab) -> None:
+def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab: lab.SshLab) -> None:
     outputs = ssh_lab.build(4, daemon=ssh_lab.unsigned)
     config = signing_config(ssh_lab, "signed", ssh_lab.nixspool_key)
     ssh_lab.spool_in(config, outputs)
@@ -207,7 +208,7 @@ def test_a_key_the_remote_does_not_trust_fails_the_rows_with_its_reason(
     assert status["remotes"]["pi"]["failed"] == len(outputs)  # shown, not dropped
 
 
-def test_only_paths_the_hook_recorded_are_signed(ssh_lab) -> None:
+def test_only_paths_the_hook_recorded_are_signed(ssh_lab: lab.SshLab) -> None:
     outputs = ssh_lab.build(5, daemon=ssh_lab.unsigned)
     dependent = next(p for p in outputs if p.endswith("-test-4"))
     dependency = next(p for p in outputs if p.endswith("-test-3"))
@@ -221,7 +222,9 @@ def test_only_paths_the_hook_recorded_are_signed(ssh_lab) -> None:
     assert ssh_lab.hosts[0].remote_valid([dependent, dependency]) == set()
 
 
-def test_signing_that_cannot_run_is_a_local_error_and_stops_only_its_remote(ssh_lab) -> None:
+def test_signing_that_cannot_run_is_a_local_error_and_stops_only_its_remote(
+    ssh_lab: lab.SshLab,
+) -> None:
     """No `nix` on root's PATH: signing for pi cannot start. That is this machine's
     fault: pi's rows stay as they were (not failed, not counted, not bisected as
     the remote's refusal). nas, which does not sign, still delivers: its copy runs

@@ -40,7 +40,7 @@ def systemd_is_pid_1() -> None:
 
 
 def test_the_flush_unit_delivers_signed_as_the_user_with_its_hardening(
-    nix_lab: Path, ssh_lab: lab.SshLab
+    nix_lab: Path, ssh_lab
 ) -> None:
     host = ssh_lab.hosts[0]
     nixspool = lab.installed_program("nixspool")
