@@ -144,6 +144,8 @@ class NixDaemon:
             + extra_conf
         )
         self.env = {"NIX_CONF_DIR": str(self.conf_dir), "NIX_DAEMON_SOCKET_PATH": str(self.socket)}
+        # A socket file left by an earlier daemon is not this one being ready.
+        self.socket.unlink(missing_ok=True)
         daemon_env = {**os.environ, **self.env, **(env or {})}
         self.log = open(root / "daemon.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -154,10 +156,18 @@ class NixDaemon:
             start_new_session=True,
         )
         deadline = time.monotonic() + 20
-        while not self.socket.exists():
+        while not self._accepts():
             assert self.proc.poll() is None, (root / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "nix-daemon did not create its socket"
+            assert time.monotonic() < deadline, "nix-daemon does not accept connections"
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def client_env(self) -> dict[str, str]:
         return {**self.env, "NIX_REMOTE": "daemon"}

@@ -130,3 +130,21 @@ def test_the_references_checks_can_fail(tmp_path: Path) -> None:
     assert PATH_REFERENCE.findall(text) == ["docs/NOPE.md", "tests/run"]
     assert ANCHOR_REFERENCE.findall(text) == [("README", "no-such-section")]
     assert "ownership" in slugs(README)
+
+
+def test_readme_table_of_keys_is_the_loaders() -> None:
+    """Every top-level key, with its default as TOML writes it, and no other."""
+    from nixspool.config import GLOBAL_KEYS
+
+    table = re.search(r"Top-level keys:\n\n(.*?)\n\n", README.read_text(), re.DOTALL)
+    assert table, "README has no table of top-level keys"
+    rows = {}
+    for line in table.group(1).splitlines()[2:]:
+        key, default = (cell.strip().strip("`") for cell in line.strip("|").split("|")[:2])
+        rows[key] = default
+    assert list(rows) == list(GLOBAL_KEYS)
+    for key, (_, default, _) in GLOBAL_KEYS.items():
+        if default is None:
+            continue  # spool: depends on who runs it; user: unset
+        written = str(default).lower() if isinstance(default, bool) else f"{default:g}"
+        assert rows[key] == written, key

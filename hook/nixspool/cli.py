@@ -460,16 +460,24 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
     Reads each path's signatures from the remote itself and checks them with the public
     half of the key. Exits 1 if a path has no valid signature by it there.
     """
-    from . import flush as flush_mod
+    from . import remote as ssh
+    from . import sign
+    from . import verify as verify_mod
 
     cfg = load_config()
     account = privileges.remote_account(cfg)
     results: dict[str, dict[str, bool]] = {}
     with open_spool(cfg) as spool:
-        flusher = flush_mod.Flusher(cfg, spool, account)
         for r in cfg.selected(remote):
             if r.sign_key_file:
-                results[r.name] = flusher.verify(r, spool.delivered_paths(r.name))
+                results[r.name] = verify_mod.check(
+                    r,
+                    sign.load_secret_key(r.sign_key_file),
+                    spool.delivered_paths(r.name),
+                    spool,
+                    account=account,
+                    env=ssh.nix_ssh_env(r, account, cfg.accept_new_host_keys),
+                )
     bad = {name: sorted(p for p, ok in v.items() if not ok) for name, v in results.items()}
     if json_output:
         print_json(

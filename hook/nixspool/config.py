@@ -42,6 +42,14 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "batch_size": GLOBAL_KEYS["batch_size"],
 }
 REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _default(key: str) -> Any:
+    """The default above: the dataclasses below take theirs from here, never a copy
+    (README's table of keys is checked against GLOBAL_KEYS by a test)."""
+    return GLOBAL_KEYS[key][1]
+
+
 SSH_SCHEMES = ("ssh://", "ssh-ng://")
 
 
@@ -52,9 +60,9 @@ class Remote:
     ssh_key: str | None = None
     sign_key_file: str | None = None
     verify: bool | None = None  # None: verify when signing
-    connect_timeout: float = 10.0
-    copy_timeout: float = 3600.0
-    batch_size: int = 500
+    connect_timeout: float = _default("connect_timeout")
+    copy_timeout: float = _default("copy_timeout")
+    batch_size: int = _default("batch_size")
 
     @property
     def uses_ssh(self) -> bool:
@@ -68,15 +76,15 @@ class Remote:
 @dataclass(frozen=True)
 class Config:
     spool: str
-    user: str | None = None
-    run_as_root: bool = False
-    connect_timeout: float = 10.0
-    copy_timeout: float = 3600.0
-    batch_size: int = 500
-    retry_min: float = 30.0
-    retry_max: float = 3600.0
-    accept_new_host_keys: bool = False
-    gc_roots: bool = True
+    user: str | None = _default("user")
+    run_as_root: bool = _default("run_as_root")
+    connect_timeout: float = _default("connect_timeout")
+    copy_timeout: float = _default("copy_timeout")
+    batch_size: int = _default("batch_size")
+    retry_min: float = _default("retry_min")
+    retry_max: float = _default("retry_max")
+    accept_new_host_keys: bool = _default("accept_new_host_keys")
+    gc_roots: bool = _default("gc_roots")
     remotes: tuple[Remote, ...] = ()
     path: str | None = None  # the file it came from, None for defaults only
     # "key" or "remotes.NAME.key" -> "file:line" or "default"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import files, gcroots, nix, sign
+from . import files, gcroots, nix, sign, verify
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -395,25 +395,13 @@ class Flusher:
             log.info("%s: signed %d paths with %s", remote.name, len(signed), key.name)
 
     def verify(self, remote: Remote, paths: Sequence[str]) -> dict[str, bool]:
-        """Read the paths' signatures back from the remote and check them with our key."""
+        """verify.check() with this remote's key, as the flush's user ({} unsigned)."""
         key = self._key(remote)
-        if key is None or not paths:
+        if key is None:
             return {}
-        infos = nix.path_infos(
-            list(paths),
-            store=remote.url,
-            env=self.copy_env(remote),
-            account=self.account,
-            timeout=remote.copy_timeout,
+        return verify.check(
+            remote, key, paths, self.spool, account=self.account, env=self.copy_env(remote)
         )
-        verdicts = {p: p in infos and sign.verify(infos[p], key.public) for p in paths}
-        self.spool.set_verified(remote.name, verdicts)
-        for path, ok in verdicts.items():
-            if not ok:
-                log.error(
-                    "%s: %s has no valid signature by %s on the remote", remote.name, path, key.name
-                )
-        return verdicts
 
     def _deliver(self, remote: Remote, report: RemoteReport, due: int) -> None:
         self._key(remote)  # an unusable key stops this remote before anything moves
