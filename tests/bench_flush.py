@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lab
-from nixspool import record
+from nixspool.hook import rows
 from nixspool.spool import Spool
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -97,11 +97,11 @@ def fake_store_path(i: int) -> str:
     return f"/nix/store/{digest}-bench-{i}"
 
 
-def synthetic_spool(path: Path, rows: int) -> None:
+def synthetic_spool(path: Path, count: int) -> None:
     shutil.rmtree(path.parent, ignore_errors=True)
     with Spool.open(str(path)) as s, s.transaction():
-        outs = [fake_store_path(i) for i in range(rows)]
-        record.store(s.conn, [record.Record("", outs, [], time.time())])
+        outs = [fake_store_path(i) for i in range(count)]
+        rows.store(s.conn, [rows.Record("", outs, [], time.time())])
 
 
 def scale(the_lab: lab.SshLab, work: Path, rows: int) -> dict[str, float]:

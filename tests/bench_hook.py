@@ -49,7 +49,7 @@ def hook_vs_bare_start(work: Path, runs: int) -> dict[str, float]:
         "NIXSPOOL_CONFIG": str(work / "config.toml"),
         "DRV_PATH": f"/nix/store/{H}-bench.drv",
     }
-    site_hook = [python, "-c", "from nixspool.hook import main; main()"]
+    site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
     samples: dict[str, list[float]] = {"bare": [], "hook": [], "hook_with_site": []}
     for i in range(runs):
         env["OUT_PATHS"] = f"/nix/store/{H[:26]}{i:06d}-bench"

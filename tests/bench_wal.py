@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lab
 from bench_hook import timed
+from nixspool.hook.storepath import NIX_BASE32
 from nixspool.spool import Spool
-from nixspool.storepath import NIX_BASE32
 
 
 def store_path(i: int, name: str) -> str:

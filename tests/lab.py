@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from nixspool import config as nixspool_config
-from nixspool import record
+from nixspool.hook import rows
 from nixspool.nix import NixVersion
 from nixspool.spool import Owner, Spool
 
@@ -631,7 +631,7 @@ class SshLab:
         cfg = nixspool_config.load(str(config))
         owner = Owner.of_user(cfg.user) if cfg.user else None
         with Spool.open(cfg.spool, owner) as s, s.transaction():
-            record.store(s.conn, [record.Record("", sorted(outputs), [], time.time())])
+            rows.store(s.conn, [rows.Record("", sorted(outputs), [], time.time())])
 
     def nixspool(
         self, config: Path, *args: str, timeout: float = 300, path: str | None = None

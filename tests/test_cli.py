@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from nixspool import record
 from nixspool.cli import app
+from nixspool.hook import rows
 from nixspool.spool import Spool
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -27,7 +27,7 @@ def config(tmp_path: Path) -> Path:
     spool = tmp_path / "spool" / "spool.sqlite"
     path.write_text(f'spool = "{spool}"\n\n[remotes.pi]\nurl = "file://{tmp_path}/cache"\n')
     with Spool.open(str(spool)) as s, s.transaction():
-        record.store(s.conn, [record.Record(p("a.drv"), [p("a"), p("a-dev")], [("x", "bad")], 1.0)])
+        rows.store(s.conn, [rows.Record(p("a.drv"), [p("a"), p("a-dev")], [("x", "bad")], 1.0)])
     return path
 
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from nixspool import cli, provision
+from nixspool import cli, setup
 from nixspool import config as config_mod
 from nixspool.errors import ProbeError, RemoteConfigError, UnreachableError
 from nixspool.flush import Flusher
-from nixspool.remote import ProbeResult, Verdict, verdict
+from nixspool.probe import ProbeResult, Verdict, verdict
 from nixspool.run import command_name, spawn
 
 
@@ -46,7 +46,7 @@ def test_a_bug_inside_the_probe_comes_back_with_its_traceback() -> None:
         "connect_timeout": 1,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "nixspool.remote"],
+        [sys.executable, "-m", "nixspool.probe"],
         input=json.dumps(request),
         capture_output=True,
         text=True,
@@ -85,7 +85,7 @@ def test_each_verdict_has_its_own_error(verdict_: Verdict, error: type[Exception
             ["/usr/bin/nix-store", "--check-validity", "--print-invalid"],
             "nix-store --check-validity",
         ),
-        (["/v/bin/python3", "-m", "nixspool.remote"], "python3 -m nixspool.remote"),
+        (["/v/bin/python3", "-m", "nixspool.probe"], "python3 -m nixspool.probe"),
         (["ssh"], "ssh"),
     ],
 )
@@ -133,12 +133,12 @@ def test_the_progress_bar_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_setup_renders_a_dotted_remote_name_that_loads(tmp_path: Path) -> None:
-    request = provision.SetupRequest(
+    request = setup.SetupRequest(
         config_path=str(tmp_path / "c.toml"),
         user="root",
         remotes=(("pi.home", "ssh-ng://pi"), ("nas", "ssh://nas")),
     )
-    cfg = config_mod.parse(provision.render_config(request), "c.toml", {})
+    cfg = config_mod.parse(setup.render_config(request), "c.toml", {})
     assert [(r.name, r.url) for r in cfg.remotes] == [
         ("pi.home", "ssh-ng://pi"),
         ("nas", "ssh://nas"),

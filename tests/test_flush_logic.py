@@ -21,7 +21,7 @@ from nixspool.flush import (
     classify,
     exit_code,
 )
-from nixspool.remote import SshTarget, ssh_options
+from nixspool.probe import SshTarget, ssh_options
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import lab
-from nixspool import hook, locate, record
+from nixspool.hook import locate, rows
+from nixspool.hook import main as hook
 from nixspool.spool import Owner, Spool
 
 STORE = "/nix/store"
@@ -48,16 +49,20 @@ def test_importing_the_hook_loads_only_the_standard_library() -> None:
     (Python's own list of its modules), and none of the slow parts it avoids."""
     package_dir = Path(__file__).parents[1] / "hook"
     code = (
-        f"import sys; sys.path.insert(0, {str(package_dir)!r}); import nixspool.hook; "
-        "print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))"
+        f"import sys; sys.path.insert(0, {str(package_dir)!r}); import nixspool.hook.main; "
+        "print(' '.join(sorted(sys.modules)))"
     )
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", code], text=True, capture_output=True, check=True
     )
-    loaded = set(result.stdout.split())
-    assert "nixspool" in loaded  # the import did happen
+    modules = set(result.stdout.split())
+    loaded = {m.partition(".")[0] for m in modules}
+    assert "nixspool.hook.main" in modules  # the import did happen
     assert loaded - set(sys.stdlib_module_names) - {"nixspool", "__main__"} == set()
     assert loaded & set(AVOIDED) == set()
+    # Nothing from the command's side: the subpackage is the hook's whole world.
+    ours = {m for m in modules if m.startswith("nixspool.")}
+    assert {m for m in ours if not m.startswith("nixspool.hook")} == set()
 
 
 def test_the_installed_hook_runs_python_isolated_without_site() -> None:
@@ -336,7 +341,7 @@ def test_a_locked_spool_waits_a_bounded_time_then_uses_the_journal(
         holder.close()
     assert result.returncode == 0
     assert "database is locked; recorded in" in result.stderr
-    assert record.HOOK_BUSY_TIMEOUT_SECONDS <= waited < record.HOOK_BUSY_TIMEOUT_SECONDS + 10
+    assert rows.HOOK_BUSY_TIMEOUT_SECONDS <= waited < rows.HOOK_BUSY_TIMEOUT_SECONDS + 10
     assert Path(locate.fallback_journal(str(spool))).exists()
     assert paths_in(spool) == {out("a")}
     assert not Path(locate.fallback_journal(str(spool))).exists()
@@ -403,7 +408,7 @@ def test_a_full_disk_still_records_through_the_ballast(
     assert "used the ballast" in result.stderr
     filler.unlink()
     assert paths_in(spool) == {out("a")}
-    assert Path(str(spool) + record.BALLAST_SUFFIX).exists()  # kept again for next time
+    assert Path(str(spool) + rows.BALLAST_SUFFIX).exists()  # kept again for next time
 
 
 def test_nothing_left_anywhere_gives_one_error_line_and_exit_0(
@@ -411,7 +416,7 @@ def test_nothing_left_anywhere_gives_one_error_line_and_exit_0(
 ) -> None:
     spool = small_filesystem / "spool" / "spool.sqlite"
     Spool.open(str(spool)).close()
-    Path(str(spool) + record.BALLAST_SUFFIX).unlink()
+    Path(str(spool) + rows.BALLAST_SUFFIX).unlink()
     fill(small_filesystem / "filler")
     result = run_hook(hook_env(out("a.drv"), out("a"), spool=spool))
     assert result.returncode == 0

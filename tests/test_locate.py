@@ -8,7 +8,7 @@ from pathlib import Path
 import platformdirs
 import pytest
 
-from nixspool import locate
+from nixspool.hook import locate
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ import pytest
 import lab
 from nixspool import nix
 from nixspool.errors import CommandError, NixOutputError
+from nixspool.hook.storepath import nix_base32
 from nixspool.nix import NixVersion
-from nixspool.storepath import nix_base32
 
 STORE = "/nix/store"
 A = "w0ixw1ldwjf9mgbzy1dz4prykzmk6hl7-a"

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from nixspool import config as config_mod
-from nixspool import provision
+from nixspool import setup
 
 pytestmark = pytest.mark.nixos
 
@@ -129,7 +129,7 @@ def test_the_dispatcher_is_the_one_setup_renders(evaluated: dict[str, Any]) -> N
     (script,) = evaluated["laptop"]["dispatchers"]
     nixspool = re.search(r"^NIXSPOOL='(.*)'$", script, re.M)
     assert nixspool and nixspool[1].endswith("/bin/nixspool")
-    ours = provision.render_dispatcher(nixspool[1], ("wlan0",), ("Home's WiFi",))
+    ours = setup.render_dispatcher(nixspool[1], ("wlan0",), ("Home's WiFi",))
     assert script == ours
     # ...and sh reads the quoted names back as they were given.
     names = subprocess.run(
@@ -156,8 +156,8 @@ def test_the_flake_and_the_package(evaluated: dict[str, Any]) -> None:
     assert flake["package"] == flake["overlay"]  # packages.default and the overlay agree
     assert flake["package"].endswith(".drv") and flake["check"].endswith(".drv")
     assert evaluated["laptop"]["toplevel"].endswith(".drv")  # a whole system instantiates
-    assert set(flake["importsCheck"]) >= {"nixspool.cli", "nixspool.hook"}
+    assert set(flake["importsCheck"]) >= {"nixspool.cli", "nixspool.hook.main"}
     root = Path(flake["sourceFiles"][0]).parent
     relative = {str(Path(p).relative_to(root)) for p in flake["sourceFiles"]}
-    assert {"pyproject.toml", "README.md", "hook/nixspool/hook.py"} <= relative
+    assert {"pyproject.toml", "README.md", "hook/nixspool/hook/main.py"} <= relative
     assert not [p for p in relative if p.split("/")[0] in ("tests", ".ci", "contrib")]

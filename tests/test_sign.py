@@ -16,7 +16,7 @@ import pytest
 import lab
 from nixspool import nix, sign
 from nixspool.errors import SigningKeyError
-from nixspool.storepath import nix_base32
+from nixspool.hook.storepath import nix_base32
 
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nixspool import journal, locate, record
 from nixspool.errors import SpoolError, UsageError
+from nixspool.hook import journal, locate, rows
 from nixspool.spool import SCHEMA_VERSION, Selector, Spool, State
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -30,7 +30,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 
 def add(s: Spool, *names: str, drv: str = "") -> None:
     with s.transaction():
-        record.store(s.conn, [record.Record(drv, [p(n) for n in names], [], 1.0)])
+        rows.store(s.conn, [rows.Record(drv, [p(n) for n in names], [], 1.0)])
 
 
 def test_new_spool_has_schema_wal_and_safe_modes(tmp_path: Path) -> None:
@@ -47,7 +47,7 @@ def test_new_spool_has_schema_wal_and_safe_modes(tmp_path: Path) -> None:
 def test_the_hooks_statements_are_valid_against_the_current_schema(spool: Spool) -> None:
     add(spool, "a", drv=p("a.drv"))
     with spool.transaction():
-        record.store(spool.conn, [record.Record(p("b.drv"), [], [("x", "why")], 2.0)])
+        rows.store(spool.conn, [rows.Record(p("b.drv"), [], [("x", "why")], 2.0)])
     assert spool.status()["paths"] == 2
     assert spool.status()["unresolved_derivations"] == 1
     assert spool.status()["rejected"] == 1
@@ -157,7 +157,7 @@ def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
 
 def test_resolving_a_derivation_replaces_its_row_by_its_outputs(spool: Spool) -> None:
     with spool.transaction():
-        record.store(spool.conn, [record.Record(p("x.drv"), [], [], 5.0)])
+        rows.store(spool.conn, [rows.Record(p("x.drv"), [], [], 5.0)])
     spool.sync_remotes(["pi"])
     ((drv_id, _),) = spool.unresolved()
     assert spool.claim("pi", "me", 10, 60) == []  # not uploadable until resolved
@@ -170,7 +170,7 @@ def test_resolving_a_derivation_replaces_its_row_by_its_outputs(spool: Spool) ->
 def test_journal_records_are_imported_once_even_if_imported_twice(tmp_path: Path) -> None:
     path = str(tmp_path / "s" / "spool.sqlite")
     Spool.open(path).close()
-    rec = record.Record(p("a.drv"), [p("a")], [("bad", "why")], 3.0)
+    rec = rows.Record(p("a.drv"), [p("a")], [("bad", "why")], 3.0)
     journal.append(locate.fallback_journal(path), rec)
     # Simulate an importer that died after committing but before unlinking.
     os.rename(locate.fallback_journal(path), locate.fallback_journal(path) + ".importing")
@@ -190,7 +190,7 @@ def test_appends_racing_an_import_are_never_lost(tmp_path: Path) -> None:
 
     def writer(chunk: list[str]) -> None:
         for n in chunk:
-            journal.append(locate.fallback_journal(path), record.Record("", [p(n)], [], 1.0))
+            journal.append(locate.fallback_journal(path), rows.Record("", [p(n)], [], 1.0))
 
     threads = [threading.Thread(target=writer, args=(names[i::4],)) for i in range(4)]
     for t in threads:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from nixspool import provision
+from nixspool import setup
 
 REPO = Path(__file__).parents[1]
 DATA = REPO / "hook" / "nixspool" / "data"
@@ -58,7 +58,7 @@ def dispatcher(tmp_path: Path) -> Path:
     standin.write_text(f'#!/bin/sh\nsleep 2\necho "$*" >> {tmp_path}/nixspool-ran\n')
     standin.chmod(0o755)
     script = tmp_path / "90-nixspool"
-    script.write_text(provision.render_dispatcher(str(standin), (), ()))
+    script.write_text(setup.render_dispatcher(str(standin), (), ()))
     script.chmod(0o755)
     return script
 
@@ -150,7 +150,7 @@ def test_dispatcher_limited_to_named_interfaces_and_connections(tmp_path: Path) 
     lab.require_lab()
     script = tmp_path / "90-nixspool"
     script.write_text(
-        provision.render_dispatcher("/nonexistent/nixspool", ("wlan0",), ("Home WiFi", "Office"))
+        setup.render_dispatcher("/nonexistent/nixspool", ("wlan0",), ("Home WiFi", "Office"))
     )
     script.chmod(0o755)
     path = standin_systemctl(tmp_path, works=True)
@@ -195,9 +195,9 @@ def installed(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_setup_installs_what_networkmanager_and_systemd_accept(installed) -> None:
     root, config = installed
-    script = root / provision.DISPATCHER
+    script = root / setup.DISPATCHER
     assert nm_permissions_ok(script) is None
-    units = [root / provision.UNIT_DIR / unit for unit in provision.UNITS]
+    units = [root / setup.UNIT_DIR / unit for unit in setup.UNITS]
     lab.require_lab("systemd-analyze")
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *map(str, units)], capture_output=True, text=True

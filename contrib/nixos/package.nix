@@ -48,7 +48,7 @@ python3Packages.buildPythonApplication {
     #!${python.interpreter} -IS
     import sys
     sys.path.append("$out/${python.sitePackages}")
-    from nixspool.hook import launch
+    from nixspool.hook.main import launch
     launch()
     HOOK
     chmod 0755 $out/bin/nixspool-hook
@@ -56,7 +56,7 @@ python3Packages.buildPythonApplication {
 
   pythonImportsCheck = [
     "nixspool.cli"
-    "nixspool.hook"
+    "nixspool.hook.main"
   ];
 
   # The test suite needs root, a nix-daemon, sshd and network namespaces.

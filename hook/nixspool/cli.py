@@ -22,8 +22,9 @@ import typer
 from typer.core import TyperGroup
 
 from . import config as config_mod
-from . import locate, privileges
+from . import privileges
 from .errors import NixspoolError, UsageError
+from .hook import locate
 from .spool import Owner, Selector, Spool, State
 
 
@@ -460,8 +461,7 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
     Reads each path's signatures from the remote itself and checks them with the public
     half of the key. Exits 1 if a path has no valid signature by it there.
     """
-    from . import remote as ssh
-    from . import sign
+    from . import probe, sign
     from . import verify as verify_mod
 
     cfg = load_config()
@@ -476,7 +476,7 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
                     spool.delivered_paths(r.name),
                     spool,
                     account=account,
-                    env=ssh.nix_ssh_env(r, account, cfg.accept_new_host_keys),
+                    env=probe.nix_ssh_env(r, account, cfg.accept_new_host_keys),
                 )
     bad = {name: sorted(p for p, ok in v.items() if not ok) for name, v in results.items()}
     if json_output:
@@ -549,7 +549,7 @@ def setup(
     Prints the nix.conf line to add; never edits nix.conf. Running it again with the
     same options changes nothing.
     """
-    from . import provision
+    from .setup import SetupRequest, install
 
     pairs = []
     for item in remote:
@@ -561,8 +561,8 @@ def setup(
                 f"--remote {item!r}: a remote name is letters, digits, '_', '.' and '-'"
             )
         pairs.append((name, url))
-    report = provision.setup(
-        provision.SetupRequest(
+    report = install(
+        SetupRequest(
             config_path=config_file,
             user=user,
             remotes=tuple(pairs),

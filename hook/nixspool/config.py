@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import locate
 from .errors import ConfigError, UsageError
+from .hook import locate
 
 # The top-level keys: name -> (type, default, one line for `nixspool config`).
 # The defaults that depend on who runs nixspool (spool) are filled in by load().

@@ -18,12 +18,13 @@ import stat
 from dataclasses import asdict, dataclass
 
 from . import config as config_mod
-from . import files, gcroots, nix, privileges
+from . import gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, NixspoolError
-from .provision import program
-from .remote import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
+from .hook import files
+from .probe import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
 from .run import Account, run
+from .setup import program
 from .spool import Owner, trusted_uids
 
 

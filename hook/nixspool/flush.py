@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import files, gcroots, nix, sign, verify
+from . import gcroots, nix, sign, verify
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -45,7 +45,8 @@ from .errors import (
     SpoolError,
     UnreachableError,
 )
-from .remote import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
+from .hook import files
+from .probe import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
 from .run import Account, Running, last_line
 from .spool import Spool
 

@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import storepath
 from .errors import CommandError, NixOutputError
+from .hook import storepath
+from .hook.storepath import nix_base32, why_invalid
 from .run import Account, Running, run, spawn
-from .storepath import nix_base32, why_invalid
 
 # `nix copy` and friends are behind the nix-command feature on 2.4 and later;
 # naming it explicitly keeps nixspool independent of the user's nix.conf.

@@ -169,7 +169,7 @@ def _die_with(parent: int) -> Callable[[], None]:
 
 def command_name(argv: Sequence[str]) -> str:
     """The program and its subcommand, for messages: `nix copy`, `nix store info`,
-    `nix-store --check-validity`, `python3 -m nixspool.remote`."""
+    `nix-store --check-validity`, `python3 -m nixspool.probe`."""
     program, rest = os.path.basename(argv[0]), list(argv[1:])
     if rest[:1] == ["--extra-experimental-features"]:  # nix.NIX's prefix
         rest = rest[2:]

@@ -33,16 +33,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from . import files, journal, locate, record, storepath
 from .errors import SpoolError, UsageError
-from .record import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
+from .hook import files, journal, locate, rows, storepath
+from .hook.rows import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 
 BALLAST_BYTES = 1 << 20
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
-# Append only; never edit a released entry. The hook's INSERTs (record.py)
+# Append only; never edit a released entry. The hook's INSERTs (nixspool.hook.rows)
 # must stay valid against every version.
 MIGRATIONS: list[str] = [
     """
@@ -300,12 +300,12 @@ class Spool:
     def import_journal(self) -> int:
         """Move records the hook put in the fallback journal into the spool."""
 
-        def consume(records: list[record.Record], unreadable: list[str]) -> None:
+        def consume(records: list[rows.Record], unreadable: list[str]) -> None:
             now = time.time()
             with self.transaction():
-                record.store(self.conn, records)
+                rows.store(self.conn, records)
                 self.conn.executemany(
-                    record.INSERT_REJECT,
+                    rows.INSERT_REJECT,
                     [
                         (line[:300], "unreadable line in the fallback journal", "", now)
                         for line in unreadable
@@ -557,7 +557,7 @@ class Spool:
             good, bad = storepath.partition(outputs, storepath.store_dir())
             if bad:
                 raise SpoolError(f"Nix named outputs of {row[0]} that are not store paths: {bad}")
-            self.conn.executemany(record.INSERT_PATH, [(out, row[0], 0, row[1]) for out in good])
+            self.conn.executemany(rows.INSERT_PATH, [(out, row[0], 0, row[1]) for out in good])
             self.conn.execute("DELETE FROM paths WHERE id = ?", (drv_id,))
 
     def fail_unresolved(self, drv_id: int, reason: str, now: float | None = None) -> None:

@@ -133,7 +133,7 @@ def start_probe(remote: Remote, account: Account, *, accept_new_host_keys: bool)
         agent_socket=privileges.agent_socket(account),
     )
     return spawn(
-        [sys.executable, "-m", "nixspool.remote"],
+        [sys.executable, "-m", "nixspool.probe"],
         input=json.dumps(asdict(request)),
         account=account,
         env=privileges.child_env(account),
@@ -318,7 +318,7 @@ def _authenticate(
 
 
 def main() -> None:
-    """`python -m nixspool.remote`: one probe, request and result as JSON (for dropping root)."""
+    """`python -m nixspool.probe`: one probe, request and result as JSON (for dropping root)."""
     request = ProbeRequest(**json.loads(sys.stdin.read()))
     try:
         result = probe(request)

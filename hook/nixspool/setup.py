@@ -128,7 +128,8 @@ def render_unit(name: str, nixspool: str, spool_dir: str, home: str) -> str:
     return text.replace(" -/home\n", f" -{home}\n")
 
 
-def setup(req: SetupRequest) -> SetupReport:
+def install(req: SetupRequest) -> SetupReport:
+    """`nixspool setup`: what the request asks for, written only where it differs."""
     report = SetupReport()
     account = account_of(req.user)
     if not req.remotes:

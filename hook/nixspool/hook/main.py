@@ -23,7 +23,7 @@ import sys
 import time
 
 from . import files, locate, storepath
-from .record import BALLAST_SUFFIX, HOOK_BUSY_TIMEOUT_SECONDS, Record, store, validated
+from .rows import BALLAST_SUFFIX, HOOK_BUSY_TIMEOUT_SECONDS, Record, store, validated
 
 # The C module behind `sqlite3`, without the DB-API layer's datetime adapters
 # and their imports: about a third of an interpreter start saved on every

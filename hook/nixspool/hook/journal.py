@@ -26,7 +26,7 @@ import os
 import time
 
 from . import files, storepath
-from .record import Record, validated
+from .rows import Record, validated
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def encode(record: Record) -> bytes:
 
 def decode(line: bytes, store_dir: str) -> Record:
     """A record from one journal line, its paths checked again (see
-    record.validated); ValueError if the line is not a record at all."""
+    rows.validated); ValueError if the line is not a record at all."""
     import json
 
     data = json.loads(line.decode("utf-8", "surrogateescape"))
