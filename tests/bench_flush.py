@@ -121,9 +121,9 @@ def scale(the_lab: lab.SshLab, work: Path, rows: int) -> dict[str, float]:
             claims = []
             for _ in range(5):
                 started = time.perf_counter()
-                batch = s.claim("cache", "bench", 500, 60)
+                batch = s.queue.claim("cache", "bench", 500, 60)
                 claims.append(time.perf_counter() - started)
-                s.released("cache", "bench", [i for i, _ in batch])
+                s.queue.released("cache", "bench", [i for i, _ in batch])
         results[f"claim_{n}"] = statistics.median(claims)
         # The whole flush over n rows (their paths are not in the store: each is
         # marked failed), for its peak memory.

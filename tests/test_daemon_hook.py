@@ -78,6 +78,6 @@ def test_a_build_before_the_spool_exists_is_kept_in_the_journal(nix_lab: Path) -
         # Three derivations, four outputs; Nix 2.8.0 gives the hook DRV_PATH alone.
         recorded = 4 if lab.hook_gets_out_paths() else 3
         with spool.Spool.open(str(spool_path)) as s:  # any nixspool command imports it
-            assert s.status()["paths"] == recorded
+            assert s.reports.status().paths == recorded
     finally:
         daemon.stop()

@@ -160,9 +160,9 @@ def test_a_hundred_thousand_bad_values_are_bounded_and_fast(tmp_path: Path) -> N
     Spool.open(str(tmp_path / "s" / "spool.sqlite")).close()
     hook.run(env)  # in-process: the kernel caps one variable at 128 KiB for exec
     with Spool.open(str(tmp_path / "s" / "spool.sqlite")) as s:
-        rejects = s.rejects()
+        rejects = s.reports.rejects()
     assert len(rejects) == 21  # 20 shown and one line counting the rest
-    assert rejects[0]["value"] == "(99980 more values)"
+    assert rejects[0].value == "(99980 more values)"
 
 
 # -- the installed hook, run as Nix runs it -----------------------------------
@@ -183,7 +183,7 @@ def test_the_same_path_twice_is_one_row(hook_env, run_hook, tmp_path) -> None:
     for _ in range(2):
         assert run_hook(hook_env(out("a.drv"), out("a"))).returncode == 0
     with Spool.open(str(spool)) as s:
-        assert s.status()["paths"] == 1
+        assert s.reports.status().paths == 1
 
 
 def test_not_run_by_nix_says_so_and_exits_0(hook_env, run_hook) -> None:
@@ -208,8 +208,8 @@ def test_bytes_that_are_not_utf8_are_rejected(hook_env, run_hook, tmp_path) -> N
     )
     assert (result.returncode, result.stderr) == (0, b"")
     with Spool.open(str(spool)) as s:
-        assert [r["reason"] for r in s.rejects()] == ["OUT_PATHS entry is not valid UTF-8"]
-        assert s.rejects()[0]["value"].endswith("-b\\xff\\xfe")
+        assert [r.reason for r in s.reports.rejects()] == ["OUT_PATHS entry is not valid UTF-8"]
+        assert s.reports.rejects()[0].value.endswith("-b\\xff\\xfe")
     assert paths_in(spool) == {out("a")}
 
 

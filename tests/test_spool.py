@@ -48,9 +48,9 @@ def test_the_hooks_statements_are_valid_against_the_current_schema(spool: Spool)
     add(spool, "a", drv=p("a.drv"))
     with spool.transaction():
         rows.store(spool.conn, [rows.Record(p("b.drv"), [], [("x", "why")], 2.0)])
-    assert spool.status()["paths"] == 2
-    assert spool.status()["unresolved_derivations"] == 1
-    assert spool.status()["rejected"] == 1
+    assert spool.reports.status().paths == 2
+    assert spool.reports.status().unresolved_derivations == 1
+    assert spool.reports.status().rejected == 1
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -94,77 +94,77 @@ def test_a_corrupt_spool_says_so(tmp_path: Path) -> None:
 
 def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.sync_remotes(["pi", "nas"])
+    spool.queue.sync_remotes(["pi", "nas"])
     add(spool, "c")
-    spool.sync_remotes(["pi", "nas"])
-    status = spool.status()
-    assert status["totals"] == {"queued": 6, "delivered": 0, "failed": 0}
-    ids = [i for i, _ in spool.claim("pi", "me", 10, 60)]
-    assert spool.delivered("pi", "me", ids) == 3
-    status = spool.status()
-    assert status["remotes"]["pi"]["delivered"] == 3
-    assert status["remotes"]["nas"]["queued"] == 3
+    spool.queue.sync_remotes(["pi", "nas"])
+    status = spool.reports.status()
+    assert status.totals == {"queued": 6, "delivered": 0, "failed": 0}
+    ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60)]
+    assert spool.queue.delivered("pi", "me", ids) == 3
+    status = spool.reports.status()
+    assert status.remotes["pi"].delivered == 3
+    assert status.remotes["nas"].queued == 3
 
 
 def test_a_lease_hides_rows_until_it_runs_out(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.sync_remotes(["pi"])
-    first = spool.claim("pi", "one", 10, 60, now=100)
+    spool.queue.sync_remotes(["pi"])
+    first = spool.queue.claim("pi", "one", 10, 60, now=100)
     assert len(first) == 2
-    assert spool.claim("pi", "two", 10, 60, now=120) == []  # held by the first flusher
-    assert spool.claim("pi", "two", 10, 60, now=161) == first  # it died; the lease ran out
+    assert spool.queue.claim("pi", "two", 10, 60, now=120) == []  # held by the first flusher
+    assert spool.queue.claim("pi", "two", 10, 60, now=161) == first  # it died; the lease ran out
     # The first flusher comes back late: it no longer holds the lease, marks nothing.
-    assert spool.delivered("pi", "one", [i for i, _ in first]) == 0
-    assert spool.delivered("pi", "two", [i for i, _ in first]) == 2
+    assert spool.queue.delivered("pi", "one", [i for i, _ in first]) == 0
+    assert spool.queue.delivered("pi", "two", [i for i, _ in first]) == 2
 
 
 def test_deferred_rows_wait_and_released_rows_do_not_count_an_attempt(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.sync_remotes(["pi"])
-    (a, _), (b, _) = spool.claim("pi", "me", 10, 60, now=0)
-    spool.deferred("pi", "me", [a], "timeout", retry_at=500, now=0)
-    spool.released("pi", "me", [b])
-    assert spool.attempts("pi", [a, b]) == {a: 1, b: 0}
-    assert [i for i, _ in spool.claim("pi", "me", 10, 60, now=100)] == [b]
-    assert spool.claim("pi", "me2", 10, 60, now=150) == []  # a waits, b is leased
+    spool.queue.sync_remotes(["pi"])
+    (a, _), (b, _) = spool.queue.claim("pi", "me", 10, 60, now=0)
+    spool.queue.deferred("pi", "me", [a], "timeout", retry_at=500, now=0)
+    spool.queue.released("pi", "me", [b])
+    assert spool.queue.attempts("pi", [a, b]) == {a: 1, b: 0}
+    assert [i for i, _ in spool.queue.claim("pi", "me", 10, 60, now=100)] == [b]
+    assert spool.queue.claim("pi", "me2", 10, 60, now=150) == []  # a waits, b is leased
     # At 500 a is due again and b's lease (taken at 100 for 60 s) has run out.
-    assert {i for i, _ in spool.claim("pi", "me2", 10, 60, now=500)} == {a, b}
+    assert {i for i, _ in spool.queue.claim("pi", "me2", 10, 60, now=500)} == {a, b}
 
 
 def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     add(spool, "a", "b", "c")
-    spool.sync_remotes(["pi", "nas"])
-    rows = spool.claim("pi", "me", 10, 60)
-    spool.failed("pi", "me", [rows[0][0], rows[1][0]], "lacks a valid signature")
-    assert spool.status()["remotes"]["pi"]["last_error"] == "lacks a valid signature"
-    assert spool.retry(Selector(ids=(rows[0][0],), remote="pi")) == 1
-    assert spool.retry(Selector(all_failed=True)) == 1
-    assert spool.status()["totals"]["failed"] == 0
-    spool.released("pi", "me", [rows[2][0]])
-    assert spool.drop(Selector(paths=(p("a"),), remote="pi")) == []  # nas still wants it
-    assert spool.drop(Selector(paths=(p("a"),))) == [p("a")]
-    assert spool.status()["paths"] == 2
-    spool.sync_remotes(["pi", "nas"])  # a dropped row does not come back
-    assert spool.status()["totals"]["queued"] == 4
+    spool.queue.sync_remotes(["pi", "nas"])
+    rows = spool.queue.claim("pi", "me", 10, 60)
+    spool.queue.failed("pi", "me", [rows[0][0], rows[1][0]], "lacks a valid signature")
+    assert spool.reports.status().remotes["pi"].last_error == "lacks a valid signature"
+    assert spool.admin.retry(Selector(ids=(rows[0][0],), remote="pi")) == 1
+    assert spool.admin.retry(Selector(all_failed=True)) == 1
+    assert spool.reports.status().totals["failed"] == 0
+    spool.queue.released("pi", "me", [rows[2][0]])
+    assert spool.admin.drop(Selector(paths=(p("a"),), remote="pi")) == []  # nas still wants it
+    assert spool.admin.drop(Selector(paths=(p("a"),))) == [p("a")]
+    assert spool.reports.status().paths == 2
+    spool.queue.sync_remotes(["pi", "nas"])  # a dropped row does not come back
+    assert spool.reports.status().totals["queued"] == 4
 
 
 def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
     with pytest.raises(UsageError, match="not in the spool: 42"):
-        spool.retry(Selector(ids=(42,)))
+        spool.admin.retry(Selector(ids=(42,)))
     with pytest.raises(UsageError, match="name rows"):
-        spool.drop(Selector())
+        spool.admin.drop(Selector())
 
 
 def test_resolving_a_derivation_replaces_its_row_by_its_outputs(spool: Spool) -> None:
     with spool.transaction():
         rows.store(spool.conn, [rows.Record(p("x.drv"), [], [], 5.0)])
-    spool.sync_remotes(["pi"])
-    ((drv_id, _),) = spool.unresolved()
-    assert spool.claim("pi", "me", 10, 60) == []  # not uploadable until resolved
-    spool.resolve(drv_id, [p("x"), p("x-dev")])
-    spool.sync_remotes(["pi"])
-    assert [path for _, path in spool.claim("pi", "me", 10, 60)] == [p("x"), p("x-dev")]
-    assert spool.unresolved() == []
+    spool.queue.sync_remotes(["pi"])
+    ((drv_id, _),) = spool.queue.unresolved()
+    assert spool.queue.claim("pi", "me", 10, 60) == []  # not uploadable until resolved
+    spool.queue.resolve(drv_id, [p("x"), p("x-dev")])
+    spool.queue.sync_remotes(["pi"])
+    assert [path for _, path in spool.queue.claim("pi", "me", 10, 60)] == [p("x"), p("x-dev")]
+    assert spool.queue.unresolved() == []
 
 
 def test_journal_records_are_imported_once_even_if_imported_twice(tmp_path: Path) -> None:
@@ -177,8 +177,8 @@ def test_journal_records_are_imported_once_even_if_imported_twice(tmp_path: Path
     with open(locate.fallback_journal(path) + ".importing", "ab") as f:
         f.write(journal.encode(rec) + b'{"half a line')
     with Spool.open(path) as s:
-        assert s.status()["paths"] == 1
-        reasons = sorted(r["reason"] for r in s.rejects())
+        assert s.reports.status().paths == 1
+        reasons = sorted(r.reason for r in s.reports.rejects())
     assert reasons == ["unreadable line in the fallback journal", "why"]
     assert not os.path.exists(locate.fallback_journal(path) + ".importing")
 
@@ -198,19 +198,19 @@ def test_appends_racing_an_import_are_never_lost(tmp_path: Path) -> None:
     seen = []  # what each import, racing the writers, left in the spool
     while any(t.is_alive() for t in threads):
         with Spool.open(path) as s:
-            seen.append(s.status()["paths"])
+            seen.append(s.reports.status().paths)
     for t in threads:
         t.join()
     with Spool.open(path) as s:
-        seen.append(s.status()["paths"])
+        seen.append(s.reports.status().paths)
     assert seen[-1] == 400
     assert seen == sorted(seen), "an import lost rows a previous one had brought in"
 
 
 def test_status_shape_is_stable(spool: Spool) -> None:
     add(spool, "a")
-    spool.sync_remotes(["pi"])
-    status = spool.status(now=11.0)
+    spool.queue.sync_remotes(["pi"])
+    status = spool.reports.status(now=11.0).to_json()
     assert set(status) == {
         "spool",
         "paths",
@@ -229,8 +229,9 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "last_error_at": None,
         "verified": 0,
         "not_verified": 0,
+        "configured": True,
     }
-    assert [r.state for r in spool.rows()] == [State.QUEUED]
+    assert [r.state for r in spool.reports.rows()] == [State.QUEUED]
 
 
 def test_gc_roots_of_two_spools_do_not_touch_each_other(tmp_path: Path) -> None:

@@ -34,7 +34,6 @@ python3Packages.buildPythonApplication {
     paramiko
     pynacl
     tenacity
-    platformdirs
     rich
   ];
 

@@ -130,7 +130,7 @@ def load_config(remote: str | None = None) -> config_mod.Config:
 def open_spool(cfg: config_mod.Config) -> Spool:
     owner = Owner.of_user(cfg.user) if cfg.user else None
     spool = Spool.open(cfg.spool, owner)
-    spool.sync_remotes(r.name for r in cfg.remotes)
+    spool.queue.sync_remotes(r.name for r in cfg.remotes)
     return spool
 
 
@@ -160,52 +160,45 @@ def status(json_output: JsonOption = False) -> None:
     """Counts per state and per remote, the oldest queued row, the last error."""
     cfg = load_config()
     with open_spool(cfg) as spool:
-        data = spool.status()
+        data = spool.reports.status()
     configured = {r.name for r in cfg.remotes}
-    for name, counts in data["remotes"].items():
-        counts["configured"] = name in configured
+    for name, remote in data.remotes.items():
+        remote.configured = name in configured
     if json_output:
-        print_json(data)
+        print_json(data.to_json())
         return
-    typer.echo(f"spool {data['spool']}: {data['paths']} paths")
-    if not data["remotes"]:
+    typer.echo(f"spool {data.spool}: {data.paths} paths")
+    if not data.remotes:
         typer.echo(
             "no remotes configured: add [remotes.NAME] with a url to the config "
             "(see `nixspool config`)"
         )
     else:
         typer.echo(f"{'remote':<16} {'queued':>8} {'delivered':>10} {'failed':>8}  oldest queued")
-        for name, r in data["remotes"].items():
-            note = "" if r["configured"] else "  (not in the config)"
+        for name, r in data.remotes.items():
+            note = "" if r.configured else "  (not in the config)"
             typer.echo(
-                f"{name:<16} {r['queued']:>8} {r['delivered']:>10} {r['failed']:>8}  "
-                f"{ago(r.get('oldest_queued_age_seconds'))}{note}"
+                f"{name:<16} {r.queued:>8} {r.delivered:>10} {r.failed:>8}  "
+                f"{ago(r.oldest_queued_age_seconds)}{note}"
             )
-        for name, r in data["remotes"].items():
-            if r.get("last_error"):
+        for name, r in data.remotes.items():
+            if r.last_error and r.last_error_at is not None:
                 typer.echo(
-                    f"last error ({name}, {ago(time.time() - r['last_error_at'])} ago): "
-                    f"{r['last_error']}"
+                    f"last error ({name}, {ago(time.time() - r.last_error_at)} ago): {r.last_error}"
                 )
-    for name, r in data["remotes"].items():
-        if r.get("verified") or r.get("not_verified"):
+    for name, r in data.remotes.items():
+        if r.verified or r.not_verified:
             typer.echo(
-                f"{name}: {r['verified']} delivered paths have a verified signature there"
-                + (
-                    f", {r['not_verified']} do NOT (see `nixspool verify`)"
-                    if r["not_verified"]
-                    else ""
-                )
+                f"{name}: {r.verified} delivered paths have a verified signature there"
+                + (f", {r.not_verified} do NOT (see `nixspool verify`)" if r.not_verified else "")
             )
-    if data["unresolved_derivations"]:
+    if data.unresolved_derivations:
         typer.echo(
-            f"{data['unresolved_derivations']} derivations wait for their outputs to be "
+            f"{data.unresolved_derivations} derivations wait for their outputs to be "
             "resolved by the next flush"
         )
-    if data["rejected"]:
-        typer.echo(
-            f"{data['rejected']} values rejected by the hook: see `nixspool list --rejected`"
-        )
+    if data.rejected:
+        typer.echo(f"{data.rejected} values rejected by the hook: see `nixspool list --rejected`")
 
 
 # -- list ----------------------------------------------------------------------
@@ -229,14 +222,14 @@ def list_rows(
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
         if rejected:
-            rejects = spool.rejects(limit)
+            rejects = spool.reports.rejects(limit)
             if json_output:
-                print_json(rejects)
+                print_json([vars(rej) for rej in rejects])
             else:
                 for rej in rejects:
-                    typer.echo(f"{rej['id']:>6}  {rej['reason']}: {rej['value']}")
+                    typer.echo(f"{rej.id:>6}  {rej.reason}: {rej.value}")
             return
-        found = spool.rows(state=state, remote=remote, limit=limit)
+        found = spool.reports.rows(state=state, remote=remote, limit=limit)
     if json_output:
         print_json(
             [
@@ -295,7 +288,7 @@ def retry(
     """Requeue failed (or waiting) rows so that the next flush tries them at once."""
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        count = spool.retry(selector(targets, all_failed, remote))
+        count = spool.admin.retry(selector(targets, all_failed, remote))
     typer.echo(f"requeued {count} rows")
 
 
@@ -306,9 +299,9 @@ def drop(
     """Forget rows: they will not be uploaded (to that remote, with --remote)."""
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        before = spool.status()["totals"]
-        forgotten = spool.drop(selector(targets, all_failed, remote))
-        after = spool.status()["totals"]
+        before = spool.reports.status().totals
+        forgotten = spool.admin.drop(selector(targets, all_failed, remote))
+        after = spool.reports.status().totals
     dropped = sum(before.values()) - sum(after.values())
     typer.echo(f"dropped {dropped} rows; {len(forgotten)} paths left the spool")
 
@@ -473,7 +466,7 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
                 results[r.name] = verify_mod.check(
                     r,
                     sign.load_secret_key(r.sign_key_file),
-                    spool.delivered_paths(r.name),
+                    spool.queue.delivered_paths(r.name),
                     spool,
                     account=account,
                     env=probe.nix_ssh_env(r, account, cfg.accept_new_host_keys),

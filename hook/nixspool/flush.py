@@ -183,7 +183,7 @@ def single_flusher(spool_path: str) -> Iterator[bool]:
 def resolve_derivations(spool: Spool) -> int:
     """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs; how
     many were resolved."""
-    unresolved = spool.unresolved()
+    unresolved = spool.queue.unresolved()
     if not unresolved:
         return 0
     try:  # one call for all of them, the common case
@@ -196,10 +196,10 @@ def resolve_derivations(spool: Spool) -> int:
             except CommandError as e:
                 reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
                 log.warning("%s", reason)
-                spool.fail_unresolved(drv_id, reason)
+                spool.queue.fail_unresolved(drv_id, reason)
     for drv_id, drv_path in unresolved:
         if drv_path in outputs:
-            spool.resolve(drv_id, outputs[drv_path])
+            spool.queue.resolve(drv_id, outputs[drv_path])
     return len(outputs)
 
 
@@ -270,7 +270,7 @@ class Flusher:
 
     def protect(self) -> None:
         if self.cfg.gc_roots:
-            added, removed = gcroots.sync(self.spool.path, self.spool.protected_paths())
+            added, removed = gcroots.sync(self.spool.path, self.spool.queue.protected_paths())
             log.debug("GC roots: %d added, %d removed", added, removed)
 
     # -- delivering ----------------------------------------------------------------
@@ -278,7 +278,7 @@ class Flusher:
     def run(self, only: str | None = None) -> FlushReport:
         """Flush; the caller holds the flush lock (see single_flusher)."""
         remotes = self.cfg.selected(only)
-        stale = self.spool.reclaim_leases()
+        stale = self.spool.queue.reclaim_leases()
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
         # The spool was opened with every recorded path fanned out to the remotes
@@ -287,13 +287,13 @@ class Flusher:
         # start them now, so they run while the local work below and the first
         # copy do; each remote's verdict is still awaited before anything counts.
         for remote in remotes:
-            if remote.uses_ssh and self.spool.due_count(remote.name):
+            if remote.uses_ssh and self.spool.queue.due_count(remote.name):
                 self._probes[remote.name] = self._start_probe(remote)
         errors = []
         try:
             try:
                 if resolve_derivations(self.spool):
-                    self.spool.sync_remotes(r.name for r in self.cfg.remotes)
+                    self.spool.queue.sync_remotes(r.name for r in self.cfg.remotes)
             except NixspoolError as e:  # local: the rows already resolved still go
                 errors.append(f"resolving derivations: {e}")
                 log.error("cannot resolve derivations recorded without outputs: %s", e)
@@ -309,7 +309,7 @@ class Flusher:
         report = RemoteReport(remote.name)
         started = time.monotonic()
         try:
-            due = self.spool.due_count(remote.name)
+            due = self.spool.queue.due_count(remote.name)
             if due:
                 self._deliver(remote, report, due)
             pending = self._probes.pop(remote.name, None)
@@ -328,7 +328,7 @@ class Flusher:
             )
             log.error("%s: %s", remote.name, report.error)
             log.debug("%s: the traceback", remote.name, exc_info=True)
-        report.queued = self.spool.queued_count(remote.name)
+        report.queued = self.spool.queue.queued_count(remote.name)
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
@@ -388,7 +388,7 @@ class Flusher:
             return
         try:
             infos = nix.path_infos(paths, recursive=True)
-            ours = self.spool.recorded(infos)
+            ours = self.spool.queue.recorded(infos)
             signed = sign.attach(key, [info for path, info in infos.items() if path in ours])
         except (CommandError, NixOutputError, OSError) as e:
             raise LocalError(f"signing for {remote.name} failed, nothing was copied: {e}") from None
@@ -408,7 +408,7 @@ class Flusher:
         self._key(remote)  # an unusable key stops this remote before anything moves
         lease = remote.copy_timeout * ATTEMPTS_PER_FLUSH + 60
         done = 0
-        while batch := self.spool.claim(remote.name, self.owner, remote.batch_size, lease):
+        while batch := self.spool.queue.claim(remote.name, self.owner, remote.batch_size, lease):
             try:
                 before = report.delivered
                 self._copy(remote, batch, report)
@@ -417,13 +417,13 @@ class Flusher:
             except BaseException:
                 # Unreachable, interrupted or a bug: what this batch did not
                 # finish goes back untouched, and the next flush resumes.
-                self.spool.released(remote.name, self.owner, [i for i, _ in batch])
+                self.spool.queue.released(remote.name, self.owner, [i for i, _ in batch])
                 raise
 
     def _copy(self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport) -> None:
         """A claimed batch; the rows that ran past copy_timeout before go one by one,
         so that one huge path cannot hold the others back for ever."""
-        last = self.spool.last_errors(remote.name, [i for i, _ in batch])
+        last = self.spool.queue.last_errors(remote.name, [i for i, _ in batch])
         slow = [row for row in batch if (last.get(row[0]) or "").startswith(TIMED_OUT)]
         rest = [row for row in batch if row not in slow]
         for part in ([rest] if rest else []) + [[row] for row in slow]:
@@ -461,7 +461,7 @@ class Flusher:
         except CommandError as e:  # the remote or a path says no
             self._refused(remote, batch, e, report)
             return
-        report.delivered += self.spool.delivered(remote.name, self.owner, ids)
+        report.delivered += self.spool.queue.delivered(remote.name, self.owner, ids)
         if remote.verifies:
             try:
                 verdicts = self.verify(remote, [p for _, p in batch])
@@ -482,7 +482,9 @@ class Flusher:
             return False
         reason = "no longer in the local store (garbage-collected before upload)"
         bad = [(i, p) for i, p in batch if p in gone]
-        report.failed += self.spool.failed(remote.name, self.owner, [i for i, _ in bad], reason)
+        report.failed += self.spool.queue.failed(
+            remote.name, self.owner, [i for i, _ in bad], reason
+        )
         report.failures += [{"path": p, "error": reason} for _, p in bad]
         rest = [(i, p) for i, p in batch if p not in gone]
         if rest:
@@ -497,13 +499,13 @@ class Flusher:
         times out alone, again and again, needs a person to raise the bound."""
         ids = [i for i, _ in batch]
         if len(batch) == 1:
-            attempts = self.spool.attempts(remote.name, ids)[ids[0]] + 1
+            attempts = self.spool.queue.attempts(remote.name, ids)[ids[0]] + 1
             if attempts >= TIMEOUTS_ALONE:
                 why = (
                     f"{reason}, {attempts} attempts, the last ones alone: raise "
                     f"copy_timeout for {remote.name}, then `nixspool retry`"
                 )
-                report.failed += self.spool.failed(remote.name, self.owner, ids, why)
+                report.failed += self.spool.queue.failed(remote.name, self.owner, ids, why)
                 report.failures.append({"path": batch[0][1], "error": why})
                 log.error("%s: %s failed: %s", remote.name, batch[0][1], why)
                 return
@@ -528,7 +530,7 @@ class Flusher:
             self._copy_part(remote, batch[middle:], report)
             return
         reason = last_line(error.stderr) if error.stderr else str(error)
-        report.failed += self.spool.failed(remote.name, self.owner, [batch[0][0]], reason)
+        report.failed += self.spool.queue.failed(remote.name, self.owner, [batch[0][0]], reason)
         report.failures.append({"path": batch[0][1], "error": reason})
         log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
 
@@ -599,9 +601,9 @@ class Flusher:
 
     def _defer(self, remote: Remote, ids: list[int], reason: str, report: RemoteReport) -> None:
         now = time.time()
-        for path_id, attempts in self.spool.attempts(remote.name, ids).items():
+        for path_id, attempts in self.spool.queue.attempts(remote.name, ids).items():
             retry_at = now + backoff(attempts + 1, self.cfg.retry_min, self.cfg.retry_max)
-            report.deferred += self.spool.deferred(
+            report.deferred += self.spool.queue.deferred(
                 remote.name, self.owner, [path_id], reason, retry_at, now
             )
 

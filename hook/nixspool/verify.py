@@ -36,7 +36,7 @@ def check(
         list(paths), store=remote.url, env=env, account=account, timeout=remote.copy_timeout
     )
     verdicts = {p: p in infos and sign.verify(infos[p], key.public) for p in paths}
-    spool.set_verified(remote.name, verdicts)
+    spool.queue.set_verified(remote.name, verdicts)
     for path, ok in verdicts.items():
         if not ok:
             log.error(

@@ -1,0 +1,41 @@
+"""The spool: a SQLite file in WAL mode, the one source of truth.
+
+By responsibility: `database` (the file: safety, owner, migrations, journal
+import, ballast), `queue` (fan-out and the flusher's state machine), `reports`
+(status and list, typed), `admin` (retry and drop), `model` (the values).
+
+Tables:
+- `paths`: one row per store path the hook recorded (`needs_outputs` = 1
+  for a .drv whose outputs Nix 2.8.0 did not pass; the flusher replaces it
+  by its outputs). The hook only ever inserts here and into `rejects`.
+- `deliveries`: one row per path and remote, with its state, attempts, next
+  attempt time, last error and lease. Rows are created lazily by
+  `sync_remotes()`, because the hook does not read the config and so does
+  not know the remotes; `remotes.expanded_through` remembers how far each
+  remote has been fanned out, so a dropped row is not brought back.
+- `rejects`: what the hook refused to record, and why.
+
+Ownership (README#ownership): the directory (0700) and the files (0600)
+belong to the configured `user`, so that both root (the hook, a root
+flusher) and that user (a flusher started by them) can write, and nobody
+else can. SQLite gives its -wal and -shm files the database's owner and
+mode when root creates them; nixspool does the same for its own files.
+"""
+
+from .database import SCHEMA_VERSION, Owner, Spool, check_permissions, trusted_uids
+from .model import Reject, RemoteStatus, Row, Selector, State, Status, untrusted_row
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Owner",
+    "Reject",
+    "RemoteStatus",
+    "Row",
+    "Selector",
+    "Spool",
+    "State",
+    "Status",
+    "check_permissions",
+    "trusted_uids",
+    "untrusted_row",
+]

@@ -1,0 +1,292 @@
+"""The spool's file: opening it safely, its schema and migrations, its owner,
+the journal import, and the ballast. The parts that work on an open spool are
+reached from it: `spool.queue`, `spool.reports`, `spool.admin`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pwd
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import SpoolError
+from ..hook import files, journal, locate, rows
+from ..hook.rows import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
+from .admin import Admin
+from .queue import Queue
+from .reports import Reports
+
+log = logging.getLogger(__name__)
+
+BALLAST_BYTES = 1 << 20
+
+# Each entry upgrades the schema by one version (PRAGMA user_version).
+# Append only; never edit a released entry. The hook's INSERTs (nixspool.hook.rows)
+# must stay valid against every version.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE paths (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL UNIQUE,
+        drv_path TEXT NOT NULL DEFAULT '',
+        needs_outputs INTEGER NOT NULL DEFAULT 0,
+        recorded_at REAL NOT NULL
+    );
+    CREATE TABLE remotes (
+        name TEXT PRIMARY KEY,
+        expanded_through INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE deliveries (
+        remote TEXT NOT NULL,
+        path_id INTEGER NOT NULL REFERENCES paths (id) ON DELETE CASCADE,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        updated_at REAL,
+        delivered_at REAL,
+        verified INTEGER,
+        lease_owner TEXT,
+        lease_until REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (remote, path_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX deliveries_due ON deliveries (remote, state, next_attempt_at, path_id);
+    CREATE INDEX deliveries_path ON deliveries (path_id);
+    CREATE TABLE rejects (
+        id INTEGER PRIMARY KEY,
+        value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        drv_path TEXT NOT NULL DEFAULT '',
+        recorded_at REAL NOT NULL,
+        UNIQUE (recorded_at, drv_path, value, reason)
+    );
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who owns the spool's files."""
+
+    uid: int
+    gid: int
+    name: str
+
+    @classmethod
+    def of_user(cls, name: str) -> Owner:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise SpoolError(f"user '{name}' (from the config's 'user') does not exist") from None
+        return cls(entry.pw_uid, entry.pw_gid, name)
+
+
+def trusted_uids(owner: Owner | None) -> set[int]:
+    """Who may own the spool: root, whoever runs this, and the configured user."""
+    return {0, os.geteuid()} | ({owner.uid} if owner else set())
+
+
+def check_permissions(path: str, owner: Owner | None) -> None:
+    """Refuse a spool (file or directory) that someone untrusted could write."""
+    reason = files.why_spool_unsafe(path, trusted_uids(owner))
+    if reason is not None:
+        raise SpoolError(reason)
+
+
+class Spool:
+    """An open spool. Create with `Spool.open()`; close with `close()` or `with`."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+
+    @functools.cached_property
+    def db(self) -> Any:
+        """sqlite-utils over the same connection, for reading; imported only when
+        used (about 50 ms, which a flush does not need to pay)."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
+    @functools.cached_property
+    def queue(self) -> Queue:
+        return Queue(self)
+
+    @functools.cached_property
+    def reports(self) -> Reports:
+        return Reports(self)
+
+    @functools.cached_property
+    def admin(self) -> Admin:
+        return Admin(self)
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, owner: Owner | None = None) -> Spool:
+        """Open (and if needed create) the spool, migrate it, import the journal.
+
+        `owner` is the configured user: files root creates are given to them,
+        and files they own are trusted.
+        """
+        directory = os.path.dirname(path)
+        try:
+            check_permissions(directory, owner)
+            check_permissions(path, owner)
+            files.check_database(path)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"spool: {e}") from None
+        except PermissionError:
+            raise SpoolError(
+                f"spool {path}: permission denied; run nixspool as root or as "
+                "the spool's owner (see README#ownership)"
+            ) from None
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            old_umask = os.umask(0o077)
+            try:
+                conn = sqlite3.connect(
+                    path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None
+                )
+            finally:
+                os.umask(old_umask)
+            spool = cls(path, conn)
+            spool._migrate()
+        except sqlite3.DatabaseError as e:
+            raise SpoolError(
+                f"spool {path}: {e}; is it readable and writable by this user? "
+                "(see README#troubleshooting)"
+            ) from None
+        except PermissionError as e:
+            raise SpoolError(
+                f"spool {path}: {e.strerror}; run nixspool as root or as the "
+                "spool's owner (see README#ownership)"
+            ) from None
+        spool._give_to(owner)
+        spool.import_journal()
+        spool._keep_ballast()
+        return spool
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"spool {self.path} has schema version {version}, newer than this "
+                f"nixspool knows ({SCHEMA_VERSION}); upgrade nixspool"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        # WAL: readers and the hooks' writers do not block each other. The mode
+        # is stored in the file, so the hook never has to set it.
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        with self.transaction():
+            # Re-read inside the write lock: another process may have migrated.
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _own_files(self) -> list[str]:
+        return [self.path + suffix for suffix in ("", "-wal", "-shm", BALLAST_SUFFIX)]
+
+    def _give_to(self, owner: Owner | None) -> None:
+        if owner is None or os.geteuid() != 0:
+            return
+        for path in [os.path.dirname(self.path), *self._own_files()]:
+            try:
+                st = os.lstat(path)
+                if (st.st_uid, st.st_gid) != (owner.uid, owner.gid) and not stat.S_ISLNK(
+                    st.st_mode
+                ):
+                    os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+
+    def _keep_ballast(self) -> None:
+        # Disk space the hook may free to write its journal on a full disk.
+        ballast = self.path + BALLAST_SUFFIX
+        if os.path.lexists(ballast):
+            return
+        try:
+            fd = files.open_regular(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except OSError:
+            return
+        try:
+            files.give_to_directory_owner(fd, os.path.dirname(self.path))
+            os.posix_fallocate(fd, 0, BALLAST_BYTES)
+        except OSError:
+            os.unlink(ballast)  # no room for it now; try again next time
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, never upgrade."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def import_journal(self) -> int:
+        """Move records the hook put in the fallback journal into the spool."""
+
+        def consume(records: list[rows.Record], unreadable: list[str]) -> None:
+            now = time.time()
+            with self.transaction():
+                rows.store(self.conn, records)
+                self.conn.executemany(
+                    rows.INSERT_REJECT,
+                    [
+                        (line[:300], "unreadable line in the fallback journal", "", now)
+                        for line in unreadable
+                    ],
+                )
+
+        try:
+            imported = journal.drain(locate.fallback_journal(self.path), consume)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"cannot import the fallback journal: {e}") from None
+        except PermissionError as e:
+            raise SpoolError(
+                f"cannot import the fallback journal: {e}; run nixspool as root "
+                "or as the spool's owner"
+            ) from None
+        # Records the hook made while it could not read the config wait beside
+        # the default spool (see hook.run): they belong to this one.
+        stray = locate.fallback_journal(locate.default_spool(os.environ))
+        if stray != locate.fallback_journal(self.path) and os.path.lexists(stray):
+            try:
+                imported += journal.drain(stray, consume)
+            except OSError as e:
+                log.warning(
+                    "records made while the config could not be read wait in %s: %s; "
+                    "run nixspool as root to import them",
+                    stray,
+                    e.strerror or e,
+                )
+        return imported

@@ -1,0 +1,102 @@
+"""The spool's values: states, rows, selectors, reports. No SQL here."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..hook import storepath
+
+
+class State(enum.StrEnum):
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One delivery: a path, to one remote, in one state."""
+
+    id: int
+    path: str
+    remote: str
+    state: State
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    recorded_at: float
+    delivered_at: float | None
+    needs_outputs: bool
+    drv_path: str
+    verified: bool | None = None
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which delivery rows a retry or drop applies to."""
+
+    ids: tuple[int, ...] = ()
+    paths: tuple[str, ...] = ()
+    all_failed: bool = False
+    remote: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A value the hook refused to record, and why."""
+
+    id: int
+    value: str
+    reason: str
+    drv_path: str
+    recorded_at: float
+
+
+@dataclass
+class RemoteStatus:
+    """One remote's counts and latest trouble; the `status --json` shape."""
+
+    queued: int = 0
+    delivered: int = 0
+    failed: int = 0
+    oldest_queued_at: float | None = None
+    oldest_queued_age_seconds: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    verified: int = 0
+    not_verified: int = 0
+    configured: bool = True  # the spool does not read the config: the command sets it
+
+    def count(self, state: State) -> int:
+        return int(getattr(self, state.value))
+
+
+@dataclass
+class Status:
+    """The whole spool at a glance; `status --json` prints `to_json()`."""
+
+    spool: str
+    paths: int
+    unresolved_derivations: int
+    rejected: int
+    remotes: dict[str, RemoteStatus] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {s.value: sum(r.count(s) for r in self.remotes.values()) for s in State}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "totals": self.totals}
+
+
+def untrusted_row(reason: str) -> str:
+    return f"not a Nix store path: {reason} (nixspool did not write this row; it is never used)"
+
+
+def store_paths(rows: Iterable[tuple[str]]) -> list[str]:
+    """The paths of `rows` that are store paths: the only ones that leave the spool."""
+    store_dir = storepath.store_dir()
+    return [path for (path,) in rows if storepath.why_invalid(path, store_dir) is None]

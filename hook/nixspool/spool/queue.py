@@ -1,0 +1,272 @@
+"""The queue: fan-out to remotes, and the flusher's side of the state machine
+(docs/ARCHITECTURE.md#the-spools-state-machine): claim rows under a lease, then
+mark each delivered, failed, deferred (attempt counted, later) or released
+(untouched). Every path leaves the spool checked as a store path again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SpoolError
+from ..hook import rows, storepath
+from .model import store_paths, untrusted_row
+
+if TYPE_CHECKING:
+    from .database import Spool
+
+
+class Queue:
+    """The rows' lifecycle, on an open spool (`spool.queue`)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.conn = spool.conn
+        self.transaction = spool.transaction
+
+    def sync_remotes(self, names: Iterable[str]) -> None:
+        """Give every recorded path a delivery row for each named remote."""
+        with self.transaction():
+            for name in names:
+                self.conn.execute(
+                    "INSERT INTO remotes (name) VALUES (?) ON CONFLICT DO NOTHING", (name,)
+                )
+                (through,) = self.conn.execute(
+                    "SELECT expanded_through FROM remotes WHERE name = ?", (name,)
+                ).fetchone()
+                (top,) = self.conn.execute("SELECT coalesce(max(id), 0) FROM paths").fetchone()
+                if top > through:
+                    self.conn.execute(
+                        "INSERT INTO deliveries (remote, path_id) SELECT ?, id FROM paths"
+                        " WHERE id > ? AND id <= ? ON CONFLICT DO NOTHING",
+                        (name, through, top),
+                    )
+                    self.conn.execute(
+                        "UPDATE remotes SET expanded_through = ? WHERE name = ?", (top, name)
+                    )
+
+    def unresolved(self) -> list[tuple[int, str]]:
+        """(id, drv path) of rows recorded without their outputs; rows that are not
+        derivations in the store are failed here and never handed out."""
+        rows = list(self.conn.execute("SELECT id, path FROM paths WHERE needs_outputs = 1"))
+        store_dir = storepath.store_dir()
+        good = []
+        for drv_id, path in rows:
+            reason = storepath.why_not_derivation(path, store_dir)
+            if reason is None:
+                good.append((drv_id, path))
+            else:
+                self.fail_unresolved(drv_id, untrusted_row(reason))
+        return good
+
+    def resolve(self, drv_id: int, outputs: Sequence[str]) -> None:
+        """Replace a .drv row by its outputs; they inherit nothing but the time."""
+        with self.transaction():
+            row = self.conn.execute(
+                "SELECT path, recorded_at FROM paths WHERE id = ?", (drv_id,)
+            ).fetchone()
+            if row is None:
+                return  # dropped meanwhile
+            good, bad = storepath.partition(outputs, storepath.store_dir())
+            if bad:
+                raise SpoolError(f"Nix named outputs of {row[0]} that are not store paths: {bad}")
+            self.conn.executemany(rows.INSERT_PATH, [(out, row[0], 0, row[1]) for out in good])
+            self.conn.execute("DELETE FROM paths WHERE id = ?", (drv_id,))
+
+    def fail_unresolved(self, drv_id: int, reason: str, now: float | None = None) -> None:
+        """Mark every delivery of a .drv row failed: its outputs cannot be known."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE deliveries SET state = 'failed', last_error = ?, updated_at = ?"
+                " WHERE path_id = ? AND state = 'queued'",
+                (reason, now, drv_id),
+            )
+
+    def claim(
+        self, remote: str, owner: str, limit: int, lease_seconds: float, now: float | None = None
+    ) -> list[tuple[int, str]]:
+        """Lease up to `limit` due rows of `remote` to `owner`: (path id, path), oldest first.
+
+        A lease, not a state: if the flusher dies, the rows become due again
+        when it runs out, and nothing was lost or marked twice.
+        """
+        now = time.time() if now is None else now
+        store_dir = storepath.store_dir()
+        with self.transaction():
+            rows = self.conn.execute(
+                "SELECT d.path_id, p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
+                " WHERE d.remote = ? AND d.state = 'queued' AND d.next_attempt_at <= ?"
+                " AND d.lease_until <= ? AND p.needs_outputs = 0"
+                " ORDER BY d.next_attempt_at, d.path_id LIMIT ?",  # walks deliveries_due
+                (remote, now, now, limit),
+            ).fetchall()
+            # Every path leaves the spool checked as a store path again: the
+            # spool's owner can write rows, and these become nix arguments.
+            bad = [(i, why) for i, p in rows if (why := storepath.why_invalid(p, store_dir))]
+            self.conn.executemany(
+                "UPDATE deliveries SET state = 'failed', last_error = ?, updated_at = ?"
+                " WHERE remote = ? AND path_id = ?",
+                [(untrusted_row(why), now, remote, i) for i, why in bad],
+            )
+            refused = {i for i, _ in bad}
+            rows = [row for row in rows if row[0] not in refused]
+            self.conn.executemany(
+                "UPDATE deliveries SET lease_owner = ?, lease_until = ?"
+                " WHERE remote = ? AND path_id = ?",
+                [(owner, now + lease_seconds, remote, path_id) for path_id, _ in rows],
+            )
+        return [(path_id, path) for path_id, path in rows]
+
+    def recorded(self, paths: Iterable[str]) -> set[str]:
+        """Which of `paths` the spool holds: only these were recorded by the hook."""
+        found: set[str] = set()
+        items = list(paths)
+        for start in range(0, len(items), 500):
+            chunk = items[start : start + 500]
+            found.update(
+                r[0]
+                for r in self.conn.execute(
+                    f"SELECT path FROM paths WHERE path IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
+        return found
+
+    def set_verified(self, remote: str, verdicts: dict[str, bool]) -> None:
+        """Record whether each delivered path's signature checked out on the remote."""
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE deliveries SET verified = ? WHERE remote = ?"
+                " AND path_id = (SELECT id FROM paths WHERE path = ?)",
+                [(int(ok), remote, path) for path, ok in verdicts.items()],
+            )
+
+    def delivered_paths(self, remote: str) -> list[str]:
+        return store_paths(
+            self.conn.execute(
+                "SELECT p.path FROM deliveries d JOIN paths p ON p.id = d.path_id"
+                " WHERE d.remote = ? AND d.state = 'delivered' ORDER BY p.id",
+                (remote,),
+            )
+        )
+
+    def reclaim_leases(self) -> int:
+        """Free every lease. Only for a flusher that holds the flush lock: then no
+        other flusher is alive, and leases left by a killed one are stale."""
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE deliveries SET lease_owner = NULL, lease_until = 0"
+                " WHERE lease_owner IS NOT NULL"
+            ).rowcount
+
+    def _finish(
+        self, remote: str, owner: str, ids: Sequence[int], sql: str, params: Sequence[Any]
+    ) -> int:
+        """Apply `SET sql` to the rows `owner` still holds a lease on."""
+        with self.transaction():
+            changed = 0
+            for path_id in ids:
+                cursor = self.conn.execute(
+                    f"UPDATE deliveries SET {sql}, lease_owner = NULL, lease_until = 0"
+                    " WHERE remote = ? AND path_id = ? AND lease_owner = ?",
+                    (*params, remote, path_id, owner),
+                )
+                changed += cursor.rowcount
+        return changed
+
+    def delivered(
+        self, remote: str, owner: str, ids: Sequence[int], now: float | None = None
+    ) -> int:
+        now = time.time() if now is None else now
+        return self._finish(
+            remote,
+            owner,
+            ids,
+            "state = 'delivered', attempts = attempts + 1, delivered_at = ?, updated_at = ?,"
+            " last_error = NULL",
+            (now, now),
+        )
+
+    def failed(
+        self, remote: str, owner: str, ids: Sequence[int], reason: str, now: float | None = None
+    ) -> int:
+        """Failed for a reason that retrying will not fix; `nixspool retry` requeues."""
+        now = time.time() if now is None else now
+        return self._finish(
+            remote,
+            owner,
+            ids,
+            "state = 'failed', attempts = attempts + 1, last_error = ?, updated_at = ?",
+            (reason, now),
+        )
+
+    def deferred(
+        self,
+        remote: str,
+        owner: str,
+        ids: Sequence[int],
+        reason: str,
+        retry_at: float,
+        now: float | None = None,
+    ) -> int:
+        """An attempt that failed for now: stays queued until `retry_at`."""
+        now = time.time() if now is None else now
+        return self._finish(
+            remote,
+            owner,
+            ids,
+            "attempts = attempts + 1, last_error = ?, updated_at = ?, next_attempt_at = ?",
+            (reason, now, retry_at),
+        )
+
+    def released(self, remote: str, owner: str, ids: Sequence[int]) -> int:
+        """Give rows back untouched (the remote could not be reached: not an attempt)."""
+        return self._finish(remote, owner, ids, "state = state", ())
+
+    def attempts(self, remote: str, ids: Sequence[int]) -> dict[int, int]:
+        marks = ",".join("?" * len(ids))
+        return dict(
+            self.conn.execute(
+                "SELECT path_id, attempts FROM deliveries"
+                f" WHERE remote = ? AND path_id IN ({marks})",
+                (remote, *ids),
+            )
+        )
+
+    def last_errors(self, remote: str, ids: Sequence[int]) -> dict[int, str | None]:
+        marks = ",".join("?" * len(ids))
+        return dict(
+            self.conn.execute(
+                "SELECT path_id, last_error FROM deliveries"
+                f" WHERE remote = ? AND path_id IN ({marks})",
+                (remote, *ids),
+            )
+        )
+
+    def due_count(self, remote: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return int(
+            self.conn.execute(
+                "SELECT count(*) FROM deliveries WHERE remote = ? AND state = 'queued'"
+                " AND next_attempt_at <= ?",
+                (remote, now),
+            ).fetchone()[0]
+        )
+
+    def protected_paths(self) -> list[str]:
+        """Paths some remote still waits for (and .drv rows not yet resolved)."""
+        return store_paths(
+            self.conn.execute(
+                "SELECT path FROM paths WHERE needs_outputs = 1 OR id IN"
+                " (SELECT path_id FROM deliveries WHERE state = 'queued')"
+            )
+        )
+
+    def queued_count(self, remote: str) -> int:
+        return int(
+            self.conn.execute(
+                "SELECT count(*) FROM deliveries WHERE remote = ? AND state = 'queued'", (remote,)
+            ).fetchone()[0]
+        )

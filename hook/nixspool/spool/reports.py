@@ -1,0 +1,108 @@
+"""What `status` and `list` show, read from the spool as typed values."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .model import Reject, RemoteStatus, Row, State, Status
+
+if TYPE_CHECKING:
+    from .database import Spool
+
+
+class Reports:
+    """Reading the spool for people and scripts (`spool.reports`)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.conn = spool.conn
+
+    @property
+    def db(self) -> Any:
+        return self.spool.db
+
+    def status(self, now: float | None = None) -> Status:
+        """Counts per state and per remote, the oldest queued row, the last error."""
+        now = time.time() if now is None else now
+        remotes: dict[str, RemoteStatus] = {}
+        for (name,) in self.conn.execute("SELECT name FROM remotes ORDER BY name"):
+            remotes[name] = RemoteStatus()
+        for name, state, count in self.conn.execute(
+            "SELECT remote, state, count(*) FROM deliveries GROUP BY remote, state"
+        ):
+            setattr(remotes.setdefault(name, RemoteStatus()), State(state).value, count)
+        for name, oldest in self.conn.execute(
+            "SELECT d.remote, min(p.recorded_at) FROM deliveries d JOIN paths p"
+            " ON p.id = d.path_id WHERE d.state = 'queued' GROUP BY d.remote"
+        ):
+            remotes[name].oldest_queued_at = oldest
+            remotes[name].oldest_queued_age_seconds = round(now - oldest, 3)
+        for name, verified, count in self.conn.execute(
+            "SELECT remote, verified, count(*) FROM deliveries"
+            " WHERE state = 'delivered' AND verified IS NOT NULL GROUP BY remote, verified"
+        ):
+            if verified:
+                remotes[name].verified = count
+            else:
+                remotes[name].not_verified = count
+        for name, remote in remotes.items():
+            last = self.conn.execute(
+                "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"
+                " WHERE remote = ? AND state IN ('queued', 'failed') AND last_error IS NOT NULL"
+                " ORDER BY updated_at DESC LIMIT 1",
+                (name,),
+            ).fetchone()
+            if last:
+                remote.last_error, remote.last_error_at = last
+        return Status(
+            spool=self.spool.path,
+            paths=self.db["paths"].count,
+            unresolved_derivations=self.conn.execute(
+                "SELECT count(*) FROM paths WHERE needs_outputs = 1"
+            ).fetchone()[0],
+            rejected=self.db["rejects"].count,
+            remotes=remotes,
+        )
+
+    def rows(
+        self, *, state: State | None = None, remote: str | None = None, limit: int | None = None
+    ) -> list[Row]:
+        where, params = ["1"], []
+        if state is not None:
+            where.append("d.state = ?")
+            params.append(state.value)
+        if remote is not None:
+            where.append("d.remote = ?")
+            params.append(remote)
+        sql = (
+            "SELECT p.id, p.path, d.remote, d.state, d.attempts, d.next_attempt_at,"
+            " d.last_error, p.recorded_at, d.delivered_at, p.needs_outputs, p.drv_path, d.verified"
+            " FROM deliveries d JOIN paths p ON p.id = d.path_id"
+            f" WHERE {' AND '.join(where)} ORDER BY p.id, d.remote"
+        )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [
+            Row(
+                r[0],
+                r[1],
+                r[2],
+                State(r[3]),
+                r[4],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                bool(r[9]),
+                r[10],
+                None if r[11] is None else bool(r[11]),
+            )
+            for r in self.conn.execute(sql, params)
+        ]
+
+    def rejects(self, limit: int | None = None) -> list[Reject]:
+        sql = "SELECT id, value, reason, drv_path, recorded_at FROM rejects ORDER BY id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Reject(**row) for row in self.db.query(sql)]
