@@ -226,24 +226,22 @@ class Queue:
         return self._finish(remote, owner, ids, "state = state", ())
 
     def attempts(self, remote: str, ids: Sequence[int]) -> dict[int, int]:
-        marks = ",".join("?" * len(ids))
-        return dict(
-            self.conn.execute(
-                "SELECT path_id, attempts FROM deliveries"
-                f" WHERE remote = ? AND path_id IN ({marks})",
-                (remote, *ids),
-            )
-        )
+        return {i: attempts for i, (attempts, _) in self.history(remote, ids).items()}
 
     def last_errors(self, remote: str, ids: Sequence[int]) -> dict[int, str | None]:
+        return {i: error for i, (_, error) in self.history(remote, ids).items()}
+
+    def history(self, remote: str, ids: Sequence[int]) -> dict[int, tuple[int, str | None]]:
+        """{path id: (attempts, last error)} of these rows for `remote`."""
         marks = ",".join("?" * len(ids))
-        return dict(
-            self.conn.execute(
-                "SELECT path_id, last_error FROM deliveries"
+        return {
+            path_id: (attempts, error)
+            for path_id, attempts, error in self.conn.execute(
+                "SELECT path_id, attempts, last_error FROM deliveries"
                 f" WHERE remote = ? AND path_id IN ({marks})",
                 (remote, *ids),
             )
-        )
+        }
 
     def due_count(self, remote: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
