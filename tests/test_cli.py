@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nixspool.cli import app
-from nixspool.hook import rows
+from nixspool.hook import journal, locate, rows
 from nixspool.spool import Spool
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -143,3 +143,22 @@ def test_setup_refuses_a_bad_remote_before_writing_anything(tmp_path: Path, item
     assert result.stderr.startswith("error: --remote"), result.stderr
     assert result.stderr.count("\n") == 1
     assert not target.exists()
+
+
+def test_status_reads_a_quiet_spool_without_changing_it(config: Path, tmp_path: Path) -> None:
+    assert nixspool(config, "status")[0] == 0  # fans the paths out to pi: there was work
+    spool = tmp_path / "spool" / "spool.sqlite"
+    ballast = Path(str(spool) + ".ballast")
+    ballast.unlink()
+    before = (spool.stat().st_mtime_ns, spool.read_bytes())
+    code, out, _ = nixspool(config, "status", "--json")
+    assert code == 0 and json.loads(out)["totals"]["queued"] == 2
+    assert nixspool(config, "list")[0] == 0
+    assert not ballast.exists()  # a writing open keeps one
+    assert (spool.stat().st_mtime_ns, spool.read_bytes()) == before
+    # A record waiting in the journal: status imports it first, to be complete.
+    journal.append(locate.fallback_journal(str(spool)), rows.Record("", [p("c")], [], 3.0))
+    code, out, _ = nixspool(config, "status", "--json")
+    assert json.loads(out)["paths"] == 3
+    assert json.loads(out)["totals"]["queued"] == 3
+    assert ballast.exists()

@@ -2,7 +2,9 @@
 
 Every command loads the config, opens the spool (which imports the hook's
 fallback journal) and fans recorded paths out to the configured remotes
-before it reads or changes anything, so what it shows is complete.
+before it reads or changes anything, so what it shows is complete. The
+reading commands (status, list) open it read-only when there is nothing to
+import or fan out, and then change nothing.
 """
 
 from __future__ import annotations
@@ -127,10 +129,21 @@ def load_config(remote: str | None = None) -> config_mod.Config:
     return cfg
 
 
-def open_spool(cfg: config_mod.Config) -> Spool:
+def open_spool(cfg: config_mod.Config, *, reading: bool = False) -> Spool:
+    """The spool, complete: the journal imported, every path fanned out to every
+    configured remote. A command that only reads (`reading`) gets it read-only
+    when there is nothing to import or fan out, which is the usual case: then it
+    changes nothing, not even the spool's owner or its ballast."""
     owner = Owner.of_user(cfg.user) if cfg.user else None
+    names = [r.name for r in cfg.remotes]
+    if reading:
+        spool = Spool.open_read_only(cfg.spool, owner)
+        if spool is not None and not spool.queue.needs_fan_out(names):
+            return spool
+        if spool is not None:
+            spool.close()
     spool = Spool.open(cfg.spool, owner)
-    spool.queue.sync_remotes(r.name for r in cfg.remotes)
+    spool.queue.sync_remotes(names)
     return spool
 
 
@@ -159,7 +172,7 @@ def ago(seconds: float | None) -> str:
 def status(json_output: JsonOption = False) -> None:
     """Counts per state and per remote, the oldest queued row, the last error."""
     cfg = load_config()
-    with open_spool(cfg) as spool:
+    with open_spool(cfg, reading=True) as spool:
         data = spool.reports.status()
     configured = {r.name for r in cfg.remotes}
     for name, remote in data.remotes.items():
@@ -220,7 +233,7 @@ def list_rows(
 ) -> None:
     """The rows in the spool: one line per store path and remote."""
     cfg = load_config(remote)
-    with open_spool(cfg) as spool:
+    with open_spool(cfg, reading=True) as spool:
         if rejected:
             rejects = spool.reports.rejects(limit)
             if json_output:

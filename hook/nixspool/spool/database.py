@@ -177,6 +177,40 @@ class Spool:
         spool._keep_ballast()
         return spool
 
+    @classmethod
+    def open_read_only(cls, path: str, owner: Owner | None = None) -> Spool | None:
+        """The spool as it is, for a command that only reads: no directory made,
+        nothing chowned, migrated, imported or written (SQLite's read-only mode;
+        as for any reader of a WAL database, SQLite may create its -wal and -shm
+        files, with the database's owner and mode).
+
+        None when reading it as it is would show less than was recorded, or
+        nothing: no spool yet, an older schema, records waiting in a journal.
+        The caller then open()s it, which does that work first.
+        """
+        try:
+            check_permissions(os.path.dirname(path), owner)
+            check_permissions(path, owner)
+            files.check_database(path)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"spool: {e}") from None
+        journals = [
+            locate.fallback_journal(path),
+            locate.fallback_journal(locate.default_spool(os.environ)),
+        ]
+        if not os.path.exists(path) or any(os.path.lexists(j) for j in journals):
+            return None
+        uri = "file:" + path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=COMMAND_BUSY_TIMEOUT_SECONDS)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return None  # open() says what is wrong with it, in its words
+        if version != SCHEMA_VERSION:
+            conn.close()
+            return None
+        return cls(path, conn)
+
     def close(self) -> None:
         self.conn.close()
 

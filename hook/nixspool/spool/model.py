@@ -33,6 +33,19 @@ class Row:
     drv_path: str
     verified: bool | None = None
 
+    @classmethod
+    def from_columns(cls, columns: dict[str, Any]) -> Row:
+        """From a query whose columns are named as the fields (SQLite keeps 0/1)."""
+        verified = columns["verified"]
+        return cls(
+            **columns
+            | {
+                "state": State(columns["state"]),
+                "needs_outputs": bool(columns["needs_outputs"]),
+                "verified": None if verified is None else bool(verified),
+            }
+        )
+
 
 @dataclass(frozen=True)
 class Selector:

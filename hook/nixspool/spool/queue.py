@@ -26,6 +26,13 @@ class Queue:
         self.conn = spool.conn
         self.transaction = spool.transaction
 
+    def needs_fan_out(self, names: Iterable[str]) -> bool:
+        """Would sync_remotes(names) add a row? (A reading command then opens the
+        spool for writing, so that what it shows is complete.)"""
+        (top,) = self.conn.execute("SELECT coalesce(max(id), 0) FROM paths").fetchone()
+        through = dict(self.conn.execute("SELECT name, expanded_through FROM remotes"))
+        return any(through.get(name, -1) < top for name in names)
+
     def sync_remotes(self, names: Iterable[str]) -> None:
         """Give every recorded path a delivery row for each named remote."""
         with self.transaction():

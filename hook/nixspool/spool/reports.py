@@ -83,23 +83,7 @@ class Reports:
         )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [
-            Row(
-                r[0],
-                r[1],
-                r[2],
-                State(r[3]),
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                bool(r[9]),
-                r[10],
-                None if r[11] is None else bool(r[11]),
-            )
-            for r in self.conn.execute(sql, params)
-        ]
+        return [Row.from_columns(r) for r in self.db.query(sql, params)]
 
     def rejects(self, limit: int | None = None) -> list[Reject]:
         sql = "SELECT id, value, reason, drv_path, recorded_at FROM rejects ORDER BY id DESC"
