@@ -11,6 +11,7 @@ import pytest
 
 import lab
 from nixspool import setup
+from nixspool.spool import Spool
 
 REPO = Path(__file__).parents[1]
 DATA = REPO / "hook" / "nixspool" / "data"
@@ -168,6 +169,7 @@ def installed(tmp_path: Path) -> tuple[Path, Path]:
     lab.require_lab()
     lab.ensure_user(lab.ALICE, groups=["nix-users"])
     root = tmp_path / "root"
+    (root / "etc" / "NetworkManager" / "dispatcher.d").mkdir(parents=True)
     config = tmp_path / "etc-nixspool" / "config.toml"
     argv = [
         lab.installed_program("nixspool"),
@@ -238,3 +240,32 @@ def test_nix_files_parse() -> None:
             ["nix-instantiate", "--parse", str(path)], capture_output=True, text=True
         )
         assert result.returncode == 0, f"{path}: {result.stderr}"
+
+
+def test_setup_skips_what_is_not_there_and_says_only_what_is_true(tmp_path: Path) -> None:
+    """No NetworkManager: no dispatcher, and a note saying so. nix.conf already has
+    the hook: no "add to nix.conf". The spool is named in the config (its default
+    depends on who runs nixspool). Handing the spool to the user is a change."""
+    lab.require_lab()
+    lab.ensure_user(lab.ALICE, groups=["nix-users"])
+    root = tmp_path / "root"
+    nix_conf = root / "etc" / "nix" / "nix.conf"
+    nix_conf.parent.mkdir(parents=True)
+    nix_conf.write_text(f"post-build-hook =  {lab.installed_program('nixspool-hook')}\n")
+    config = tmp_path / "etc-nixspool" / "config.toml"
+    spool = tmp_path / "spool" / "spool.sqlite"
+    spool.parent.mkdir(mode=0o700)
+    Spool.open(str(spool)).close()  # root's, as a first `nixspool status` would leave it
+    argv = [lab.installed_program("nixspool"), "setup", "--user", lab.ALICE, "--remote",
+            "pi=ssh-ng://lanhost0", "--spool", str(spool), "--config-file", str(config),
+            "--root", str(root)]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not (root / setup.DISPATCHER).exists()
+    assert "NetworkManager is not installed: no dispatcher script" in result.stdout
+    assert "add to /etc/nix/nix.conf" not in result.stdout
+    assert "/etc/nix/nix.conf has `post-build-hook = " in result.stdout
+    assert f"wrote     {spool}" in result.stdout  # given to alice: a change
+    assert f'spool = "{spool}"' in config.read_text()
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert f"unchanged {spool}" in again.stdout

@@ -23,6 +23,7 @@ from importlib import resources
 from . import config as config_mod
 from . import gcroots
 from .errors import UsageError
+from .hook import locate
 from .privileges import account_of
 from .spool import Owner, Spool
 
@@ -54,8 +55,10 @@ class SetupReport:
 
 def render_config(req: SetupRequest) -> str:
     lines = ["# Written by `nixspool setup`; see README.md#configuration.\n"]
-    if req.spool:
-        lines.append(f"spool = {json.dumps(req.spool)}\n")
+    # Always named: the default depends on who runs nixspool (root's, or the
+    # user's own), and the user the config names must find this one too.
+    spool = req.spool or locate.default_spool(os.environ)
+    lines.append(f"spool = {json.dumps(spool)}\n")
     lines.append(f"user = {json.dumps(req.user)}\n")
     for name, url in req.remotes:
         # A bare TOML key unless it has a dot (which would make a nested table).
@@ -149,9 +152,11 @@ def install(req: SetupRequest) -> SetupReport:
     write_file(req.config_path, content, 0o644, report)
     cfg = config_mod.load(req.config_path, environ={})
     # 2. The spool, owned by the user (see README#ownership), and its GC roots.
-    before = os.path.exists(cfg.spool)
-    Spool.open(cfg.spool, Owner.of_user(req.user)).close()
-    (report.unchanged if before else report.changed).append(cfg.spool)
+    owner = Owner.of_user(req.user)
+    before = _owner_of(cfg.spool)
+    Spool.open(cfg.spool, owner).close()
+    same = before == _owner_of(cfg.spool) and before is not None
+    (report.unchanged if same else report.changed).append(cfg.spool)
     roots = gcroots.base_dir()
     os.makedirs(roots, mode=0o755, exist_ok=True)
     if os.geteuid() == 0:
@@ -173,12 +178,18 @@ def install(req: SetupRequest) -> SetupReport:
                 0o644,
                 report,
             )
-        write_file(
-            os.path.join(root, DISPATCHER),
-            render_dispatcher(nixspool, req.interfaces, req.connections),
-            0o755,
-            report,
-        )
+        if os.path.isdir(os.path.join(root, "etc/NetworkManager")):
+            write_file(
+                os.path.join(root, DISPATCHER),
+                render_dispatcher(nixspool, req.interfaces, req.connections),
+                0o755,
+                report,
+            )
+        else:
+            report.notes.append(
+                "NetworkManager is not installed: no dispatcher script (the timer, "
+                "or networkd-dispatcher if present, starts the flush)"
+            )
         if os.path.isdir(os.path.join(root, "etc/networkd-dispatcher")):
             write_file(
                 os.path.join(root, NETWORKD_DISPATCHER), template("50-nixspool"), 0o755, report
@@ -192,8 +203,27 @@ def install(req: SetupRequest) -> SetupReport:
                 "systemd is not running here: start `nixspool flush` from cron "
                 "or by hand; the dispatcher script starts it detached"
             )
-    report.notes.append(
-        f"add to /etc/nix/nix.conf, then restart nix-daemon:\n"
-        f"    post-build-hook = {program('nixspool-hook')}"
-    )
+    hook_line = f"post-build-hook = {program('nixspool-hook')}"
+    if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
+        report.notes.append(
+            f"/etc/nix/nix.conf has `{hook_line}` (`nixspool doctor` checks the daemon)"
+        )
+    else:
+        report.notes.append(f"add to /etc/nix/nix.conf, then restart nix-daemon:\n    {hook_line}")
     return report
+
+
+def _owner_of(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_uid, st.st_gid
+
+
+def _has_line(path: str, line: str) -> bool:
+    try:
+        with open(path) as f:
+            return any(" ".join(text.split()) == line for text in f)
+    except OSError:
+        return False
