@@ -162,3 +162,31 @@ def test_status_reads_a_quiet_spool_without_changing_it(config: Path, tmp_path: 
     assert json.loads(out)["paths"] == 3
     assert json.loads(out)["totals"]["queued"] == 3
     assert ballast.exists()
+
+
+def test_with_no_remote_recorded_paths_are_listed_and_droppable(tmp_path: Path) -> None:
+    """Before any remote is configured the hook still records: `list` shows those
+    paths (no remote, state recorded) and `drop` can remove them by id or path."""
+    spool = tmp_path / "spool.sqlite"
+    config = tmp_path / "config.toml"
+    config.write_text(f'spool = "{spool}"\n')
+    with Spool.open(str(spool)) as s, s.transaction():
+        rows.store(s.conn, [rows.Record(p("a.drv"), [p("a"), p("b")], [], 1.0)])
+    code, out, _ = nixspool(config, "list")
+    assert code == 0
+    assert [line.split()[1:] for line in out.splitlines()] == [
+        ["-", "recorded", p("a")],
+        ["-", "recorded", p("b")],
+    ]
+    code, out, _ = nixspool(config, "list", "--json", "--state", "recorded")
+    assert [(r["remote"], r["state"], r["path"]) for r in json.loads(out)] == [
+        (None, "recorded", p("a")),
+        (None, "recorded", p("b")),
+    ]
+    assert nixspool(config, "list", "--state", "queued")[1] == ""
+    code, out, _ = nixspool(config, "drop", p("b"))
+    assert (code, out.strip()) == (0, "dropped 1 rows; 1 paths left the spool")
+    _, out, _ = nixspool(config, "list", "--json")
+    assert [r["path"] for r in json.loads(out)] == [p("a")]
+    code, _, err = nixspool(config, "drop", "7")
+    assert (code, err.strip()) == (2, "error: not in the spool: 7; see `nixspool list`")

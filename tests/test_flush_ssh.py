@@ -420,3 +420,43 @@ def test_a_copy_past_copy_timeout_counts_backs_off_goes_alone_then_fails(
     assert host.remote_valid(small | big) == (small | big) - {huge}
     status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)["remotes"]["pi"]
     assert status["failed"] == 1
+
+
+def test_a_flush_says_one_line_per_remote(ssh_lab: lab.SshLab) -> None:
+    """Not "3 of 3 paths delivered" and then the summary: one line each, on stderr,
+    as journald keeps it."""
+    config = ssh_lab.config(ssh_lab.root / "oneline")
+    outputs = ssh_lab.build(3)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush")
+    assert result.returncode == 0, result.stderr
+    for remote in ("pi", "nas"):
+        lines = [line for line in result.stderr.splitlines() if line.startswith(f"{remote}:")]
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(
+            f"{remote}: {len(outputs)} delivered, 0 failed, 0 still queued ("
+        )
+
+
+def test_a_known_hosts_line_nixspool_cannot_read_needs_a_person(ssh_lab: lab.SshLab) -> None:
+    """OpenSSH skips a line it cannot parse; the probe did not, and called the host
+    unreachable (exit 75, retried in silence for ever) while doctor said all was
+    well. Now both say what is wrong and where: exit 1, the rows untouched."""
+    config = ssh_lab.config(ssh_lab.root / "bad-known-hosts")
+    outputs = ssh_lab.build(1)
+    ssh_lab.spool_in(config, outputs)
+    known_hosts = ssh_lab.alice.ssh_dir / "known_hosts"
+    saved = known_hosts.read_text()
+    known_hosts.write_text(saved + "oldhost ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO\n")
+    try:
+        flushed = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+        doctor = ssh_lab.nixspool(config, "doctor", "--json")
+    finally:
+        known_hosts.write_text(saved)
+    assert flushed.returncode == 1, flushed.stderr
+    report = json.loads(flushed.stdout)["remotes"]["pi"]
+    assert not report["unreachable"]
+    assert f"{known_hosts} has a line that is not a host key" in report["error"]
+    assert {r["attempts"] for r in ssh_lab.rows(config, "pi").values()} == {0}
+    checks = [c for c in json.loads(doctor.stdout) if c["name"] == "remote pi"]
+    assert not checks[-1]["ok"] and "has a line that is not a host key" in checks[-1]["detail"]

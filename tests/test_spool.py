@@ -12,7 +12,7 @@ import pytest
 
 from nixspool.errors import SpoolError, UsageError
 from nixspool.hook import journal, locate, rows
-from nixspool.spool import SCHEMA_VERSION, Selector, Spool, State
+from nixspool.spool import SCHEMA_VERSION, Dropped, Selector, Spool, State
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
 
@@ -131,6 +131,18 @@ def test_deferred_rows_wait_and_released_rows_do_not_count_an_attempt(spool: Spo
     assert {i for i, _ in spool.queue.claim("pi", "me2", 10, 60, now=500)} == {a, b}
 
 
+def test_a_flush_takes_only_rows_due_when_it_began(spool: Spool) -> None:
+    """A row the flush deferred itself waits for the next flush, however short its
+    backoff: otherwise one run would try a hopeless path again and again."""
+    add(spool, "a", "b")
+    spool.queue.sync_remotes(["pi"])
+    [(a, _)] = spool.queue.claim("pi", "me", 1, 60, now=10, due_by=10)
+    spool.queue.deferred("pi", "me", [a], "timeout", retry_at=11, now=10)
+    [(b, _)] = spool.queue.claim("pi", "me", 10, 60, now=20, due_by=10)
+    assert b != a
+    assert [i for i, _ in spool.queue.claim("pi", "me2", 10, 60, now=20)] == [a]
+
+
 def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     add(spool, "a", "b", "c")
     spool.queue.sync_remotes(["pi", "nas"])
@@ -141,8 +153,8 @@ def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     assert spool.admin.retry(Selector(all_failed=True)) == 1
     assert spool.reports.status().totals["failed"] == 0
     spool.queue.released("pi", "me", [rows[2][0]])
-    assert spool.admin.drop(Selector(paths=(p("a"),), remote="pi")) == []  # nas still wants it
-    assert spool.admin.drop(Selector(paths=(p("a"),))) == [p("a")]
+    assert spool.admin.drop(Selector(paths=(p("a"),), remote="pi")).paths == []  # nas wants it
+    assert spool.admin.drop(Selector(paths=(p("a"),))) == Dropped(1, [p("a")])
     assert spool.reports.status().paths == 2
     spool.queue.sync_remotes(["pi", "nas"])  # a dropped row does not come back
     assert spool.reports.status().totals["queued"] == 4
@@ -245,3 +257,19 @@ def test_gc_roots_of_two_spools_do_not_touch_each_other(tmp_path: Path) -> None:
     assert gcroots.sync("/a/spool.sqlite", [], one) == (0, 1)
     assert os.listdir(two) == [os.path.basename(p("y"))]
     assert os.readlink(os.path.join(two, os.path.basename(p("y")))) == p("y")
+
+
+def test_a_derivation_nix_cannot_resolve_is_asked_once_then_on_retry(spool: Spool) -> None:
+    """Each asking costs a `nix derivation show`: not on every flush for ever."""
+    with spool.transaction():
+        rows.store(spool.conn, [rows.Record(p("gone.drv"), [], [], 1.0)])
+    spool.queue.sync_remotes(["pi"])
+    ((drv_id, _),) = spool.queue.unresolved()
+    spool.queue.fail_unresolved(drv_id, "cannot resolve outputs of it: path is not valid")
+    assert spool.queue.unresolved() == []
+    (row,) = spool.reports.rows()
+    assert (row.state, row.attempts) == (State.FAILED, 1)
+    assert row.last_error == "cannot resolve outputs of it: path is not valid"
+    assert spool.reports.status().unresolved_derivations == 0
+    assert spool.admin.retry(Selector(all_failed=True)) == 1
+    assert [i for i, _ in spool.queue.unresolved()] == [drv_id]

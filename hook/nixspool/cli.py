@@ -220,7 +220,10 @@ def status(json_output: JsonOption = False) -> None:
 @app.command("list")
 def list_rows(
     state: Annotated[
-        State | None, typer.Option("--state", "-s", help="Only rows in this state.")
+        State | None,
+        typer.Option(
+            "--state", "-s", help="Only rows in this state (recorded: no remote has it yet)."
+        ),
     ] = None,
     remote: RemoteOption = None,
     rejected: Annotated[
@@ -270,7 +273,7 @@ def list_rows(
         kind += {True: "  (signature verified)", False: "  (SIGNATURE NOT VERIFIED)", None: ""}[
             r.verified
         ]
-        typer.echo(f"{r.id:>6}  {r.remote:<12} {r.state.value:<9}  {r.path}{kind}{extra}")
+        typer.echo(f"{r.id:>6}  {r.remote or '-':<12} {r.state.value:<9}  {r.path}{kind}{extra}")
 
 
 # -- retry and drop ------------------------------------------------------------
@@ -312,11 +315,8 @@ def drop(
     """Forget rows: they will not be uploaded (to that remote, with --remote)."""
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        before = spool.reports.status().totals
-        forgotten = spool.admin.drop(selector(targets, all_failed, remote))
-        after = spool.reports.status().totals
-    dropped = sum(before.values()) - sum(after.values())
-    typer.echo(f"dropped {dropped} rows; {len(forgotten)} paths left the spool")
+        dropped = spool.admin.drop(selector(targets, all_failed, remote))
+    typer.echo(f"dropped {dropped.rows} rows; {len(dropped.paths)} paths left the spool")
 
 
 # -- flush ---------------------------------------------------------------------
@@ -377,7 +377,8 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     if not enabled or not sys.stderr.isatty():
 
         def log_line(remote: str, done: int, total: int) -> None:
-            log.info("%s: %d of %d paths delivered", remote, done, total)
+            if done < total:  # the end is the summary line's
+                log.info("%s: %d of %d paths delivered", remote, done, total)
 
         yield log_line
         return

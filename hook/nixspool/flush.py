@@ -264,6 +264,12 @@ class Flusher:
         self.account = account
         self.progress = progress or (lambda remote, done, total: None)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # A remote's `seconds` count from here: its probe starts with the flush,
+        # and resolving derivations is done for it too.
+        self.started = time.monotonic()
+        # A flush takes the rows due when it started, each once: a row it defers
+        # waits for the next flush, however short its backoff.
+        self.due_by = time.time()
         # Probes started but not yet asked for their verdict, by remote name.
         self._probes: dict[str, Running] = {}
         self._keys: dict[str, sign.SecretKey] = {}
@@ -307,9 +313,8 @@ class Flusher:
 
     def flush_remote(self, remote: Remote) -> RemoteReport:
         report = RemoteReport(remote.name)
-        started = time.monotonic()
         try:
-            due = self.spool.queue.due_count(remote.name)
+            due = self.spool.queue.due_count(remote.name, now=self.due_by)
             if due:
                 self._deliver(remote, report, due)
             pending = self._probes.pop(remote.name, None)
@@ -329,7 +334,7 @@ class Flusher:
             log.error("%s: %s", remote.name, report.error)
             log.debug("%s: the traceback", remote.name, exc_info=True)
         report.queued = self.spool.queue.queued_count(remote.name)
-        report.seconds = round(time.monotonic() - started, 3)
+        report.seconds = round(time.monotonic() - self.started, 3)
         return report
 
     # -- reachability --------------------------------------------------------------
@@ -408,7 +413,9 @@ class Flusher:
         self._key(remote)  # an unusable key stops this remote before anything moves
         lease = remote.copy_timeout * ATTEMPTS_PER_FLUSH + 60
         done = 0
-        while batch := self.spool.queue.claim(remote.name, self.owner, remote.batch_size, lease):
+        while batch := self.spool.queue.claim(
+            remote.name, self.owner, remote.batch_size, lease, due_by=self.due_by
+        ):
             try:
                 before = report.delivered
                 self._copy(remote, batch, report)

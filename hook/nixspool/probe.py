@@ -252,7 +252,18 @@ def _check_host_key(
     user_file = os.path.join(request.home, ".ssh", "known_hosts")
     for path in ("/etc/ssh/ssh_known_hosts", user_file):
         if os.path.exists(path):
-            known.load(path)
+            try:
+                known.load(path)
+            except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError) as e:
+                # OpenSSH skips such a line; nixspool does not guess which key was
+                # meant. Not "away": a person must fix the file.
+                line = e.args[0] if isinstance(e, paramiko.hostkeys.InvalidHostKey) else e
+                return ProbeResult(
+                    Verdict.MISCONFIGURED,
+                    "hostkey",
+                    f"{path} has a line that is not a host key ({line!s:.80}); "
+                    "fix or remove that line",
+                )
     entries = known.lookup(name)
     if entries is not None and key.get_name() in entries:
         if entries[key.get_name()] == key:

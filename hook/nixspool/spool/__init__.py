@@ -23,10 +23,11 @@ mode when root creates them; nixspool does the same for its own files.
 """
 
 from .database import SCHEMA_VERSION, Owner, Spool, check_permissions, trusted_uids
-from .model import Reject, RemoteStatus, Row, Selector, State, Status, untrusted_row
+from .model import Dropped, Reject, RemoteStatus, Row, Selector, State, Status, untrusted_row
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Dropped",
     "Owner",
     "Reject",
     "RemoteStatus",

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from .model import Selector
+from .model import UNRESOLVABLE, Dropped, Selector
 
 if TYPE_CHECKING:
     from .database import Spool
@@ -49,7 +49,7 @@ class Admin:
             known_ids = {
                 r[0]
                 for r in self.conn.execute(
-                    f"SELECT DISTINCT path_id FROM deliveries WHERE path_id IN ({marks})",
+                    f"SELECT id FROM paths WHERE id IN ({marks})",
                     selector.ids,
                 )
             }
@@ -72,6 +72,13 @@ class Admin:
         where, params = self._selected(selector)
         with self.transaction():
             self._check_exists(selector)
+            # A derivation Nix could not resolve is asked again (before the rows
+            # leave the state the selector may name).
+            self.conn.execute(
+                "UPDATE paths SET needs_outputs = 1 WHERE needs_outputs = ? AND id IN"
+                f" (SELECT path_id FROM deliveries WHERE ({where}) AND state != 'delivered')",
+                [UNRESOLVABLE, *params],
+            )
             cursor = self.conn.execute(
                 "UPDATE deliveries SET state = 'queued', next_attempt_at = 0, attempts = 0,"
                 f" updated_at = ? WHERE ({where}) AND state != 'delivered'",
@@ -79,18 +86,43 @@ class Admin:
             )
         return cursor.rowcount
 
-    def drop(self, selector: Selector) -> list[str]:
-        """Delete the selected delivery rows; return the paths left with no delivery at all."""
+    def drop(self, selector: Selector) -> Dropped:
+        """Delete the selected rows. The paths that leave the spool: those no remote
+        has a row for any more (once fanned out to all of them), and those named by
+        id or path for every remote, even with no remote configured (recorded)."""
         where, params = self._selected(selector)
+        # Named for every remote: the path itself goes, even with no delivery row.
+        named: list[str] = []
+        named_params: list[Any] = []
+        if selector.remote is None:
+            if selector.ids:
+                named.append(f"id IN ({','.join('?' * len(selector.ids))})")
+                named_params += list(selector.ids)
+            if selector.paths:
+                named.append(f"path IN ({','.join('?' * len(selector.paths))})")
+                named_params += list(selector.paths)
+        gone = " OR ".join(
+            ["id <= (SELECT coalesce(min(expanded_through), 0) FROM remotes)", *named]
+        )
         with self.transaction():
             self._check_exists(selector)
-            self.conn.execute(f"DELETE FROM deliveries WHERE {where}", params)
+            recorded = (
+                self.conn.execute(
+                    "SELECT count(*) FROM paths WHERE id NOT IN (SELECT path_id FROM deliveries)"
+                    f" AND ({' OR '.join(named)})",
+                    named_params,
+                ).fetchone()[0]
+                if named
+                else 0
+            )
+            deleted = self.conn.execute(f"DELETE FROM deliveries WHERE {where}", params).rowcount
             orphans = [
                 r[0]
                 for r in self.conn.execute(
                     "SELECT path FROM paths WHERE id NOT IN (SELECT path_id FROM deliveries)"
-                    " AND id <= (SELECT coalesce(min(expanded_through), 0) FROM remotes)"
+                    f" AND ({gone})",
+                    named_params,
                 )
             ]
             self.conn.executemany("DELETE FROM paths WHERE path = ?", [(p,) for p in orphans])
-        return orphans
+        return Dropped(deleted + recorded, orphans)

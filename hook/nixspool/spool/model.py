@@ -9,11 +9,21 @@ from typing import Any
 
 from ..hook import storepath
 
+# paths.needs_outputs: 0 an output path; 1 a derivation whose outputs the flusher
+# asks Nix for (the hook's value); this, one Nix could not resolve (failed rows).
+UNRESOLVABLE = 2
+
 
 class State(enum.StrEnum):
     QUEUED = "queued"
     DELIVERED = "delivered"
     FAILED = "failed"
+    # Not a delivery's state: a path in the spool that no remote has a row for
+    # (none is configured yet). `list` shows it, `drop` can remove it.
+    RECORDED = "recorded"
+
+
+DELIVERY_STATES = (State.QUEUED, State.DELIVERED, State.FAILED)
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,7 @@ class Row:
 
     id: int
     path: str
-    remote: str
+    remote: str | None  # None: State.RECORDED, for no remote yet
     state: State
     attempts: int
     next_attempt_at: float
@@ -55,6 +65,14 @@ class Selector:
     paths: tuple[str, ...] = ()
     all_failed: bool = False
     remote: str | None = None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What `drop` removed: rows as `list` shows them, and the paths that left."""
+
+    rows: int
+    paths: list[str]
 
 
 @dataclass(frozen=True)
@@ -99,7 +117,7 @@ class Status:
 
     @property
     def totals(self) -> dict[str, int]:
-        return {s.value: sum(r.count(s) for r in self.remotes.values()) for s in State}
+        return {s.value: sum(r.count(s) for r in self.remotes.values()) for s in DELIVERY_STATES}
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "totals": self.totals}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import SpoolError
 from ..hook import rows, storepath
-from .model import store_paths, untrusted_row
+from .model import UNRESOLVABLE, store_paths, untrusted_row
 
 if TYPE_CHECKING:
     from .database import Spool
@@ -83,24 +83,39 @@ class Queue:
             self.conn.execute("DELETE FROM paths WHERE id = ?", (drv_id,))
 
     def fail_unresolved(self, drv_id: int, reason: str, now: float | None = None) -> None:
-        """Mark every delivery of a .drv row failed: its outputs cannot be known."""
+        """Mark every delivery of a .drv row failed: its outputs cannot be known.
+
+        The row becomes needs_outputs = UNRESOLVABLE: asked once, not on every
+        flush (each asking costs a `nix derivation show`); `retry` asks again.
+        """
         now = time.time() if now is None else now
         with self.transaction():
             self.conn.execute(
-                "UPDATE deliveries SET state = 'failed', last_error = ?, updated_at = ?"
-                " WHERE path_id = ? AND state = 'queued'",
+                "UPDATE deliveries SET state = 'failed', attempts = attempts + 1,"
+                " last_error = ?, updated_at = ? WHERE path_id = ? AND state = 'queued'",
                 (reason, now, drv_id),
+            )
+            self.conn.execute(
+                "UPDATE paths SET needs_outputs = ? WHERE id = ?", (UNRESOLVABLE, drv_id)
             )
 
     def claim(
-        self, remote: str, owner: str, limit: int, lease_seconds: float, now: float | None = None
+        self,
+        remote: str,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        now: float | None = None,
+        due_by: float | None = None,
     ) -> list[tuple[int, str]]:
-        """Lease up to `limit` due rows of `remote` to `owner`: (path id, path), oldest first.
+        """Lease up to `limit` rows of `remote` due by `due_by` (default: now) to
+        `owner`: (path id, path), oldest first.
 
         A lease, not a state: if the flusher dies, the rows become due again
         when it runs out, and nothing was lost or marked twice.
         """
         now = time.time() if now is None else now
+        due_by = now if due_by is None else due_by
         store_dir = storepath.store_dir()
         with self.transaction():
             rows = self.conn.execute(
@@ -108,7 +123,7 @@ class Queue:
                 " WHERE d.remote = ? AND d.state = 'queued' AND d.next_attempt_at <= ?"
                 " AND d.lease_until <= ? AND p.needs_outputs = 0"
                 " ORDER BY d.next_attempt_at, d.path_id LIMIT ?",  # walks deliveries_due
-                (remote, now, now, limit),
+                (remote, due_by, now, limit),
             ).fetchall()
             # Every path leaves the spool checked as a store path again: the
             # spool's owner can write rows, and these become nix arguments.

@@ -68,6 +68,8 @@ class Reports:
     def rows(
         self, *, state: State | None = None, remote: str | None = None, limit: int | None = None
     ) -> list[Row]:
+        """One row per path and remote, and one per path no remote has a row for
+        (State.RECORDED: no remote is configured yet), by path id."""
         where, params = ["1"], []
         if state is not None:
             where.append("d.state = ?")
@@ -79,8 +81,15 @@ class Reports:
             "SELECT p.id, p.path, d.remote, d.state, d.attempts, d.next_attempt_at,"
             " d.last_error, p.recorded_at, d.delivered_at, p.needs_outputs, p.drv_path, d.verified"
             " FROM deliveries d JOIN paths p ON p.id = d.path_id"
-            f" WHERE {' AND '.join(where)} ORDER BY p.id, d.remote"
+            f" WHERE {' AND '.join(where)}"
         )
+        if remote is None and state in (None, State.RECORDED):
+            sql += (
+                " UNION ALL SELECT p.id, p.path, NULL, 'recorded', 0, 0, NULL, p.recorded_at,"
+                " NULL, p.needs_outputs, p.drv_path, NULL FROM paths p"
+                " WHERE NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.path_id = p.id)"
+            )
+        sql += " ORDER BY 1, 3"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [Row.from_columns(r) for r in self.db.query(sql, params)]
