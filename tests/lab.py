@@ -155,6 +155,7 @@ class NixDaemon:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self.started_at = time.time()
         deadline = time.monotonic() + 20
         while not self._accepts():
             assert self.proc.poll() is None, (root / "daemon.log").read_text()

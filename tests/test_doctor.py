@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,24 @@ def test_doctor_names_a_missing_hook(ssh_lab: lab.SshLab, set_up: Path, tmp_path
     assert code == 1
     assert (bad["name"], bad["detail"]) == ("nix.conf", "post-build-hook is not set")
     assert "post-build-hook = " in bad["fix"] and "restart nix-daemon" in bad["fix"]
+
+
+def test_doctor_tells_a_daemon_that_has_not_read_the_hook_line(
+    ssh_lab: lab.SshLab, set_up: Path
+) -> None:
+    """The daemon runs the hook with the settings it read when it started: a hook
+    line added since then is not in force until it is restarted."""
+    conf = ssh_lab.daemon.conf_dir / "nix.conf"
+    text, before = conf.read_text(), conf.stat()
+    time.sleep(max(0.0, ssh_lab.daemon.started_at + 3 - time.time()))  # doctor's slack
+    conf.write_text(text + "# edited after nix-daemon started\n")
+    try:
+        code, checks, _ = doctor(ssh_lab, set_up)
+    finally:
+        conf.write_text(text)
+        os.utime(conf, ns=(before.st_atime_ns, before.st_mtime_ns))
+    (bad,) = failing(checks)
+    assert code == 1
+    assert bad["name"] == "nix.conf"
+    assert f"changed after nix-daemon (pid {ssh_lab.daemon.proc.pid}) started" in bad["detail"]
+    assert bad["fix"].startswith("restart nix-daemon")

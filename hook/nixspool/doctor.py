@@ -43,7 +43,9 @@ def _mode(path: str) -> str:
     return oct(stat.S_IMODE(os.stat(path).st_mode))[2:].rjust(4, "0")
 
 
-def check_hook(settings: dict[str, str]) -> Check:
+def check_hook(settings: dict[str, str], daemon: tuple[int, float] | None = None) -> Check:
+    """The hook in the settings nix.conf gives now, and whether the running daemon
+    (pid, start time), which read nix.conf when it started, has read it since."""
     hook = settings.get("post-build-hook", "").strip()
     fix = (
         f"add `post-build-hook = {program('nixspool-hook')}` to /etc/nix/nix.conf and "
@@ -55,7 +57,64 @@ def check_hook(settings: dict[str, str]) -> Check:
         return Check("nix.conf", False, f"post-build-hook is {hook}, not nixspool-hook", fix)
     if not os.access(hook, os.X_OK):
         return Check("nix.conf", False, f"post-build-hook {hook} is not an executable", fix)
+    conf = os.path.join(os.environ.get("NIX_CONF_DIR", "/etc/nix"), "nix.conf")
+    try:
+        changed = os.stat(conf).st_mtime
+    except OSError:
+        changed = 0.0
+    # The start time is known to a second (the kernel gives the boot time in whole
+    # seconds): a file written just before the daemon started is not "after".
+    if daemon is not None and changed > daemon[1] + 2:
+        return Check(
+            "nix.conf",
+            False,
+            f"post-build-hook = {hook}, but {conf} changed after nix-daemon (pid {daemon[0]}) "
+            "started: the daemon builds with the settings it read then",
+            "restart nix-daemon (systemctl restart nix-daemon)",
+        )
     return Check("nix.conf", True, f"post-build-hook = {hook}")
+
+
+def running_daemon() -> tuple[int, float] | None:
+    """The nix-daemon listening on this machine's daemon socket: (pid, start time).
+
+    None when it cannot be told: no daemon runs yet (the next one reads nix.conf
+    as it is now), or this user may not see root's processes.
+    """
+    socket_path = os.environ.get("NIX_DAEMON_SOCKET_PATH", "/nix/var/nix/daemon-socket/socket")
+    try:
+        with open("/proc/net/unix") as f:
+            # Num RefCount Protocol Flags Type St Inode Path; Flags 00010000: listening
+            inodes = {
+                fields[6]
+                for fields in (line.split() for line in f)
+                if len(fields) == 8 and fields[7] == socket_path and fields[3] == "00010000"
+            }
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    found: list[tuple[float, int]] = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "nix-daemon":  # systemd holds a socket unit's too
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in sockets for fd in fds):
+                continue
+            with open(f"/proc/{pid}/stat") as f:
+                # starttime, field 22; the fields after "comm)" begin at field 3
+                started = int(f.read().rpartition(")")[2].split()[19]) / ticks
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        found.append((boot + started, int(pid)))
+    if not found:
+        return None
+    started_at, listener = min(found)  # connections' workers came later
+    return listener, started_at
 
 
 def check_spool(cfg: Config) -> list[Check]:
@@ -316,7 +375,7 @@ def diagnose(config_path: str | None) -> list[Check]:
         settings = nix.settings()
     except CommandError as e:
         return [*checks, Check("nix", False, str(e), "install Nix (Debian: apt install nix-bin)")]
-    checks.append(check_hook(settings))
+    checks.append(check_hook(settings, running_daemon()))
     checks += check_spool(cfg)
     checks += [c for c in (check_user(cfg), check_gc_roots(cfg)) if c]
     checks += check_key_files(cfg)
