@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 import lab
+from nixspool import doctor as doctor_mod
+from nixspool.config import Remote
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +78,7 @@ def test_doctor_passes_after_setup(ssh_lab: lab.SshLab, set_up: Path) -> None:
         f"SSH login as {lab.ALICE}",
         "Nix answers on the remote",
         "accepts uploads (trusts key nixspool-lab)",
+        "not a substituter here (this machine only uploads to it)",
     ]
 
 
@@ -139,7 +142,7 @@ def test_doctor_names_a_remote_that_does_not_trust_our_key(
     assert code == 1
     assert bad["name"] == "remote pi" and "will refuse uploads" in bad["detail"]
     nas = [c["detail"] for c in checks if c["name"] == "remote nas"]
-    assert nas[-1].startswith("accepts uploads: over ssh:// Nix checks no signature")
+    assert nas[-2].startswith("accepts uploads: over ssh:// Nix checks no signature")
     assert "(nixspool-lab)" in bad["detail"]
     assert "trusted-public-keys" in bad["fix"]
 
@@ -177,3 +180,29 @@ def test_doctor_tells_a_daemon_that_has_not_read_the_hook_line(
     assert bad["name"] == "nix.conf"
     assert f"changed after nix-daemon (pid {ssh_lab.daemon.proc.pid}) started" in bad["detail"]
     assert bad["fix"].startswith("restart nix-daemon")
+
+
+@pytest.mark.parametrize(
+    ("settings", "ok", "says"),
+    [
+        ({"substituters": "https://cache.nixos.org"}, True, "not a substituter here"),
+        ({"substituters": "ssh-ng://lanhost0"}, False, "fallback = false and connect-timeout = 0"),
+        (
+            {"substituters": "http://lanhost0:5000", "fallback": "true", "connect-timeout": "5"},
+            True,
+            "with fallback and a 5 s connect-timeout",
+        ),
+        (
+            {"substituters": "ssh://lanhost0", "fallback": "true", "connect-timeout": "300"},
+            False,
+            "connect-timeout = 300",
+        ),
+    ],
+)
+def test_doctor_checks_the_substituter_side(settings: dict[str, str], ok: bool, says: str) -> None:
+    """Pure logic on the settings `nix config show` gives (the lab's own say `not a
+    substituter`, in test_doctor_passes_after_setup): a cache that is away must cost
+    a build seconds, not a failure."""
+    check = doctor_mod.check_substituter(Remote("pi", "ssh-ng://lanhost0"), settings)
+    assert (check.ok, says in check.detail) == (ok, True), check
+    assert ok or "fallback = true" in (check.fix or "")

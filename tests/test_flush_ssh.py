@@ -458,5 +458,5 @@ def test_a_known_hosts_line_nixspool_cannot_read_needs_a_person(ssh_lab: lab.Ssh
     assert not report["unreachable"]
     assert f"{known_hosts} has a line that is not a host key" in report["error"]
     assert {r["attempts"] for r in ssh_lab.rows(config, "pi").values()} == {0}
-    checks = [c for c in json.loads(doctor.stdout) if c["name"] == "remote pi"]
-    assert not checks[-1]["ok"] and "has a line that is not a host key" in checks[-1]["detail"]
+    (bad,) = [c for c in json.loads(doctor.stdout) if c["name"] == "remote pi" and not c["ok"]]
+    assert "has a line that is not a host key" in bad["detail"]

@@ -5,7 +5,8 @@ Nix's effective settings; the spool's owner and modes; the GC roots
 directory; the user; then for each remote: name resolution, TCP, SSH login
 as the user (the flusher's own probe), Nix on the remote, and whether the
 remote will accept uploads (a trusted user there, or a signature by a key
-it trusts); and the key files' permissions. Secret keys are opened only to
+it trusts), and, if this machine substitutes from it, with fallback and a
+connect-timeout; and the key files' permissions. Secret keys are opened only to
 read their name, and never shown.
 """
 
@@ -15,6 +16,7 @@ import grp
 import os
 import pwd
 import stat
+import urllib.parse
 from dataclasses import asdict, dataclass
 
 from . import config as config_mod
@@ -365,6 +367,33 @@ def check_key_files(cfg: Config) -> list[Check]:
     return checks
 
 
+def check_substituter(remote: Remote, settings: dict[str, str]) -> Check:
+    """If this machine also substitutes from the remote: a cache that is away must
+    cost a build seconds (connect-timeout), never a failure (fallback)."""
+    name = f"remote {remote.name}"
+    ours = urllib.parse.urlsplit(remote.url)
+    listed = [
+        url
+        for url in settings.get("substituters", "").split()
+        if (u := urllib.parse.urlsplit(url)).hostname == ours.hostname
+        and (ours.hostname or u.path.rstrip("/") == ours.path.rstrip("/"))
+    ]
+    if not listed:
+        return Check(name, True, "not a substituter here (this machine only uploads to it)")
+    timeout = settings.get("connect-timeout", "0")
+    if settings.get("fallback") != "true" or not timeout.isdigit() or not 0 < int(timeout) <= 30:
+        return Check(
+            name,
+            False,
+            f"substituter here ({listed[0]}), but with fallback = "
+            f"{settings.get('fallback', 'false')} and connect-timeout = {timeout}: when it "
+            "is away, builds wait minutes or fail",
+            "set `fallback = true` and `connect-timeout = 5` in /etc/nix/nix.conf "
+            "(see nix.conf.example)",
+        )
+    return Check(name, True, f"substituter here, with fallback and a {timeout} s connect-timeout")
+
+
 def diagnose(config_path: str | None) -> list[Check]:
     try:
         cfg = config_mod.load(config_path)
@@ -386,6 +415,7 @@ def diagnose(config_path: str | None) -> list[Check]:
     keys = signing_public_keys(settings, cfg)
     for remote in cfg.remotes:
         checks += check_remote(remote, account, keys)
+        checks.append(check_substituter(remote, settings))
     if not cfg.remotes:
         checks.append(
             Check(
