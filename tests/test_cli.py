@@ -190,3 +190,22 @@ def test_with_no_remote_recorded_paths_are_listed_and_droppable(tmp_path: Path) 
     assert [r["path"] for r in json.loads(out)] == [p("a")]
     code, _, err = nixspool(config, "drop", "7")
     assert (code, err.strip()) == (2, "error: not in the spool: 7; see `nixspool list`")
+
+
+def test_status_check_is_for_monitoring(config: Path) -> None:
+    """Exit 1 with a line per problem, or 0 and `check: ok`; --json adds the list."""
+    code, out, _ = nixspool(config, "status", "--check")  # recorded at 1.0: decades ago
+    assert code == 1
+    assert re.search(r"^CHECK FAILED: pi: the oldest queued row waits since \d+d", out, re.M), out
+    code, out, _ = nixspool(config, "status", "--check", "--max-age", "36500d")
+    assert (code, out.splitlines()[-1]) == (0, "check: ok")
+    with Spool.open(str(config.parent / "spool" / "spool.sqlite")) as s:
+        s.queue.sync_remotes(["pi"])
+        [(path_id, _)] = s.queue.claim("pi", "me", 1, 60)
+        s.queue.failed("pi", "me", [path_id], "lacks a signature by a trusted key")
+    code, out, _ = nixspool(config, "status", "--check", "--max-age", "36500d", "--json")
+    assert code == 1
+    assert json.loads(out)["problems"] == ["pi: 1 rows failed (`nixspool list --state failed`)"]
+    code, _, err = nixspool(config, "status", "--check", "--max-age", "soon")
+    assert code == 2 and "'soon' is not a duration like 90s, 30m, 6h or 2d" in err
+    assert nixspool(config, "status", "--check", "--max-age", "0")[0] == 2

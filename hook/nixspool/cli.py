@@ -27,7 +27,7 @@ from . import config as config_mod
 from . import privileges
 from .errors import NixspoolError, UsageError
 from .hook import locate
-from .spool import Owner, Selector, Spool, State
+from .spool import Owner, Selector, Spool, State, Status
 
 
 class _Commands(TyperGroup):
@@ -165,11 +165,58 @@ def ago(seconds: float | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def duration(text: str) -> float:
+    """Seconds from '90', '90s', '30m', '6h' or '2d' (a typer parser)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 6h or 2d") from None
+    if seconds <= 0:
+        raise typer.BadParameter(f"{text!r}: a duration is more than zero")
+    return seconds
+
+
+def problems(data: Status, configured: set[str], max_age: float) -> list[str]:
+    """What `status --check` reports: what needs a person, or waits too long."""
+    found = []
+    for name, r in data.remotes.items():
+        if name not in configured:
+            continue  # its rows wait for nothing: `drop --remote` them
+        if r.failed:
+            found.append(f"{name}: {r.failed} rows failed (`nixspool list --state failed`)")
+        if r.not_verified:
+            found.append(f"{name}: {r.not_verified} signatures not verified (`nixspool verify`)")
+        age = r.oldest_queued_age_seconds
+        if age is not None and age > max_age:
+            found.append(f"{name}: the oldest queued row waits since {ago(age)} (> {ago(max_age)})")
+    return found
+
+
 # -- status --------------------------------------------------------------------
 
 
 @app.command()
-def status(json_output: JsonOption = False) -> None:
+def status(
+    json_output: JsonOption = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="For monitoring: exit 1 if rows failed or are not verified, or the oldest "
+            "queued row is older than --max-age.",
+        ),
+    ] = False,
+    max_age: Annotated[
+        float,
+        typer.Option(
+            parser=duration,
+            metavar="DURATION",
+            help="With --check: how long a row may wait (90s, 30m, 6h, 2d).",
+        ),
+    ] = "1d",  # type: ignore[assignment]  # parsed by `duration`
+) -> None:
     """Counts per state and per remote, the oldest queued row, the last error."""
     cfg = load_config()
     with open_spool(cfg, reading=True) as spool:
@@ -177,8 +224,11 @@ def status(json_output: JsonOption = False) -> None:
     configured = {r.name for r in cfg.remotes}
     for name, remote in data.remotes.items():
         remote.configured = name in configured
+    found = problems(data, configured, max_age) if check else []
     if json_output:
-        print_json(data.to_json())
+        print_json({**data.to_json(), **({"problems": found} if check else {})})
+        if found:
+            raise typer.Exit(1)
         return
     typer.echo(f"spool {data.spool}: {data.paths} paths")
     if not data.remotes:
@@ -212,6 +262,12 @@ def status(json_output: JsonOption = False) -> None:
         )
     if data.rejected:
         typer.echo(f"{data.rejected} values rejected by the hook: see `nixspool list --rejected`")
+    if check:
+        for problem in found:
+            typer.echo(f"CHECK FAILED: {problem}")
+        if found:
+            raise typer.Exit(1)
+        typer.echo("check: ok")
 
 
 # -- list ----------------------------------------------------------------------
