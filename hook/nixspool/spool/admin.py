@@ -19,21 +19,26 @@ class Admin:
         self.conn = spool.conn
         self.transaction = spool.transaction
 
+    @staticmethod
+    def _named(selector: Selector) -> tuple[str | None, list[Any]]:
+        """A WHERE clause on paths for the ids and store paths `selector` names
+        (None if it names none)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if selector.ids:
+            clauses.append(f"id IN ({','.join('?' * len(selector.ids))})")
+            params += list(selector.ids)
+        if selector.paths:
+            clauses.append(f"path IN ({','.join('?' * len(selector.paths))})")
+            params += list(selector.paths)
+        return " OR ".join(clauses) or None, params
+
     def _selected(self, selector: Selector) -> tuple[str, list[Any]]:
         """A WHERE clause on deliveries for `selector`; UsageError if it names nothing."""
         if not (selector.ids or selector.paths or selector.all_failed):
             raise UsageError("name rows by id or store path, or pass --all-failed")
-        clauses: list[str] = []
-        params: list[Any] = []
-        if selector.ids:
-            clauses.append(f"path_id IN ({','.join('?' * len(selector.ids))})")
-            params += list(selector.ids)
-        if selector.paths:
-            clauses.append(
-                f"path_id IN (SELECT id FROM paths WHERE path IN "
-                f"({','.join('?' * len(selector.paths))}))"
-            )
-            params += list(selector.paths)
+        named, params = self._named(selector)
+        clauses = [f"path_id IN (SELECT id FROM paths WHERE {named})"] if named else []
         if selector.all_failed:
             clauses.append("state = 'failed'")
         where = " OR ".join(clauses)
@@ -92,24 +97,15 @@ class Admin:
         id or path for every remote, even with no remote configured (recorded)."""
         where, params = self._selected(selector)
         # Named for every remote: the path itself goes, even with no delivery row.
-        named: list[str] = []
-        named_params: list[Any] = []
-        if selector.remote is None:
-            if selector.ids:
-                named.append(f"id IN ({','.join('?' * len(selector.ids))})")
-                named_params += list(selector.ids)
-            if selector.paths:
-                named.append(f"path IN ({','.join('?' * len(selector.paths))})")
-                named_params += list(selector.paths)
-        gone = " OR ".join(
-            ["id <= (SELECT coalesce(min(expanded_through), 0) FROM remotes)", *named]
-        )
+        named, named_params = self._named(selector) if selector.remote is None else (None, [])
+        expanded = "id <= (SELECT coalesce(min(expanded_through), 0) FROM remotes)"
+        gone = f"{expanded} OR {named}" if named else expanded
         with self.transaction():
             self._check_exists(selector)
             recorded = (
                 self.conn.execute(
                     "SELECT count(*) FROM paths WHERE id NOT IN (SELECT path_id FROM deliveries)"
-                    f" AND ({' OR '.join(named)})",
+                    f" AND ({named})",
                     named_params,
                 ).fetchone()[0]
                 if named
