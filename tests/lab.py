@@ -115,6 +115,24 @@ def run_as(
     return result
 
 
+def accepts(unix_socket: Path) -> bool:
+    """Does something accept connections on this Unix socket?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(str(unix_socket)) == 0
+
+
+def wait_until_accepting(
+    unix_socket: Path, proc: subprocess.Popen[Any], log: Path | None = None
+) -> None:
+    """Until the nix-daemon `proc` accepts on `unix_socket` (20 s at most): a socket
+    file alone, perhaps left by an earlier daemon, is not it being ready."""
+    deadline = time.monotonic() + 20
+    while not accepts(unix_socket):
+        assert proc.poll() is None, log.read_text() if log else "nix-daemon exited"
+        assert time.monotonic() < deadline, "nix-daemon does not accept connections"
+        time.sleep(0.02)
+
+
 class NixDaemon:
     """A nix-daemon on its own socket with its own nix.conf, sharing /nix/store."""
 
@@ -156,19 +174,7 @@ class NixDaemon:
             start_new_session=True,
         )
         self.started_at = time.time()
-        deadline = time.monotonic() + 20
-        while not self._accepts():
-            assert self.proc.poll() is None, (root / "daemon.log").read_text()
-            assert time.monotonic() < deadline, "nix-daemon does not accept connections"
-            time.sleep(0.02)
-
-    def _accepts(self) -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(self.socket))
-            except OSError:
-                return False
-        return True
+        wait_until_accepting(self.socket, self.proc, root / "daemon.log")
 
     def client_env(self) -> dict[str, str]:
         return {**self.env, "NIX_REMOTE": "daemon"}

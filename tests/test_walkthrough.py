@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -95,16 +94,7 @@ class Daemon:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 20
-        while True:
-            with socket.socket(socket.AF_UNIX) as probe:
-                try:
-                    probe.connect(str(DAEMON_SOCKET))
-                    return
-                except OSError:
-                    assert self.proc.poll() is None, "nix-daemon exited"
-                    assert time.monotonic() < deadline, "nix-daemon does not accept connections"
-                    time.sleep(0.05)
+        lab.wait_until_accepting(DAEMON_SOCKET, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -132,8 +122,7 @@ def machines() -> Iterator[Machines]:
     if not THROWAWAY.exists():
         pytest.skip("changes the machine (users, /etc/nix/nix.conf): only in a tests/run root")
     assert Path(WHEELS).is_dir(), f"no wheelhouse at {WHEELS}: run `bash tests/run --prepare`"
-    with socket.socket(socket.AF_UNIX) as probe:
-        assert probe.connect_ex(str(DAEMON_SOCKET)) != 0, "a nix-daemon already runs here"
+    assert not lab.accepts(DAEMON_SOCKET), "a nix-daemon already runs here"
     saved = {p: p.read_bytes() if p.exists() else None for p in (NIX_CONF, Path("/etc/hosts"))}
     made = [p for p in SETUP_WRITES if not p.exists()]
     for name in ("alice", "cache"):
