@@ -293,7 +293,7 @@ class Flusher:
         # start them now, so they run while the local work below and the first
         # copy do; each remote's verdict is still awaited before anything counts.
         for remote in remotes:
-            if remote.uses_ssh and self.spool.queue.due_count(remote.name):
+            if remote.uses_ssh and self.spool.queue.due_count(remote.name, now=self.due_by):
                 self._probes[remote.name] = self._start_probe(remote)
         errors = []
         try:
