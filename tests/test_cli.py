@@ -39,11 +39,11 @@ def nixspool(config: Path, *args: str) -> tuple[int, str, str]:
 def test_status_human_and_json(config: Path) -> None:
     code, out, _ = nixspool(config, "status")
     assert code == 0
-    assert re.search(r"^pi\s+2\s+0\s+0\s+\d+d", out, re.MULTILINE), out
+    assert re.search(r"^pi\s+2\s+0\s+0\s+0\s+\d+d", out, re.MULTILINE), out
     assert "1 values rejected by the hook" in out
     code, out, _ = nixspool(config, "status", "--json")
     data = json.loads(out)
-    assert data["totals"] == {"queued": 2, "delivered": 0, "failed": 0}
+    assert data["totals"] == {"queued": 2, "delivered": 0, "failed": 0, "skipped": 0}
     assert data["remotes"]["pi"]["configured"] is True
 
 

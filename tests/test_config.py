@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nixspool import config
+from nixspool.config import ByteSize
 from nixspool.errors import ConfigError, UsageError
 
 
@@ -66,6 +67,14 @@ def test_remote_values_override_and_inherit(tmp_path: Path) -> None:
         ('[remotes.pi]\nurl = "pi"\n', r"config.toml:2: url 'pi' is not a store URL"),
         ('[remotes."bad name"]\nurl = "ssh://x"\n', r"remote name 'bad name'"),
         ("remotes = 3\n", r"'remotes' must be tables"),
+        ('[remotes.pi]\nurl = "ssh://x"\nexclude = "*.drv"\n', r":3: 'exclude' must be a list"),
+        ('[remotes.pi]\nurl = "ssh://x"\ninclude = [1]\n', r":3: 'include' must be a list"),
+        ('[remotes.pi]\nurl = "ssh://x"\nexclude = [""]\n', r":3: 'exclude' must be a list"),
+        ('[remotes.pi]\nurl = "ssh://x"\nexclude = ["a/*"]\n', r":3: .*has a '/': patterns"),
+        ('[remotes.pi]\nurl = "ssh://x"\nmax_size = "big"\n', r":3: 'max_size' must be a size"),
+        ('[remotes.pi]\nurl = "ssh://x"\nmax_size = "2X"\n', r":3: 'max_size' must be a size"),
+        ('[remotes.pi]\nurl = "ssh://x"\nmax_size = 0\n', r":3: 'max_size' must be greater"),
+        ('[remotes.pi]\nurl = "ssh://x"\nmax_size = true\n', r":3: 'max_size' must be a size"),
     ],
 )
 def test_invalid_configs_say_where_and_what(tmp_path: Path, text: str, message: str) -> None:
@@ -88,3 +97,22 @@ def test_unknown_remote_names_the_known_ones(tmp_path: Path) -> None:
     cfg = load(tmp_path, '[remotes.pi]\nurl = "ssh-ng://pi"\n')
     with pytest.raises(UsageError, match=r"unknown remote 'nas' \(known: pi\)"):
         cfg.remote("nas")
+
+
+def test_filters_read_patterns_and_sizes_with_units(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        '[remotes.pi]\nurl = "ssh-ng://pi"\nexclude = ["*.drv", "*-source"]\n'
+        'include = ["hello-*"]\nmax_size = "1.5G"\n'
+        '[remotes.nas]\nurl = "ssh://nas"\nmax_size = 4096\n',
+    )
+    pi, nas = cfg.remotes
+    assert pi.exclude == ("*.drv", "*-source") and pi.include == ("hello-*",)
+    assert pi.max_size == 3 << 29 and str(pi.max_size) == "1.5 GiB"
+    assert nas.max_size == 4096 and nas.include == nas.exclude == ()
+    assert [str(ByteSize.parse(v)) for v in ("500M", "2GiB", "10k", 100)] == [
+        "500.0 MiB",
+        "2.0 GiB",
+        "10.0 KiB",
+        "100 bytes",
+    ]

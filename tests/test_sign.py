@@ -172,17 +172,34 @@ def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab: lab.SshLab) -> Non
     assert ssh_lab.hosts[0].remote_valid(outputs) == outputs
     rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
     assert {(r["state"], r["verified"]) for r in rows} == {("delivered", True)}
-    # A tampered signature on the remote is caught.
+    # A tampered signature on the remote is caught, and the path signed again: its
+    # hash, size and references there are still those our key vouches for.
     db = ssh_lab.hosts[0].store / "nix" / "var" / "nix" / "db" / "db.sqlite"
     victim = sorted(outputs)[0]
     forged = "nixspool-cache-key:" + base64.b64encode(b"\x01" * 64).decode()
-    con = sqlite3.connect(db)
-    con.execute("UPDATE ValidPaths SET sigs = ? WHERE path = ?", (forged, victim))
-    con.commit()
-    con.close()
+
+    def tamper(sql: str, *args: str) -> None:
+        con = sqlite3.connect(db)
+        con.execute(sql, args)
+        con.commit()
+        con.close()
+
+    tamper("UPDATE ValidPaths SET sigs = ? WHERE path = ?", forged, victim)
+    verify = ssh_lab.nixspool(config, "verify", "--remote", "pi", "--json")
+    assert verify.returncode == 0, verify.stderr
+    assert json.loads(verify.stdout)["pi"]["signed_on_remote"] == [victim]
+    # With other content there (its NAR hash changed), nixspool's key vouches for
+    # nothing: it is not signed, and it is reported.
+    tamper(
+        "UPDATE ValidPaths SET sigs = ?, hash = ? WHERE path = ?",
+        forged,
+        "sha256:" + "0" * 64,
+        victim,
+    )
     verify = ssh_lab.nixspool(config, "verify", "--remote", "pi", "--json")
     assert verify.returncode == 1
     assert json.loads(verify.stdout)["pi"]["not_verified"] == [victim]
+    assert json.loads(verify.stdout)["pi"]["signed_on_remote"] == []
     rows = json.loads(ssh_lab.nixspool(config, "list", "--json", "--remote", "pi").stdout)
     assert [r["path"] for r in rows if r["verified"] is False] == [victim]
     status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)["remotes"]["pi"]

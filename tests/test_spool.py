@@ -98,7 +98,7 @@ def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> N
     add(spool, "c")
     spool.queue.sync_remotes(["pi", "nas"])
     status = spool.reports.status()
-    assert status.totals == {"queued": 6, "delivered": 0, "failed": 0}
+    assert status.totals == {"queued": 6, "delivered": 0, "failed": 0, "skipped": 0}
     ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60)]
     assert spool.queue.delivered("pi", "me", ids) == 3
     status = spool.reports.status()
@@ -158,6 +158,60 @@ def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     assert spool.reports.status().paths == 2
     spool.queue.sync_remotes(["pi", "nas"])  # a dropped row does not come back
     assert spool.reports.status().totals["queued"] == 4
+
+
+def test_skipped_rows_keep_their_reason_until_retried(spool: Spool) -> None:
+    add(spool, "a", "b")
+    spool.queue.sync_remotes(["pi"])
+    (a, _), (b, _) = spool.queue.claim("pi", "me", 10, 60)
+    assert spool.queue.skipped("pi", "me", {a: "left out by pi's exclude pattern 'a'"}) == 1
+    assert spool.queue.skipped("pi", "someone else", {b: "not theirs to skip"}) == 0
+    spool.queue.released("pi", "me", [b])
+    status = spool.reports.status()
+    assert status.totals == {"queued": 1, "delivered": 0, "failed": 0, "skipped": 1}
+    assert status.remotes["pi"].last_error is None  # a skip is no error
+    [row] = spool.reports.rows(state=State.SKIPPED)
+    assert (row.path, row.last_error, row.attempts) == (
+        p("a"),
+        "left out by pi's exclude pattern 'a'",
+        0,
+    )
+    assert spool.queue.due_count("pi") == 1  # only b
+    assert spool.admin.retry(Selector(all_skipped=True)) == 1
+    assert spool.queue.due_count("pi") == 2
+
+
+def test_a_spool_of_schema_1_keeps_every_row_through_the_migration(tmp_path: Path) -> None:
+    from nixspool.spool.database import MIGRATIONS
+
+    path = tmp_path / "old" / "spool.sqlite"
+    path.parent.mkdir(mode=0o700)
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    con.execute("INSERT INTO paths (path, recorded_at) VALUES (?, 1.0)", (p("a"),))
+    con.execute("INSERT INTO remotes (name, expanded_through) VALUES ('pi', 1)")
+    con.execute(
+        "INSERT INTO deliveries (remote, path_id, state, attempts, last_error, verified)"
+        " VALUES ('pi', 1, 'failed', 3, 'lacks a valid signature', 0)"
+    )
+    con.commit()
+    con.close()
+    with Spool.open(str(path)) as s:
+        [row] = s.reports.rows()
+        assert (row.path, row.state, row.attempts, row.last_error, row.verified) == (
+            p("a"),
+            State.FAILED,
+            3,
+            "lacks a valid signature",
+            False,
+        )
+        assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert {"deliveries_due", "deliveries_path"} <= names
+        s.queue.set_nar_sizes({p("a"): 42})
+        s.queue.flush_finished("pi", 75, now=5.0)
+        pi = s.reports.status().remotes["pi"]
+        assert (pi.failed, pi.last_flush_at, pi.last_flush_exit) == (1, 5.0, 75)
 
 
 def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
@@ -235,12 +289,17 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "queued": 1,
         "delivered": 0,
         "failed": 0,
+        "skipped": 0,
         "oldest_queued_at": 1.0,
         "oldest_queued_age_seconds": 10.0,
         "last_error": None,
         "last_error_at": None,
         "verified": 0,
         "not_verified": 0,
+        "delivered_bytes": 0,
+        "last_delivered_at": None,
+        "last_flush_at": None,
+        "last_flush_exit": None,
         "configured": True,
     }
     assert [r.state for r in spool.reports.rows()] == [State.QUEUED]

@@ -237,11 +237,14 @@ def status(
             "(see `nixspool config`)"
         )
     else:
-        typer.echo(f"{'remote':<16} {'queued':>8} {'delivered':>10} {'failed':>8}  oldest queued")
+        typer.echo(
+            f"{'remote':<16} {'queued':>8} {'delivered':>10} {'failed':>8} {'skipped':>8}"
+            "  oldest queued"
+        )
         for name, r in data.remotes.items():
             note = "" if r.configured else "  (not in the config)"
             typer.echo(
-                f"{name:<16} {r.queued:>8} {r.delivered:>10} {r.failed:>8}  "
+                f"{name:<16} {r.queued:>8} {r.delivered:>10} {r.failed:>8} {r.skipped:>8}  "
                 f"{ago(r.oldest_queued_age_seconds)}{note}"
             )
         for name, r in data.remotes.items():
@@ -339,9 +342,15 @@ Targets = Annotated[
     typer.Argument(help="Row ids (from `nixspool list`) or store paths.", show_default=False),
 ]
 AllFailed = Annotated[bool, typer.Option("--all-failed", help="Every failed row.")]
+AllSkipped = Annotated[
+    bool,
+    typer.Option("--all-skipped", help="Every row the remote's filters left out (skipped)."),
+]
 
 
-def selector(targets: list[str] | None, all_failed: bool, remote: str | None) -> Selector:
+def selector(
+    targets: list[str] | None, all_failed: bool, all_skipped: bool, remote: str | None
+) -> Selector:
     ids, paths = [], []
     for target in targets or []:
         if target.isdigit():
@@ -350,28 +359,37 @@ def selector(targets: list[str] | None, all_failed: bool, remote: str | None) ->
             paths.append(target)
         else:
             raise UsageError(f"'{target}' is neither a row id nor a store path")
-    return Selector(tuple(ids), tuple(paths), all_failed, remote)
+    return Selector(tuple(ids), tuple(paths), all_failed, all_skipped, remote)
 
 
 @app.command()
 def retry(
-    targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
+    targets: Targets = None,
+    all_failed: AllFailed = False,
+    all_skipped: AllSkipped = False,
+    remote: RemoteOption = None,
 ) -> None:
-    """Requeue failed (or waiting) rows so that the next flush tries them at once."""
+    """Requeue failed, skipped or waiting rows so that the next flush tries them at once.
+
+    Skipped rows meet the remote's filters again: retry them after changing the filters.
+    """
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        count = spool.admin.retry(selector(targets, all_failed, remote))
+        count = spool.admin.retry(selector(targets, all_failed, all_skipped, remote))
     typer.echo(f"requeued {count} rows")
 
 
 @app.command()
 def drop(
-    targets: Targets = None, all_failed: AllFailed = False, remote: RemoteOption = None
+    targets: Targets = None,
+    all_failed: AllFailed = False,
+    all_skipped: AllSkipped = False,
+    remote: RemoteOption = None,
 ) -> None:
     """Forget rows: they will not be uploaded (to that remote, with --remote)."""
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        dropped = spool.admin.drop(selector(targets, all_failed, remote))
+        dropped = spool.admin.drop(selector(targets, all_failed, all_skipped, remote))
     typer.echo(f"dropped {dropped.rows} rows; {len(dropped.paths)} paths left the spool")
 
 
@@ -401,6 +419,11 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
         started = time.monotonic()
         with _progress(enabled=not json_output) as progress:
             report = flush_mod.Flusher(cfg, spool, account, progress).run(remote)
+        if cfg.metrics_file:
+            try:
+                _write_metrics(cfg, spool, cfg.metrics_file)
+            except OSError as e:
+                report.errors.append(f"metrics file: {describe(e)}")
     code = flush_mod.exit_code(report)
     if json_output:
         print_json(
@@ -415,8 +438,10 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
         for error in report.errors:
             typer.echo(f"error: {error}", err=True)
         for r in report.remotes:
+            skipped = f", {r.skipped} left out by filters" if r.skipped else ""
+            skipped += f", {r.resigned} signed on the remote" if r.resigned else ""
             line = (
-                f"{r.remote}: {r.delivered} delivered, {r.failed} failed, "
+                f"{r.remote}: {r.delivered} delivered, {r.failed} failed{skipped}, "
                 f"{r.queued} still queued ({r.seconds:.1f} s)"
             )
             if r.error:
@@ -457,6 +482,88 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             bar.update(bars[remote], completed=done, refresh=True)
 
         yield update
+
+
+def _write_metrics(cfg: config_mod.Config, spool: Spool, path: str) -> None:
+    from . import metrics as metrics_mod
+
+    text = metrics_mod.render(spool.reports.status(), (r.name for r in cfg.remotes))
+    metrics_mod.write(path, text)
+
+
+@app.command()
+def metrics(
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Replace FILE atomically instead of printing (e.g. for node-exporter's "
+            "textfile collector).",
+        ),
+    ] = None,
+) -> None:
+    """Prometheus metrics: rows per remote and state, oldest queued age, bytes and time
+    of the last delivery, how the last flush ended.
+
+    Every flush also writes them to `metrics_file` when the config names one.
+    """
+    from . import metrics as metrics_mod
+
+    cfg = load_config()
+    with open_spool(cfg, reading=True) as spool:
+        if output:
+            _write_metrics(cfg, spool, output)
+            return
+        typer.echo(
+            metrics_mod.render(spool.reports.status(), (r.name for r in cfg.remotes)), nl=False
+        )
+
+
+# -- adding paths by hand -------------------------------------------------------------
+
+
+@app.command()
+def add(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="Store paths, or links to them such as ./result.", show_default=False),
+    ] = None,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Also read paths from standard input, one a line.")
+    ] = False,
+    closure: Annotated[
+        bool, typer.Option("--closure", help="Add every path the given ones refer to, too.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Queue store paths that the hook did not record: built elsewhere, substituted.
+
+    They are uploaded, and signed, exactly as recorded ones: only who may write the
+    spool (root and the configured user) may add.
+    """
+    from . import adding
+
+    given = list(paths or [])
+    if stdin:
+        given += sys.stdin.read().split()
+    if not given:
+        raise UsageError("name store paths (or ./result links), or pass --stdin")
+    cfg = load_config()
+    with open_spool(cfg) as spool:  # first: who may not write it learns that first
+        found = adding.store_paths(given, closure=closure)
+        added = spool.queue.add(found)
+        spool.queue.sync_remotes(r.name for r in cfg.remotes)
+    already = sorted(set(found) - set(added))
+    if json_output:
+        print_json({"added": added, "already_in_spool": already})
+        return
+    typer.echo(
+        f"added {len(added)} paths"
+        + (f" ({len(already)} were in the spool already)" if already else "")
+        + ("; `nixspool flush` uploads them" if added else "")
+    )
 
 
 # -- signing -----------------------------------------------------------------------
@@ -522,14 +629,16 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
     """Check the signatures of delivered paths on the remotes that sign (sign_key_file).
 
     Reads each path's signatures from the remote itself and checks them with the public
-    half of the key. Exits 1 if a path has no valid signature by it there.
+    half of the key. A path the remote had before without our signature is signed
+    there now (Nix adds none when copying a path the remote has). Exits 1 if a path
+    has no valid signature by the key there.
     """
     from . import probe, sign
     from . import verify as verify_mod
 
     cfg = load_config()
     account = privileges.remote_account(cfg)
-    results: dict[str, dict[str, bool]] = {}
+    results: dict[str, verify_mod.Verdicts] = {}
     with open_spool(cfg) as spool:
         for r in cfg.selected(remote):
             if r.sign_key_file:
@@ -541,11 +650,14 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
                     account=account,
                     env=probe.nix_ssh_env(r, account, cfg.accept_new_host_keys),
                 )
-    bad = {name: sorted(p for p, ok in v.items() if not ok) for name, v in results.items()}
     if json_output:
         print_json(
             {
-                name: {"verified": sum(v.values()), "not_verified": bad[name]}
+                name: {
+                    "verified": sum(v.ok.values()),
+                    "not_verified": v.bad,
+                    "signed_on_remote": v.resigned,
+                }
                 for name, v in results.items()
             }
         )
@@ -553,10 +665,11 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
         if not results:
             typer.echo("no remote has a sign_key_file: nothing to verify")
         for name, v in results.items():
-            typer.echo(f"{name}: {sum(v.values())} verified, {len(bad[name])} not")
-            for path in bad[name]:
+            resigned = f" ({len(v.resigned)} signed on the remote now)" if v.resigned else ""
+            typer.echo(f"{name}: {sum(v.ok.values())} verified{resigned}, {len(v.bad)} not")
+            for path in v.bad:
                 typer.echo(f"  no valid signature on the remote: {path}")
-    raise typer.Exit(1 if any(bad.values()) else 0)
+    raise typer.Exit(1 if any(v.bad for v in results.values()) else 0)
 
 
 # -- setup and doctor ------------------------------------------------------------
@@ -693,7 +806,7 @@ def show_config(json_output: JsonOption = False) -> None:
     for name, table in remotes.items():
         typer.echo(f"\n[remotes.{name}]")
         for key, value in table.items():
-            if value is not None:
+            if value not in (None, ()):
                 typer.echo(f"{key} = {_toml(value)}  # {cfg.sources.get(f'remotes.{name}.{key}')}")
 
 
@@ -702,7 +815,9 @@ def _toml(value: Any) -> str:
         return "(unset)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    if isinstance(value, tuple | list):
+        return json.dumps(list(value))
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def main() -> None:

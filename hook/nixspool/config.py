@@ -17,6 +17,28 @@ from typing import Any
 from .errors import ConfigError, UsageError
 from .hook import locate
 
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ByteSize(int):
+    """A size in bytes, written as a number or with a binary unit: "500M", "2G"."""
+
+    @classmethod
+    def parse(cls, value: object) -> ByteSize:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(value)
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.I)
+        if not isinstance(value, str) or found is None:
+            raise ValueError(value)
+        return cls(float(found.group(1)) * _BYTE_UNITS[found.group(2).upper()])
+
+    def __str__(self) -> str:
+        for unit in ("T", "G", "M", "K"):
+            if self >= _BYTE_UNITS[unit]:
+                return f"{self / _BYTE_UNITS[unit]:.1f} {unit}iB"
+        return f"{int(self)} bytes"
+
+
 # The top-level keys: name -> (type, default, one line for `nixspool config`).
 # The defaults that depend on who runs nixspool (spool) are filled in by load().
 GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
@@ -30,6 +52,7 @@ GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
     "retry_max": (float, 3600.0, "longest wait between retries of a row"),
     "accept_new_host_keys": (bool, False, "trust an SSH host key not yet in known_hosts"),
     "gc_roots": (bool, True, "protect queued paths from garbage collection"),
+    "metrics_file": (str, None, "write Prometheus metrics here after each flush (*.prom)"),
 }
 # Per remote: url is required; the others default to the top-level value.
 REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
@@ -37,6 +60,9 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "ssh_key": (str, None, "SSH private key (default: agent, ~/.ssh/config)"),
     "sign_key_file": (str, None, "Nix secret key to sign paths with before upload"),
     "verify": (bool, None, "read signatures back from the remote after upload"),
+    "include": (list, (), "only recorded paths whose name matches one of these globs"),
+    "exclude": (list, (), "leave out recorded paths whose name matches one of these globs"),
+    "max_size": (ByteSize, None, 'leave out recorded paths whose closure is larger ("2G")'),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "batch_size": GLOBAL_KEYS["batch_size"],
@@ -60,6 +86,9 @@ class Remote:
     ssh_key: str | None = None
     sign_key_file: str | None = None
     verify: bool | None = None  # None: verify when signing
+    include: tuple[str, ...] = ()  # () takes every name
+    exclude: tuple[str, ...] = ()
+    max_size: ByteSize | None = None
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
     batch_size: int = _default("batch_size")
@@ -85,6 +114,7 @@ class Config:
     retry_max: float = _default("retry_max")
     accept_new_host_keys: bool = _default("accept_new_host_keys")
     gc_roots: bool = _default("gc_roots")
+    metrics_file: str | None = _default("metrics_file")
     remotes: tuple[Remote, ...] = ()
     path: str | None = None  # the file it came from, None for defaults only
     # "key" or "remotes.NAME.key" -> "file:line" or "default"
@@ -165,6 +195,23 @@ def _where(path: str | None, text: str, table: str | None, key: str) -> str:
 
 
 def _check(value: Any, kind: type, key: str, where: str) -> Any:
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}")
+        for pattern in value:
+            if "/" in pattern:
+                raise ConfigError(
+                    f"{where}: '{key}' pattern {pattern!r} has a '/': patterns match a store "
+                    'path\'s name (after the hash), e.g. "*-source" or "firefox-*"'
+                )
+        return tuple(value)
+    if kind is ByteSize:
+        try:
+            value = ByteSize.parse(value)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}"
+            ) from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -175,7 +222,14 @@ def _check(value: Any, kind: type, key: str, where: str) -> Any:
 
 
 def _kind_name(kind: type) -> str:
-    return {str: "a string", bool: "true or false", int: "a whole number", float: "a number"}[kind]
+    return {
+        str: "a string",
+        bool: "true or false",
+        int: "a whole number",
+        float: "a number",
+        list: "a list of glob patterns (strings)",
+        ByteSize: 'a size in bytes, or like "500M", "2G"',
+    }[kind]
 
 
 def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, str]) -> Config:
@@ -198,6 +252,8 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
     values["spool"] = os.path.expanduser(values["spool"])
     if not os.path.isabs(values["spool"]):
         raise ConfigError(f"{sources['spool']}: 'spool' must be an absolute path")
+    if values["metrics_file"] is not None and not os.path.isabs(values["metrics_file"]):
+        raise ConfigError(f"{sources['metrics_file']}: 'metrics_file' must be an absolute path")
     if values["retry_max"] < values["retry_min"]:
         raise ConfigError(f"{sources['retry_max']}: 'retry_max' must be at least 'retry_min'")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import gcroots, nix, sign, verify
+from . import filters, gcroots, nix, sign, verify
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -150,8 +150,10 @@ class RemoteReport:
     delivered: int = 0
     failed: int = 0
     deferred: int = 0
+    skipped: int = 0  # left out by the remote's filters (include, exclude, max_size)
     queued: int = 0
     unverified: int = 0
+    resigned: int = 0  # had the path without our signature: signed there now
     unreachable: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -335,6 +337,7 @@ class Flusher:
             log.debug("%s: the traceback", remote.name, exc_info=True)
         report.queued = self.spool.queue.queued_count(remote.name)
         report.seconds = round(time.monotonic() - self.started, 3)
+        self.spool.queue.flush_finished(remote.name, exit_code(FlushReport([report])))
         return report
 
     # -- reachability --------------------------------------------------------------
@@ -400,11 +403,11 @@ class Flusher:
         if signed:
             log.info("%s: signed %d paths with %s", remote.name, len(signed), key.name)
 
-    def verify(self, remote: Remote, paths: Sequence[str]) -> dict[str, bool]:
-        """verify.check() with this remote's key, as the flush's user ({} unsigned)."""
+    def verify(self, remote: Remote, paths: Sequence[str]) -> verify.Verdicts:
+        """verify.check() with this remote's key, as the flush's user (none unsigned)."""
         key = self._key(remote)
         if key is None:
-            return {}
+            return verify.Verdicts()
         return verify.check(
             remote, key, paths, self.spool, account=self.account, env=self.copy_env(remote)
         )
@@ -417,15 +420,70 @@ class Flusher:
             remote.name, self.owner, remote.batch_size, lease, due_by=self.due_by
         ):
             try:
-                before = report.delivered
-                self._copy(remote, batch, report)
-                done += report.delivered - before
+                before = report.delivered + report.skipped
+                batch = self._select(remote, batch, report)
+                if batch:
+                    self._copy(remote, batch, report)
+                done += report.delivered + report.skipped - before
                 self.progress(remote.name, done, due)
             except BaseException:
                 # Unreachable, interrupted or a bug: what this batch did not
                 # finish goes back untouched, and the next flush resumes.
                 self.spool.queue.released(remote.name, self.owner, [i for i, _ in batch])
                 raise
+
+    def _select(
+        self, remote: Remote, batch: list[tuple[int, str]], report: RemoteReport
+    ) -> list[tuple[int, str]]:
+        """The claimed rows `remote`'s filters take; the others become `skipped` with
+        their reason. Learns each path's NAR size on the way (bytes delivered)."""
+        reasons = {i: why for i, p in batch if (why := filters.why_name_left_out(remote, p))}
+        kept = [(i, p) for i, p in batch if i not in reasons]
+        # The closures only when max_size weighs them: one call either way.
+        try:
+            infos = self._path_infos(remote, [p for _, p in kept], recursive=bool(remote.max_size))
+        except LocalError as e:
+            if remote.max_size:
+                raise
+            # Only the bytes-delivered figure needs them: the copy, which runs as
+            # the user and may find a Nix this process does not, still goes.
+            log.warning("%s: NAR sizes unknown, bytes delivered not counted: %s", remote.name, e)
+            infos = {}
+        self.spool.queue.set_nar_sizes({p: infos[p].nar_size for _, p in kept if p in infos})
+        if remote.max_size:
+            # A path Nix no longer has is not weighed: the copy fails it with its reason.
+            sizes = filters.closure_sizes([p for _, p in kept if p in infos], infos)
+            for i, p in kept:
+                if p in sizes and (why := filters.why_too_big(remote, sizes[p])):
+                    reasons[i] = why
+        if reasons:
+            report.skipped += self.spool.queue.skipped(remote.name, self.owner, reasons)
+            log.info(
+                "%s: %d paths left out by its filters (`nixspool list --state skipped`)",
+                remote.name,
+                len(reasons),
+            )
+        return [(i, p) for i, p in batch if i not in reasons]
+
+    def _path_infos(
+        self, remote: Remote, paths: list[str], *, recursive: bool
+    ) -> dict[str, nix.PathInfo]:
+        """Path infos of the valid ones of `paths`; LocalError if Nix cannot say."""
+        if not paths:
+            return {}
+        try:
+            try:
+                return nix.path_infos(paths, recursive=recursive)
+            except CommandError:  # some Nix refuse a path garbage-collected meanwhile
+                gone = nix.invalid_paths(paths)
+                if not gone:
+                    raise
+                rest = [p for p in paths if p not in gone]
+                return nix.path_infos(rest, recursive=recursive) if rest else {}
+        except (CommandError, NixOutputError) as e:
+            raise LocalError(
+                f"reading path info for {remote.name} failed, nothing was copied: {e}"
+            ) from None
 
     def _copy(self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport) -> None:
         """A claimed batch; the rows that ran past copy_timeout before go one by one,
@@ -477,7 +535,8 @@ class Flusher:
                 if classify(e.stderr or str(e)) is Outcome.UNREACHABLE:
                     raise UnreachableError(why) from None
                 raise RemoteConfigError(f"{why}; `nixspool verify` checks again") from None
-            report.unverified += sum(not ok for ok in verdicts.values())
+            report.unverified += len(verdicts.bad)
+            report.resigned += len(verdicts.resigned)
 
     def _fail_gone(
         self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport

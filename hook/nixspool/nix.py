@@ -263,13 +263,22 @@ def start_copy(
     )
 
 
-def copy_sigs(substituter: str, paths: Sequence[str], timeout: float = 300) -> None:
-    """Add the signatures a (file://) binary cache has for `paths` to the local store."""
+def copy_sigs(
+    substituter: str,
+    paths: Sequence[str],
+    *,
+    store: str | None = None,
+    env: Mapping[str, str] | None = None,
+    account: Account | None = None,
+    timeout: float = 300,
+) -> None:
+    """Add the signatures a (file://) binary cache has for `paths` to the local
+    store, or to the store at URL `store`."""
+    argv = [*NIX, "store", "copy-sigs", "--substituter", substituter]
+    if store:
+        argv += ["--store", store]
     for chunk in chunks(paths):
-        run(
-            [*NIX, "store", "copy-sigs", "--substituter", substituter, "--", *chunk],
-            timeout=timeout,
-        )
+        run([*argv, "--", *chunk], env=env, account=account, timeout=timeout)
 
 
 def store_info(

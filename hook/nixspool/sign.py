@@ -20,7 +20,8 @@ import base64
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import nacl.exceptions
@@ -29,6 +30,7 @@ import nacl.signing
 from . import nix
 from .errors import SigningKeyError
 from .nix import PathInfo
+from .run import Account
 
 
 def fingerprint(info: PathInfo) -> bytes:
@@ -122,13 +124,50 @@ def attach(key: SecretKey, infos: Iterable[PathInfo]) -> list[str]:
     todo = [
         info for info in infos if not any(s.startswith(key.name + ":") for s in info.signatures)
     ]
-    if not todo:
-        return []
+    if todo:
+        with _signature_cache(key, todo) as cache:
+            nix.copy_sigs(f"file://{cache}", [info.path for info in todo])
+    return [info.path for info in todo]
+
+
+def push(
+    key: SecretKey,
+    infos: Sequence[PathInfo],
+    store: str,
+    *,
+    env: Mapping[str, str],
+    account: Account,
+    timeout: float,
+) -> None:
+    """Add our signature of each path to the store at URL `store`, which has the paths
+    already: Nix adds no signature to a path a store has when it is copied again
+    (NixOS/nix#4981). `infos` are the local store's: Nix adds a signature only where
+    the remote's hash, size and references are the same. CommandError if the store
+    refuses (ssh:// cannot add signatures; a daemon needs a trusted user)."""
+    if infos:
+        with _signature_cache(key, infos, owner=account) as cache:
+            nix.copy_sigs(
+                f"file://{cache}",
+                [info.path for info in infos],
+                store=store,
+                env=env,
+                account=account,
+                timeout=timeout,
+            )
+
+
+@contextmanager
+def _signature_cache(
+    key: SecretKey, infos: Sequence[PathInfo], owner: Account | None = None
+) -> Iterator[str]:
+    """A throw-away file:// binary cache whose .narinfo files carry our signatures of
+    `infos` (no NARs: `nix store copy-sigs` reads only the narinfo). Given to `owner`,
+    who runs Nix on it (Nix creates its nar/ and log/ directories when it opens it)."""
     with tempfile.TemporaryDirectory(prefix="nixspool-sigs-") as cache:
-        store_dir = os.path.dirname(todo[0].path)
+        store_dir = os.path.dirname(infos[0].path)
         with open(os.path.join(cache, "nix-cache-info"), "w") as f:
             f.write(f"StoreDir: {store_dir}\nWantMassQuery: 0\nPriority: 99\n")
-        for info in todo:
+        for info in infos:
             basename = os.path.basename(info.path)
             refs = " ".join(os.path.basename(r) for r in sorted(info.references))
             with open(os.path.join(cache, basename.split("-", 1)[0] + ".narinfo"), "w") as f:
@@ -138,5 +177,7 @@ def attach(key: SecretKey, infos: Iterable[PathInfo]) -> list[str]:
                     f"NarSize: {info.nar_size}\nReferences: {refs}\n"
                     f"Sig: {key.sign(info)}\n"
                 )
-        nix.copy_sigs(f"file://{cache}", [info.path for info in todo])
-    return [info.path for info in todo]
+        if owner is not None and owner.uid != os.geteuid():
+            for name in [".", *os.listdir(cache)]:
+                os.chown(os.path.join(cache, name), owner.uid, owner.gid)
+        yield cache

@@ -23,9 +23,20 @@ mode when root creates them; nixspool does the same for its own files.
 """
 
 from .database import SCHEMA_VERSION, Owner, Spool, check_permissions, trusted_uids
-from .model import Dropped, Reject, RemoteStatus, Row, Selector, State, Status, untrusted_row
+from .model import (
+    DELIVERY_STATES,
+    Dropped,
+    Reject,
+    RemoteStatus,
+    Row,
+    Selector,
+    State,
+    Status,
+    untrusted_row,
+)
 
 __all__ = [
+    "DELIVERY_STATES",
     "SCHEMA_VERSION",
     "Dropped",
     "Owner",

@@ -35,12 +35,14 @@ class Admin:
 
     def _selected(self, selector: Selector) -> tuple[str, list[Any]]:
         """A WHERE clause on deliveries for `selector`; UsageError if it names nothing."""
-        if not (selector.ids or selector.paths or selector.all_failed):
-            raise UsageError("name rows by id or store path, or pass --all-failed")
+        if not (selector.ids or selector.paths or selector.all_failed or selector.all_skipped):
+            raise UsageError("name rows by id or store path, or pass --all-failed or --all-skipped")
         named, params = self._named(selector)
         clauses = [f"path_id IN (SELECT id FROM paths WHERE {named})"] if named else []
         if selector.all_failed:
             clauses.append("state = 'failed'")
+        if selector.all_skipped:
+            clauses.append("state = 'skipped'")
         where = " OR ".join(clauses)
         if selector.remote is not None:
             where = f"({where}) AND remote = ?"
@@ -72,7 +74,8 @@ class Admin:
             raise UsageError(f"not in the spool: {', '.join(missing)}; see `nixspool list`")
 
     def retry(self, selector: Selector, now: float | None = None) -> int:
-        """Requeue the selected rows that are failed or waiting: due now, attempts reset."""
+        """Requeue the selected rows that are failed, skipped or waiting: due now,
+        attempts reset."""
         now = time.time() if now is None else now
         where, params = self._selected(selector)
         with self.transaction():

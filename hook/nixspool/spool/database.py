@@ -70,6 +70,34 @@ MIGRATIONS: list[str] = [
         UNIQUE (recorded_at, drv_path, value, reason)
     );
     """,
+    # 2: a remote's filters leave rows `skipped` (a state, so the CHECK and the
+    # table are rebuilt, SQLite's way); each path's NAR size, once the flusher
+    # knows it (bytes delivered); each remote's last flush, for `metrics`.
+    """
+    CREATE TABLE deliveries_2 (
+        remote TEXT NOT NULL,
+        path_id INTEGER NOT NULL REFERENCES paths (id) ON DELETE CASCADE,
+        state TEXT NOT NULL DEFAULT 'queued'
+            CHECK (state IN ('queued', 'delivered', 'failed', 'skipped')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        updated_at REAL,
+        delivered_at REAL,
+        verified INTEGER,
+        lease_owner TEXT,
+        lease_until REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (remote, path_id)
+    ) WITHOUT ROWID;
+    INSERT INTO deliveries_2 SELECT * FROM deliveries;
+    DROP TABLE deliveries;
+    ALTER TABLE deliveries_2 RENAME TO deliveries;
+    CREATE INDEX deliveries_due ON deliveries (remote, state, next_attempt_at, path_id);
+    CREATE INDEX deliveries_path ON deliveries (path_id);
+    ALTER TABLE paths ADD COLUMN nar_size INTEGER;
+    ALTER TABLE remotes ADD COLUMN last_flush_at REAL;
+    ALTER TABLE remotes ADD COLUMN last_flush_exit INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -18,12 +18,15 @@ class State(enum.StrEnum):
     QUEUED = "queued"
     DELIVERED = "delivered"
     FAILED = "failed"
+    # Left out by the remote's filters (include, exclude, max_size): never sent,
+    # with the reason; `retry` brings them back, after the filters changed.
+    SKIPPED = "skipped"
     # Not a delivery's state: a path in the spool that no remote has a row for
     # (none is configured yet). `list` shows it, `drop` can remove it.
     RECORDED = "recorded"
 
 
-DELIVERY_STATES = (State.QUEUED, State.DELIVERED, State.FAILED)
+DELIVERY_STATES = (State.QUEUED, State.DELIVERED, State.FAILED, State.SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Selector:
     ids: tuple[int, ...] = ()
     paths: tuple[str, ...] = ()
     all_failed: bool = False
+    all_skipped: bool = False
     remote: str | None = None
 
 
@@ -93,12 +97,19 @@ class RemoteStatus:
     queued: int = 0
     delivered: int = 0
     failed: int = 0
+    skipped: int = 0
     oldest_queued_at: float | None = None
     oldest_queued_age_seconds: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
     verified: int = 0
     not_verified: int = 0
+    # The NAR size of the delivered paths themselves (not their closures: what the
+    # remote already had is not counted apart), when the flusher learnt it.
+    delivered_bytes: int = 0
+    last_delivered_at: float | None = None
+    last_flush_at: float | None = None
+    last_flush_exit: int | None = None  # 0, 75 or 1, as `flush` for this remote alone
     configured: bool = True  # the spool does not read the config: the command sets it
 
     def count(self, state: State) -> int:

@@ -54,6 +54,19 @@ class Queue:
                         "UPDATE remotes SET expanded_through = ? WHERE name = ?", (top, name)
                     )
 
+    def add(self, paths: Sequence[str], now: float | None = None) -> list[str]:
+        """Record store paths by hand (`nixspool add`), as the hook would have: the
+        ones that were not in the spool yet."""
+        good, bad = storepath.partition(paths, storepath.store_dir())
+        if bad:
+            raise SpoolError(f"not store paths: {bad}")
+        now = time.time() if now is None else now
+        with self.transaction():
+            known = self.recorded(good)
+            new = [p for p in good if p not in known]
+            self.conn.executemany(rows.INSERT_PATH, [(p, "", 0, now) for p in new])
+        return new
+
     def unresolved(self) -> list[tuple[int, str]]:
         """(id, drv path) of rows recorded without their outputs; rows that are not
         derivations in the store are failed here and never handed out."""
@@ -165,6 +178,22 @@ class Queue:
                 [(int(ok), remote, path) for path, ok in verdicts.items()],
             )
 
+    def set_nar_sizes(self, sizes: dict[str, int]) -> None:
+        """Remember each path's NAR size (Nix told the flusher): bytes delivered."""
+        with self.transaction():
+            self.conn.executemany(
+                "UPDATE paths SET nar_size = ? WHERE path = ?",
+                [(size, path) for path, size in sizes.items()],
+            )
+
+    def flush_finished(self, remote: str, exit_code: int, now: float | None = None) -> None:
+        """How the last flush ended for `remote` (`metrics` and `status` show it)."""
+        with self.transaction():
+            self.conn.execute(
+                "UPDATE remotes SET last_flush_at = ?, last_flush_exit = ? WHERE name = ?",
+                (time.time() if now is None else now, exit_code, remote),
+            )
+
     def delivered_paths(self, remote: str) -> list[str]:
         return store_paths(
             self.conn.execute(
@@ -242,6 +271,22 @@ class Queue:
             "attempts = attempts + 1, last_error = ?, updated_at = ?, next_attempt_at = ?",
             (reason, now, retry_at),
         )
+
+    def skipped(
+        self, remote: str, owner: str, reasons: dict[int, str], now: float | None = None
+    ) -> int:
+        """Left out by the remote's filters, each with its reason; not an attempt."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            return sum(
+                self.conn.execute(
+                    "UPDATE deliveries SET state = 'skipped', last_error = ?, updated_at = ?,"
+                    " lease_owner = NULL, lease_until = 0"
+                    " WHERE remote = ? AND path_id = ? AND lease_owner = ?",
+                    (reason, now, remote, path_id, owner),
+                ).rowcount
+                for path_id, reason in reasons.items()
+            )
 
     def released(self, remote: str, owner: str, ids: Sequence[int]) -> int:
         """Give rows back untouched (the remote could not be reached: not an attempt)."""

@@ -46,6 +46,17 @@ class Reports:
                 remotes[name].verified = count
             else:
                 remotes[name].not_verified = count
+        for name, delivered_bytes, last_delivered_at in self.conn.execute(
+            "SELECT d.remote, coalesce(sum(p.nar_size), 0), max(d.delivered_at)"
+            " FROM deliveries d JOIN paths p ON p.id = d.path_id"
+            " WHERE d.state = 'delivered' GROUP BY d.remote"
+        ):
+            remotes[name].delivered_bytes = delivered_bytes
+            remotes[name].last_delivered_at = last_delivered_at
+        for name, flushed_at, flush_exit in self.conn.execute(
+            "SELECT name, last_flush_at, last_flush_exit FROM remotes"
+        ):
+            remotes[name].last_flush_at, remotes[name].last_flush_exit = flushed_at, flush_exit
         for name, remote in remotes.items():
             last = self.conn.execute(
                 "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"
