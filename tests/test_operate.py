@@ -236,12 +236,6 @@ def test_two_builders_flush_overlapping_closures_to_one_cache_at_once(
         builders["b"][1].build(ssh_lab.expr, {**args, "count": "10"})
         all_outputs = lab.expected_outputs(builders["b"][1], ssh_lab.expr, {**args, "count": "10"})
         ssh_lab.spool_in(builders["b"][0], a_outputs)  # B built those too, say
-        for config, _ in builders.values():
-            assert ssh_lab.nixspool(config, "status", "--json").returncode == 0
-        a_rows = ssh_lab.rows(builders["a"][0], "cache")
-        assert set(a_rows) == a_outputs  # A's hook recorded A's builds
-        b_rows = ssh_lab.rows(builders["b"][0], "cache")
-        assert set(b_rows) == all_outputs  # B's own, and A's
         flushes = [
             subprocess.Popen(
                 [lab.installed_program("nixspool"), "--config", str(config), "flush", "--json"],
@@ -260,6 +254,7 @@ def test_two_builders_flush_overlapping_closures_to_one_cache_at_once(
         for (config, _), outputs in zip(builders.values(), (a_outputs, all_outputs), strict=True):
             checked = ssh_lab.nixspool(config, "status", "--check")
             assert checked.returncode == 0, checked.stdout
+            # Each hook recorded its builds (Nix 2.8: the .drv, resolved by the flush).
             rows = ssh_lab.rows(config, "cache")
             assert {r["state"] for r in rows.values()} == {"delivered"}
             assert set(rows) == outputs
