@@ -85,6 +85,10 @@ def test_settings_merge_with_the_options(evaluated: dict[str, Any], tmp_path: Pa
     assert "d /srv/spool 0700 alice - -" in evaluated["merged"]["tmpfiles"]
     service = section(evaluated["merged"]["service"], "Service")
     assert "/srv/spool" in service["ReadWritePaths"]
+    # Filters pass through settings; the metrics file's directory is writable for the unit.
+    assert remotes["pi"].exclude == ("*-source",)
+    assert cfg.metrics_file == "/var/lib/prometheus/node-exporter/nixspool.prom"
+    assert "/var/lib/prometheus/node-exporter" in service["ReadWritePaths"]
 
 
 def test_signing_and_two_remotes(evaluated: dict[str, Any]) -> None:

@@ -237,7 +237,9 @@ in
           spoolDir
           gcRootsDir
           "-${userHome}"
-        ];
+        ]
+        # Where the flush writes its Prometheus metrics, if the settings say.
+        ++ lib.optional (cfg.settings ? metrics_file) (dirOf cfg.settings.metrics_file);
       };
     };
 

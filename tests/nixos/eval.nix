@@ -111,7 +111,9 @@ in
         spool = "/srv/spool/nixspool.sqlite";
         connect_timeout = 5;
         remotes.pi.batch_size = 100;
+        remotes.pi.exclude = [ "*-source" ];
         remotes.cache.url = "file:///srv/cache";
+        metrics_file = "/var/lib/prometheus/node-exporter/nixspool.prom";
       };
     };
   };
