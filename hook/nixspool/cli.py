@@ -484,11 +484,16 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+def _metrics_text(cfg: config_mod.Config, spool: Spool) -> str:
+    from . import metrics as metrics_mod
+
+    return metrics_mod.render(spool.reports.status(), (r.name for r in cfg.remotes))
+
+
 def _write_metrics(cfg: config_mod.Config, spool: Spool, path: str) -> None:
     from . import metrics as metrics_mod
 
-    text = metrics_mod.render(spool.reports.status(), (r.name for r in cfg.remotes))
-    metrics_mod.write(path, text)
+    metrics_mod.write(path, _metrics_text(cfg, spool))
 
 
 @app.command()
@@ -509,16 +514,12 @@ def metrics(
 
     Every flush also writes them to `metrics_file` when the config names one.
     """
-    from . import metrics as metrics_mod
-
     cfg = load_config()
     with open_spool(cfg, reading=True) as spool:
         if output:
             _write_metrics(cfg, spool, output)
             return
-        typer.echo(
-            metrics_mod.render(spool.reports.status(), (r.name for r in cfg.remotes)), nl=False
-        )
+        typer.echo(_metrics_text(cfg, spool), nl=False)
 
 
 # -- adding paths by hand -------------------------------------------------------------

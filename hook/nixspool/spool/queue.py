@@ -7,7 +7,7 @@ mark each delivered, failed, deferred (attempt counted, later) or released
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SpoolError
@@ -216,13 +216,20 @@ class Queue:
         self, remote: str, owner: str, ids: Sequence[int], sql: str, params: Sequence[Any]
     ) -> int:
         """Apply `SET sql` to the rows `owner` still holds a lease on."""
+        return self._finish_each(remote, owner, sql, {path_id: params for path_id in ids})
+
+    def _finish_each(
+        self, remote: str, owner: str, sql: str, params: Mapping[int, Sequence[Any]]
+    ) -> int:
+        """Apply `SET sql`, with each row's own parameters, to the rows `owner` still
+        holds a lease on, and end the lease: how a claimed row leaves the flusher."""
         with self.transaction():
             changed = 0
-            for path_id in ids:
+            for path_id, row_params in params.items():
                 cursor = self.conn.execute(
                     f"UPDATE deliveries SET {sql}, lease_owner = NULL, lease_until = 0"
                     " WHERE remote = ? AND path_id = ? AND lease_owner = ?",
-                    (*params, remote, path_id, owner),
+                    (*row_params, remote, path_id, owner),
                 )
                 changed += cursor.rowcount
         return changed
@@ -277,16 +284,12 @@ class Queue:
     ) -> int:
         """Left out by the remote's filters, each with its reason; not an attempt."""
         now = time.time() if now is None else now
-        with self.transaction():
-            return sum(
-                self.conn.execute(
-                    "UPDATE deliveries SET state = 'skipped', last_error = ?, updated_at = ?,"
-                    " lease_owner = NULL, lease_until = 0"
-                    " WHERE remote = ? AND path_id = ? AND lease_owner = ?",
-                    (reason, now, remote, path_id, owner),
-                ).rowcount
-                for path_id, reason in reasons.items()
-            )
+        return self._finish_each(
+            remote,
+            owner,
+            "state = 'skipped', last_error = ?, updated_at = ?",
+            {path_id: (reason, now) for path_id, reason in reasons.items()},
+        )
 
     def released(self, remote: str, owner: str, ids: Sequence[int]) -> int:
         """Give rows back untouched (the remote could not be reached: not an attempt)."""
