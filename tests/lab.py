@@ -256,6 +256,7 @@ def expected_outputs(daemon: NixDaemon, expr: Path, args: Mapping[str, str]) -> 
 
 ALICE = "nixspool-alice"  # owns the SSH key on the building machine
 CACHE = "nixspool-cache"  # + the host's index: the account whose store receives uploads
+SFTP = "nixspool-sftp"  # + the host's index: an account that may only use SFTP
 
 
 def sh(*argv: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -302,6 +303,7 @@ class LanHost:
         # Each host its own account: the store a login writes to is set in that
         # account's nix.conf, so two hosts sharing one would share a store.
         self.user = f"{CACHE}{index}"
+        self.sftp_user = f"{SFTP}{index}"
         self.store = root / "store-root"
         self.sshd_log = root / "sshd.log"
         self.sshd: subprocess.Popen[str] | None = None
@@ -362,6 +364,11 @@ class LanHost:
             StrictModes yes
             LogLevel VERBOSE
             AuthorizedKeysFile .ssh/authorized_keys
+            Subsystem sftp internal-sftp
+            # The static cache's account (serve_sftp): SFTP only, no shell, no Nix.
+            Match User {self.sftp_user}
+                ForceCommand internal-sftp
+                DisableForwarding yes
             """)
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation
@@ -479,6 +486,26 @@ class LanHost:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(public_key + "\n")
         sh("chown", "-R", self.user, str(ssh_dir))
+
+    def serve_sftp(self, public_key: str, name: str = "cache") -> Path:
+        """A new, empty directory for a static binary cache, which `public_key` may
+        write through this host's SFTP-only account (internal-sftp: no shell, so no
+        Nix either). Its sftp:// URL is sftp_url(directory)."""
+        ensure_user(self.sftp_user)
+        home = Path(os.path.expanduser(f"~{self.sftp_user}"))
+        ssh_dir = home / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        (ssh_dir / "authorized_keys").write_text(public_key + "\n")
+        sh("chown", "-R", self.sftp_user, str(ssh_dir))
+        directory = self.root / name
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(mode=0o755)
+        sh("chown", self.sftp_user, str(directory))
+        return directory
+
+    def sftp_url(self, directory: Path) -> str:
+        return f"sftp://{self.sftp_user}@{self.alias}{directory}"
 
     def wipe(self) -> None:
         """Empty the host's store, as if it had never received anything."""

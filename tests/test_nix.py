@@ -86,37 +86,44 @@ def test_unknown_hashes_are_refused(value: object) -> None:
         nix.normalize_nar_hash(value)
 
 
+DRV = f"{'2' * 32}-x.drv"
+
+
 def _info(**extra: object) -> dict[str, object]:
     return {"narHash": SRI, "narSize": 120, "references": [], "signatures": ["k:c2ln"], **extra}
 
 
 PATH_INFO_SHAPES = {
     "2.8 list": [
-        {"path": f"{STORE}/{A}", **_info(references=[f"{STORE}/{B}"])},
+        {"path": f"{STORE}/{A}", **_info(references=[f"{STORE}/{B}"], deriver=f"{STORE}/{DRV}")},
         {"path": f"{STORE}/{B}", **_info()},
         {"path": f"{STORE}/{'1' * 32}-gone", "valid": False},
     ],
     "2.19 map": {
-        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"]),
+        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"], deriver=f"{STORE}/{DRV}"),
         f"{STORE}/{B}": _info(),
         f"{STORE}/{'1' * 32}-gone": None,
     },
     "2.33 format 1": {
         "version": 1,
         "storeDir": STORE,
-        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"]),
+        f"{STORE}/{A}": _info(references=[f"{STORE}/{B}"], deriver=f"{STORE}/{DRV}"),
         f"{STORE}/{B}": _info(),
     },
     "2.33 format 2": {
         "version": 2,
         "storeDir": STORE,
-        "info": {A: _info(references=[B]), B: _info(), f"{'1' * 32}-gone": None},
+        "info": {
+            A: _info(references=[B], deriver=DRV),
+            B: _info(ca={"method": "nar", "hash": SRI}),
+            f"{'1' * 32}-gone": None,
+        },
     },
     "structured signatures": {
         "version": 2,
         "storeDir": STORE,
         "info": {
-            A: _info(references=[B], signatures=[{"keyName": "k", "sig": "c2ln"}]),
+            A: _info(references=[B], signatures=[{"keyName": "k", "sig": "c2ln"}], deriver=DRV),
             B: _info(),
         },
     },
@@ -128,12 +135,29 @@ def test_path_info_of_every_nix_reads_the_same(shape: str) -> None:
     infos = nix.parse_path_infos(json.dumps(PATH_INFO_SHAPES[shape]), STORE)
     assert set(infos) == {f"{STORE}/{A}", f"{STORE}/{B}"}
     a = infos[f"{STORE}/{A}"]
-    assert (a.nar_hash, a.nar_size, a.references, a.signatures) == (
+    assert (a.nar_hash, a.nar_size, a.references, a.signatures, a.deriver, a.ca) == (
         NIX32,
         120,
         (f"{STORE}/{B}",),
         ("k:c2ln",),
+        f"{STORE}/{DRV}",
+        None,
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "narinfo_form"),
+    [
+        (None, None),
+        ("fixed:r:sha256:" + NIX32[7:], "fixed:r:sha256:" + NIX32[7:]),  # <= 2.32: as is
+        ({"method": "nar", "hash": SRI}, "fixed:r:" + NIX32),
+        ({"method": "flat", "hash": SRI}, "fixed:" + NIX32),
+        ({"method": "text", "hash": SRI}, "text:" + NIX32),
+        ({"method": "git", "hash": SRI}, None),  # a narinfo cannot say it: left out
+    ],
+)
+def test_content_addresses_take_the_narinfo_form(value: object, narinfo_form: str | None) -> None:
+    assert nix.normalize_ca(value) == narinfo_form
 
 
 @pytest.mark.parametrize(
@@ -150,7 +174,6 @@ def test_path_info_nixspool_cannot_read_is_refused(text: str) -> None:
         nix.parse_path_infos(text, STORE)
 
 
-DRV = f"{'2' * 32}-x.drv"
 DERIVATION_SHAPES = {
     "2.8 show-derivation": {f"{STORE}/{DRV}": {"outputs": {"out": {"path": f"{STORE}/{A}"}}}},
     "2.34 version 4": {

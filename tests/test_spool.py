@@ -300,6 +300,7 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "last_delivered_at": None,
         "last_flush_at": None,
         "last_flush_exit": None,
+        "left_to_upstream": None,
         "configured": True,
     }
     assert [r.state for r in spool.reports.rows()] == [State.QUEUED]

@@ -253,6 +253,11 @@ def status(
                     f"last error ({name}, {ago(time.time() - r.last_error_at)} ago): {r.last_error}"
                 )
     for name, r in data.remotes.items():
+        if r.left_to_upstream:
+            typer.echo(
+                f"{name}: its last flush left {r.left_to_upstream} dependencies to the "
+                "upstream caches that signed them (skip_signed_by)"
+            )
         if r.verified or r.not_verified:
             typer.echo(
                 f"{name}: {r.verified} delivered paths have a verified signature there"
@@ -440,6 +445,11 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
         for r in report.remotes:
             skipped = f", {r.skipped} left out by filters" if r.skipped else ""
             skipped += f", {r.resigned} signed on the remote" if r.resigned else ""
+            if r.left_to_upstream:
+                skipped += f", {r.left_to_upstream} dependencies left to upstream"
+            if r.uploaded:
+                size = config_mod.ByteSize(r.uploaded_bytes)
+                skipped += f", {r.uploaded} paths written ({size})"
             line = (
                 f"{r.remote}: {r.delivered} delivered, {r.failed} failed{skipped}, "
                 f"{r.queued} still queued ({r.seconds:.1f} s)"
@@ -642,7 +652,8 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
     results: dict[str, verify_mod.Verdicts] = {}
     with open_spool(cfg) as spool:
         for r in cfg.selected(remote):
-            if r.sign_key_file:
+            # A cache nixspool writes has its narinfo files, signature and all, from it.
+            if r.sign_key_file and not r.nixspool_writes:
                 results[r.name] = verify_mod.check(
                     r,
                     sign.load_secret_key(r.sign_key_file),

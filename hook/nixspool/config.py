@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +65,8 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "include": (list, (), "only recorded paths whose name matches one of these globs"),
     "exclude": (list, (), "leave out recorded paths whose name matches one of these globs"),
     "max_size": (ByteSize, None, 'leave out recorded paths whose closure is larger ("2G")'),
+    "skip_signed_by": (list, (), "binary caches: leave out paths signed by these keys' names"),
+    "compression": (str, "xz", "sftp:// caches: how NARs are compressed (xz, zstd, none)"),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "batch_size": GLOBAL_KEYS["batch_size"],
@@ -76,7 +80,16 @@ def _default(key: str) -> Any:
     return GLOBAL_KEYS[key][1]
 
 
-SSH_SCHEMES = ("ssh://", "ssh-ng://")
+SSH_SCHEMES = ("ssh://", "ssh-ng://")  # a Nix store at the end of an ssh login
+SFTP_SCHEME = "sftp://"  # a static binary cache (a directory) written over SFTP
+COMPRESSIONS = ("xz", "zstd", "none")
+
+
+def zstd_available() -> bool:
+    """zstd needs Python's compression.zstd (3.14+); xz (lzma) is always there."""
+    import importlib.util
+
+    return importlib.util.find_spec("compression.zstd") is not None
 
 
 @dataclass(frozen=True)
@@ -89,16 +102,39 @@ class Remote:
     include: tuple[str, ...] = ()  # () takes every name
     exclude: tuple[str, ...] = ()
     max_size: ByteSize | None = None
+    skip_signed_by: tuple[str, ...] = ()  # key names, e.g. cache.nixos.org-1
+    compression: str = "xz"
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
     batch_size: int = _default("batch_size")
 
     @property
     def uses_ssh(self) -> bool:
-        return self.url.startswith(SSH_SCHEMES)
+        """Reached by an SSH login (probed first): a Nix store, or an SFTP cache."""
+        return self.url.startswith((*SSH_SCHEMES, SFTP_SCHEME))
+
+    @property
+    def is_sftp_cache(self) -> bool:
+        """A static binary cache over SFTP: nixspool writes it, no Nix there."""
+        return self.url.startswith(SFTP_SCHEME)
+
+    @property
+    def nixspool_writes(self) -> bool:
+        """nixspool writes the cache's files itself (static_cache.py): over SFTP, and
+        for a file:// cache that leaves paths to upstream (Nix's own writer refuses
+        a path whose references the cache lacks)."""
+        return self.is_sftp_cache or (self.url.startswith("file://") and bool(self.skip_signed_by))
+
+    @property
+    def is_binary_cache(self) -> bool:
+        """A directory of .narinfo files and NARs rather than a Nix store: it may
+        hold part of a closure (the rest from the substituters it names)."""
+        return self.url.startswith((SFTP_SCHEME, "file://"))
 
     @property
     def verifies(self) -> bool:
+        if self.nixspool_writes:  # it writes the narinfo, signature and all
+            return False
         return bool(self.sign_key_file) if self.verify is None else self.verify
 
 
@@ -198,6 +234,14 @@ def _check(value: Any, kind: type, key: str, where: str) -> Any:
     if kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}")
+        if key == "skip_signed_by":
+            for name in value:
+                if ":" in name or any(c.isspace() for c in name):
+                    raise ConfigError(
+                        f"{where}: '{key}' takes key names like \"cache.nixos.org-1\" (the "
+                        f"part of a public key before ':'), not {name!r}"
+                    )
+            return tuple(value)
         for pattern in value:
             if "/" in pattern:
                 raise ConfigError(
@@ -227,7 +271,7 @@ def _kind_name(kind: type) -> str:
         bool: "true or false",
         int: "a whole number",
         float: "a number",
-        list: "a list of glob patterns (strings)",
+        list: "a list of strings",
         ByteSize: 'a size in bytes, or like "500M", "2G"',
     }[kind]
 
@@ -292,6 +336,7 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
             if key not in remote:
                 remote[key] = values[key]
                 sources[f"remotes.{name}.{key}"] = f"{sources[key]} (top level)"
+        _check_binary_cache_keys(remote, name, sources)
         for key in ("ssh_key", "sign_key_file"):
             if remote.get(key):
                 remote[key] = os.path.expanduser(remote[key])
@@ -301,3 +346,54 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
                     raise ConfigError(f"{kwhere}: '{key}' must be an absolute path without spaces")
         remotes.append(Remote(name=name, **remote))
     return Config(remotes=tuple(remotes), path=path, sources=sources, **values)
+
+
+def _check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[str, str]) -> None:
+    """The keys that only a binary cache, or only an sftp:// one, can honour."""
+    url = remote["url"]
+    parsed = urllib.parse.urlsplit(url)
+    if url.startswith(SFTP_SCHEME) and (
+        not parsed.hostname or not parsed.path.startswith("/") or parsed.query
+    ):
+        raise ConfigError(
+            f"{sources[f'remotes.{name}.url']}: an sftp:// remote is "
+            f"sftp://[user@]host[:port]/absolute/directory, without ?parameters (got {url!r})"
+        )
+    ours = url.startswith(SFTP_SCHEME) or (
+        url.startswith("file://") and bool(remote.get("skip_signed_by"))
+    )
+    if url.startswith("file://") and ours and (parsed.query or parsed.netloc):
+        raise ConfigError(
+            f"{sources[f'remotes.{name}.url']}: with skip_signed_by nixspool writes this cache "
+            "itself: give file:///absolute/directory without ?parameters (compression is "
+            "its own key)"
+        )
+    if remote.get("skip_signed_by") and not url.startswith((SFTP_SCHEME, "file://")):
+        raise ConfigError(
+            f"{sources[f'remotes.{name}.skip_signed_by']}: skip_signed_by is for binary "
+            "caches (sftp://, file://): a Nix store must hold every path's whole closure, "
+            "so it cannot leave out what an upstream cache serves"
+        )
+    if ours and remote.get("verify"):
+        raise ConfigError(
+            f"{sources[f'remotes.{name}.verify']}: verify does not apply to a cache nixspool "
+            "writes itself (sftp://, file:// with skip_signed_by): it writes each narinfo, "
+            "signature and all"
+        )
+    if "compression" in remote:
+        where = sources[f"remotes.{name}.compression"]
+        if not ours:
+            raise ConfigError(
+                f"{where}: compression is for caches nixspool writes (sftp://, file:// with "
+                "skip_signed_by); Nix's own take it in the URL (file:///srv/cache?compression=zstd)"
+            )
+        if remote["compression"] not in COMPRESSIONS:
+            raise ConfigError(
+                f"{where}: compression must be one of {', '.join(COMPRESSIONS)}, "
+                f"not {remote['compression']!r}"
+            )
+        if remote["compression"] == "zstd" and not zstd_available():
+            raise ConfigError(
+                f"{where}: zstd needs Python 3.14 or later (compression.zstd); this "
+                f"nixspool runs on Python {sys.version.split()[0]}: use xz"
+            )

@@ -1,4 +1,6 @@
-"""Which recorded paths a remote takes: its `include`, `exclude` and `max_size`.
+"""Which recorded paths a remote takes: its `include`, `exclude` and `max_size`;
+and for a binary cache, which paths of their closures it leaves to upstream
+(`skip_signed_by`).
 
 Filters choose among the paths the spool holds (recorded by the hook, or added
 with `nixspool add`), never inside a closure: `nix copy` to a Nix store copies
@@ -6,6 +8,11 @@ each chosen path with everything it refers to, because a store must hold whole
 closures. A dependency whose name is excluded still goes when a path that needs
 it goes; `max_size` therefore weighs a path's whole closure, which is what the
 remote may have to receive (less what it already holds).
+
+A binary cache (sftp://, file://) may hold part of a closure: a path signed by
+a key in its `skip_signed_by` (cache.nixos.org-1) is left to the cache that
+signed it, whether it is a recorded path (then a `skipped` row) or a
+dependency (counted per flush: `left_to_upstream`).
 
 A path left out becomes a `skipped` row with the reason; it is never silent.
 """
@@ -58,3 +65,36 @@ def why_too_big(remote: Remote, closure_size: int) -> str | None:
             f"max_size of {remote.max_size}"
         )
     return None
+
+
+def upstream_key(remote: Remote, info: PathInfo) -> str | None:
+    """The name of a key in `remote`'s skip_signed_by that signed this path, if any.
+    Signatures are not checked here: only trusted users (and the daemon, when it
+    substitutes from a cache whose key it trusts) add them to the local store."""
+    for signature in info.signatures:
+        name = signature.split(":", 1)[0]
+        if name in remote.skip_signed_by:
+            return name
+    return None
+
+
+def why_left_to_upstream(remote: Remote, info: PathInfo) -> str | None:
+    key = upstream_key(remote, info)
+    return f"left to upstream: signed by {key}, whose cache serves it" if key else None
+
+
+def cache_closure(
+    remote: Remote, roots: Iterable[str], infos: Mapping[str, PathInfo]
+) -> tuple[set[str], set[str]]:
+    """(paths to write, paths left to upstream) of the roots' closures, for a binary
+    cache: unlike a Nix store it may hold part of a closure, the rest coming from
+    the upstream caches its users also substitute from."""
+    closure: set[str] = set()
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path not in closure:
+            closure.add(path)
+            todo.extend(infos[path].references)
+    left = {p for p in closure if upstream_key(remote, infos[p]) is not None}
+    return closure - left, left

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import filters, gcroots, nix, sign, verify
+from . import filters, gcroots, narinfo, nix, sign, static_cache, verify
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -45,7 +45,7 @@ from .errors import (
     SpoolError,
     UnreachableError,
 )
-from .hook import files
+from .hook import files, storepath
 from .probe import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
 from .run import Account, Running, last_line
 from .spool import Spool
@@ -154,6 +154,12 @@ class RemoteReport:
     queued: int = 0
     unverified: int = 0
     resigned: int = 0  # had the path without our signature: signed there now
+    # Binary caches: closure paths left to the caches that signed them (skip_signed_by).
+    left_to_upstream: int = 0
+    # Caches nixspool writes: the paths whose NAR and narinfo were written now, and the
+    # compressed bytes (a path whose narinfo was there already is not written).
+    uploaded: int = 0
+    uploaded_bytes: int = 0
     unreachable: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -211,8 +217,9 @@ class _CopyFailed(Exception):
         self.reason = reason
 
 
-class _RemoteNixFailed(_CopyFailed):
-    """The host answers SSH, but its Nix failed: a person must look."""
+class _RemoteFailed(_CopyFailed):
+    """The host answers SSH, but what keeps the store there failed (its Nix, or the
+    cache directory it will not let us write): a person must look."""
 
 
 def remote_message(error: CommandError) -> str:
@@ -275,6 +282,11 @@ class Flusher:
         # Probes started but not yet asked for their verdict, by remote name.
         self._probes: dict[str, Running] = {}
         self._keys: dict[str, sign.SecretKey] = {}
+        # Per binary-cache remote, over the whole flush (retries write nothing twice):
+        # closure paths left to upstream, paths written, compressed bytes written.
+        self._left_to_upstream: dict[str, set[str]] = {}
+        self._uploaded: dict[str, set[str]] = {}
+        self._uploaded_bytes: dict[str, int] = {}
 
     def protect(self) -> None:
         if self.cfg.gc_roots:
@@ -335,9 +347,16 @@ class Flusher:
             )
             log.error("%s: %s", remote.name, report.error)
             log.debug("%s: the traceback", remote.name, exc_info=True)
+        report.left_to_upstream = len(self._left_to_upstream.get(remote.name, ()))
+        report.uploaded = len(self._uploaded.get(remote.name, ()))
+        report.uploaded_bytes = self._uploaded_bytes.get(remote.name, 0)
         report.queued = self.spool.queue.queued_count(remote.name)
         report.seconds = round(time.monotonic() - self.started, 3)
-        self.spool.queue.flush_finished(remote.name, exit_code(FlushReport([report])))
+        self.spool.queue.flush_finished(
+            remote.name,
+            exit_code(FlushReport([report])),
+            left_to_upstream=report.left_to_upstream if remote.skip_signed_by else None,
+        )
         return report
 
     # -- reachability --------------------------------------------------------------
@@ -392,7 +411,7 @@ class Flusher:
         """Sign what the batch will upload (its closure) that lacks our signature, but
         only paths the hook recorded: nothing a user can slip into a closure is signed."""
         key = self._key(remote)
-        if key is None:
+        if key is None or remote.nixspool_writes:  # its narinfo files carry the signatures
             return
         try:
             infos = nix.path_infos(paths, recursive=True)
@@ -443,7 +462,7 @@ class Flusher:
         try:
             infos = self._path_infos(remote, [p for _, p in kept], recursive=bool(remote.max_size))
         except LocalError as e:
-            if remote.max_size:
+            if remote.max_size or remote.skip_signed_by:
                 raise
             # Only the bytes-delivered figure needs them: the copy, which runs as
             # the user and may find a Nix this process does not, still goes.
@@ -455,6 +474,10 @@ class Flusher:
             sizes = filters.closure_sizes([p for _, p in kept if p in infos], infos)
             for i, p in kept:
                 if p in sizes and (why := filters.why_too_big(remote, sizes[p])):
+                    reasons[i] = why
+        if remote.skip_signed_by:
+            for i, p in kept:
+                if p in infos and (why := filters.why_left_to_upstream(remote, infos[p])):
                     reasons[i] = why
         if reasons:
             report.skipped += self.spool.queue.skipped(remote.name, self.owner, reasons)
@@ -518,7 +541,7 @@ class Flusher:
         except _Transient as e:
             self._defer(remote, ids, e.reason, report)
             return
-        except _RemoteNixFailed as e:
+        except _RemoteFailed as e:
             # Counts as an attempt, with its reason where `status` shows it; the
             # remote stops here and the flush exits 1: a person must look.
             self._defer(remote, ids, e.reason, report)
@@ -622,16 +645,23 @@ class Flusher:
             with attempt:
                 self._copy_once(remote, paths)
 
-    def _copy_once(self, remote: Remote, paths: list[str]) -> None:
+    def _cache_closure(self, remote: Remote, paths: list[str]) -> list[nix.PathInfo]:
+        """What a binary cache receives for `paths`: their closures less what its
+        upstream caches serve, references first. CommandError (the rows' own
+        reason) if a path is gone from the local store."""
+        infos = self._path_infos(remote, paths, recursive=True)
+        gone = [p for p in paths if p not in infos]
+        if gone:
+            raise CommandError(f"{gone[0]} is not valid in the local store")
+        upload, left = filters.cache_closure(remote, paths, infos)
+        self._left_to_upstream.setdefault(remote.name, set()).update(left)
+        return [infos[p] for p in narinfo.references_first(upload, infos)]
+
+    def _started_copy(self, remote: Remote, start: Callable[[], Running]) -> Running:
+        """start() the copy; the probe started with the flush decides before it counts."""
         try:
-            running = nix.start_copy(
-                remote.url,
-                paths,
-                timeout=remote.copy_timeout,
-                env=self.copy_env(remote),
-                account=self.account,
-            )
-        except CommandError as e:  # nix could not even start: ours, not the remote's
+            running = start()
+        except CommandError as e:  # could not even start: ours, not the remote's
             raise LocalError(str(e)) from None
         pending = self._probes.pop(remote.name, None)
         if pending is not None:
@@ -641,6 +671,22 @@ class Flusher:
             except BaseException:
                 running.kill()
                 raise
+        return running
+
+    def _copy_once(self, remote: Remote, paths: list[str]) -> None:
+        if remote.nixspool_writes:
+            self._upload_once(remote, paths)
+            return
+        running = self._started_copy(
+            remote,
+            lambda: nix.start_copy(
+                remote.url,
+                paths,
+                timeout=remote.copy_timeout,
+                env=self.copy_env(remote),
+                account=self.account,
+            ),
+        )
         try:
             running.wait()
         except CommandError as e:
@@ -657,13 +703,66 @@ class Flusher:
                     # connection ends early). The probe tells them apart: "away"
                     # only if the host does not answer SSH now.
                     self.check_reachable(remote)
-                    raise _RemoteNixFailed(
+                    raise _RemoteFailed(
                         f"the host answers SSH, but Nix there did not: {remote_message(e)}"
                     ) from None
                 raise UnreachableError(f"{remote.url}: {reason}") from None
             if outcome is Outcome.TRANSIENT:
                 raise _Transient(reason) from None
             raise
+
+    def _upload_once(self, remote: Remote, paths: list[str]) -> None:
+        """Write `paths` with their closures to an sftp:// cache (static_cache.py): signed
+        here, with the key only this process reads, where the hook recorded them."""
+        infos = self._cache_closure(remote, paths)
+        key = self._key(remote)
+        ours = self.spool.queue.recorded(i.path for i in infos) if key else set()
+        entries = [
+            narinfo.Entry.of(
+                info,
+                sign.signatures_with_ours(key, info)
+                if key and info.path in ours
+                else info.signatures,
+            )
+            for info in infos
+        ]
+        running = self._started_copy(
+            remote,
+            lambda: static_cache.start_upload(
+                remote,
+                entries,
+                self.account,
+                accept_new_host_keys=self.cfg.accept_new_host_keys,
+                store_dir=storepath.store_dir(),
+            ),
+        )
+        try:
+            result = static_cache.result_of(running)
+        except CommandError as e:
+            if e.timed_out:
+                self.check_reachable(remote)
+                raise _TimedOut(f"{TIMED_OUT} ({remote.copy_timeout:g} s)") from None
+            log.debug("%s: the cache writer said:\n%s", remote.name, e.stderr)
+            raise RuntimeError(f"the cache writer failed: {e}") from None
+        self._uploaded.setdefault(remote.name, set()).update(result.uploaded)
+        self._uploaded_bytes[remote.name] = self._uploaded_bytes.get(remote.name, 0) + result.bytes
+        if result.present:
+            log.info("%s: %d paths were in the cache already", remote.name, len(result.present))
+        if result.error is None:
+            return
+        kind, message = result.error["kind"], f"{remote.url}: {result.error['message']}"
+        if kind == static_cache.Kind.LOGIN:  # as the probe would have said
+            if result.error.get("verdict") == Verdict.UNREACHABLE:
+                raise UnreachableError(message)
+            raise RemoteConfigError(message)
+        if kind == static_cache.Kind.LINK:
+            self.check_reachable(remote)  # away now: UnreachableError; back: try again
+            raise _Transient(result.error["message"])
+        if kind == static_cache.Kind.WRITE:
+            raise _Transient(result.error["message"])
+        if kind == static_cache.Kind.PATH:  # the rows' own reason: _refused finds which
+            raise CommandError(message, stderr=result.error["message"])
+        raise _RemoteFailed(result.error["message"])  # Kind.CACHE
 
     def _defer(self, remote: Remote, ids: list[int], reason: str, report: RemoteReport) -> None:
         now = time.time()

@@ -38,6 +38,10 @@ METRICS = {
         "gauge",
         "How the last flush ended for a remote: 0 done, 75 try later, 1 needs a person.",
     ),
+    "nixspool_left_to_upstream": (
+        "gauge",
+        "Closure paths a binary cache's last flush left to the upstream caches that signed them.",
+    ),
     "nixspool_paths": ("gauge", "Store paths in the spool."),
     "nixspool_rejected": ("gauge", "Values the hook refused to record."),
     "nixspool_unresolved_derivations": ("gauge", "Derivations whose outputs wait to be resolved."),
@@ -72,6 +76,8 @@ def render(status: Status, configured: Iterable[str]) -> str:
         if r.last_flush_at is not None and r.last_flush_exit is not None:
             sample("nixspool_last_flush_timestamp_seconds", r.last_flush_at, remote=name)
             sample("nixspool_last_flush_exit_code", r.last_flush_exit, remote=name)
+        if r.left_to_upstream is not None:
+            sample("nixspool_left_to_upstream", r.left_to_upstream, remote=name)
     sample("nixspool_paths", status.paths)
     sample("nixspool_rejected", status.rejected)
     sample("nixspool_unresolved_derivations", status.unresolved_derivations)

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from .errors import CommandError, NixOutputError
 from .hook import storepath
 from .hook.storepath import nix_base32, why_invalid
-from .run import Account, Running, run, spawn
+from .run import Account, Running, Streaming, run, spawn, stream
 
 # `nix copy` and friends are behind the nix-command feature on 2.4 and later;
 # naming it explicitly keeps nixspool independent of the user's nix.conf.
@@ -93,6 +93,8 @@ class PathInfo:
     nar_size: int
     references: tuple[str, ...]
     signatures: tuple[str, ...]
+    deriver: str | None = None  # the .drv's full store path, when Nix knows it
+    ca: str | None = None  # content address in narinfo form (`fixed:r:sha256:...`)
 
 
 def normalize_nar_hash(value: object) -> str:
@@ -120,6 +122,20 @@ def normalize_nar_hash(value: object) -> str:
     if len(digest) == 52:
         return value
     raise ValueError(f"unknown hash {value!r}")
+
+
+# A structured content address (--json-format 2) as a narinfo writes it.
+_CA_PREFIXES = {"text": "text:", "nar": "fixed:r:", "flat": "fixed:"}
+
+
+def normalize_ca(value: object) -> str | None:
+    """The narinfo `CA:` form of a content address, None for an input-addressed
+    path or a method narinfo files cannot state (git hashing)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, Mapping) and value.get("method") in _CA_PREFIXES:
+        return _CA_PREFIXES[value["method"]] + normalize_nar_hash(value.get("hash"))
+    return None
 
 
 def _signature(value: object) -> str:
@@ -167,6 +183,8 @@ def parse_path_infos(text: str, store_dir: str) -> dict[str, PathInfo]:
             int(item["narSize"]),
             tuple(_full_path(r, store_dir) for r in item.get("references") or ()),
             tuple(_signature(s) for s in item.get("signatures") or ()),
+            _full_path(item["deriver"], store_dir) if item.get("deriver") else None,
+            normalize_ca(item.get("ca")),
         )
     return infos
 
@@ -261,6 +279,12 @@ def start_copy(
     return spawn(
         [*NIX, "copy", "--to", url, "--", *paths], timeout=timeout, env=env, account=account
     )
+
+
+def dump(path: str) -> Streaming:
+    """Start writing the NAR of a store path (its serialisation, whose sha256 is
+    the path's NarHash) to the returned stream's stdout."""
+    return stream(["nix-store", "--dump", "--", path])
 
 
 def copy_sigs(

@@ -28,11 +28,12 @@ import socket
 import sys
 import traceback
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import privileges
-from .config import SSH_SCHEMES, Remote
+from .config import SFTP_SCHEME, SSH_SCHEMES, Remote
 from .errors import CommandError
 from .run import Account, Running, spawn
 
@@ -72,8 +73,8 @@ class SshTarget:
     @classmethod
     def from_url(cls, url: str) -> SshTarget:
         parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme + "://" not in SSH_SCHEMES or not parsed.hostname:
-            raise ValueError(f"{url!r} is not an ssh:// or ssh-ng:// store URL with a host")
+        if parsed.scheme + "://" not in (*SSH_SCHEMES, SFTP_SCHEME) or not parsed.hostname:
+            raise ValueError(f"{url!r} is not an ssh://, ssh-ng:// or sftp:// URL with a host")
         query = urllib.parse.parse_qs(parsed.query)
         return cls(
             host=parsed.hostname,
@@ -94,6 +95,12 @@ class ProbeRequest:
     ssh_key: str | None = None
     accept_new_host_keys: bool = False
     agent_socket: str | None = None
+
+    @property
+    def stall_seconds(self) -> float:
+        """How long an open connection may go without an answer, or with what it
+        sent unacknowledged, before it counts as gone (the link dropped)."""
+        return max(5.0, 1.5 * self.connect_timeout)
 
 
 def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
@@ -187,8 +194,26 @@ def _resolve(request: ProbeRequest, target: SshTarget) -> tuple[str, int, str, l
     return hostname, port, user, list(dict.fromkeys(keys))
 
 
-def probe(request: ProbeRequest) -> ProbeResult:
-    """Try to reach and log in to the remote, each step within connect_timeout."""
+class LoginFailed(Exception):
+    """logged_in() did not get in: the result says where and why."""
+
+    def __init__(self, result: ProbeResult) -> None:
+        super().__init__(result.message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Login:
+    transport: Any  # paramiko.Transport, authenticated
+    where: str  # host:port
+    user: str
+    key: str  # which key let us in
+
+
+@contextlib.contextmanager
+def logged_in(request: ProbeRequest) -> Iterator[Login]:
+    """An SSH login as `ssh` would make it for the user, each step within
+    connect_timeout; LoginFailed says which step failed. Closed on leaving."""
     import paramiko
 
     target = SshTarget.from_url(request.url)
@@ -196,22 +221,27 @@ def probe(request: ProbeRequest) -> ProbeResult:
     try:
         hostname, port, user, key_files = _resolve(request, target)
     except (OSError, ValueError, paramiko.SSHException) as e:
-        return ProbeResult(Verdict.MISCONFIGURED, "resolve", f"reading ~/.ssh/config: {e}")
+        raise LoginFailed(
+            ProbeResult(Verdict.MISCONFIGURED, "resolve", f"reading ~/.ssh/config: {e}")
+        ) from None
     where = f"{hostname}:{port}"
     try:
         sock = socket.create_connection((hostname, port), timeout=timeout)
     except socket.gaierror as e:
-        return ProbeResult(
-            Verdict.UNREACHABLE, "resolve", f"cannot resolve {hostname}: {e.strerror}"
-        )
+        raise LoginFailed(
+            ProbeResult(Verdict.UNREACHABLE, "resolve", f"cannot resolve {hostname}: {e.strerror}")
+        ) from None
     except TimeoutError:
-        return ProbeResult(
-            Verdict.UNREACHABLE, "tcp", f"no answer from {where} within {timeout:g} s"
-        )
+        raise LoginFailed(
+            ProbeResult(Verdict.UNREACHABLE, "tcp", f"no answer from {where} within {timeout:g} s")
+        ) from None
     except OSError as e:
-        return ProbeResult(
-            Verdict.UNREACHABLE, "tcp", f"cannot connect to {where}: {e.strerror or e}"
-        )
+        raise LoginFailed(
+            ProbeResult(Verdict.UNREACHABLE, "tcp", f"cannot connect to {where}: {e.strerror or e}")
+        ) from None
+    # A link that goes away mid-transfer leaves sent data unacknowledged: the kernel
+    # then ends the connection after this long (paramiko's own writes never give up).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(request.stall_seconds * 1000))
     transport = paramiko.Transport(sock)
     transport.banner_timeout = timeout
     transport.auth_timeout = timeout
@@ -220,25 +250,41 @@ def probe(request: ProbeRequest) -> ProbeResult:
         try:
             transport.start_client(timeout=timeout)
         except (paramiko.SSHException, OSError, EOFError) as e:
-            return ProbeResult(
-                Verdict.UNREACHABLE,
-                "banner",
-                f"no SSH handshake with {where}: {e or type(e).__name__}",
-            )
+            raise LoginFailed(
+                ProbeResult(
+                    Verdict.UNREACHABLE,
+                    "banner",
+                    f"no SSH handshake with {where}: {e or type(e).__name__}",
+                )
+            ) from None
         if not transport.is_active() or not transport.initial_kex_done:
             # start_client() returns, without an error, when its timeout passes
             # before the key exchange is done: the host is too slow to answer.
-            return ProbeResult(
-                Verdict.UNREACHABLE,
-                "banner",
-                f"no SSH key exchange with {where} within {timeout:g} s",
+            raise LoginFailed(
+                ProbeResult(
+                    Verdict.UNREACHABLE,
+                    "banner",
+                    f"no SSH key exchange with {where} within {timeout:g} s",
+                )
             )
-        verdict = _check_host_key(request, transport, hostname, port)
-        if verdict is not None:
-            return verdict
-        return _authenticate(request, transport, user, key_files, where)
+        failed = _check_host_key(request, transport, hostname, port)
+        if failed is not None:
+            raise LoginFailed(failed)
+        key = _authenticate(request, transport, user, key_files, where)
+        yield Login(transport, where, user, key)
     finally:
         transport.close()
+
+
+def probe(request: ProbeRequest) -> ProbeResult:
+    """Try to reach and log in to the remote, each step within connect_timeout."""
+    try:
+        with logged_in(request) as login:
+            return ProbeResult(
+                Verdict.OK, "done", f"logged in to {login.where} as {login.user} with {login.key}"
+            )
+    except LoginFailed as e:
+        return e.result
 
 
 def _check_host_key(
@@ -290,7 +336,8 @@ def _check_host_key(
 
 def _authenticate(
     request: ProbeRequest, transport: Any, user: str, key_files: list[str], where: str
-) -> ProbeResult:
+) -> str:
+    """Log in with the agent's or the user's keys; which one worked, or LoginFailed."""
     import paramiko
 
     tried: list[str] = []
@@ -315,16 +362,20 @@ def _authenticate(
             tried.append(label)
             continue
         except (paramiko.SSHException, OSError, EOFError) as e:
-            return ProbeResult(
-                Verdict.UNREACHABLE, "auth", f"{where} went away during authentication: {e}"
-            )
+            raise LoginFailed(
+                ProbeResult(
+                    Verdict.UNREACHABLE, "auth", f"{where} went away during authentication: {e}"
+                )
+            ) from None
         if transport.is_authenticated():
-            return ProbeResult(Verdict.OK, "done", f"logged in to {where} as {user} with {label}")
-    return ProbeResult(
-        Verdict.MISCONFIGURED,
-        "auth",
-        f"{where} accepted none of {request.local_user}'s keys for user {user} "
-        f"(tried: {', '.join(tried) or 'no key found'}); see README#ssh",
+            return label
+    raise LoginFailed(
+        ProbeResult(
+            Verdict.MISCONFIGURED,
+            "auth",
+            f"{where} accepted none of {request.local_user}'s keys for user {user} "
+            f"(tried: {', '.join(tried) or 'no key found'}); see README#ssh",
+        )
     )
 
 

@@ -17,9 +17,11 @@ import os
 import shlex
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from .errors import CommandError
 
@@ -142,6 +144,59 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run argv and capture its output; CommandError on failure or timeout."""
     return spawn(argv, check=check, timeout=timeout, env=env, account=account, input=input).wait()
+
+
+class Streaming:
+    """A started program whose output is read as it comes, as bytes (a NAR): read
+    `stdout` to its end, then finish()."""
+
+    def __init__(self, argv: Sequence[str], proc: subprocess.Popen[bytes], stderr: IO[bytes]):
+        self.argv = list(argv)
+        self.proc = proc
+        self.stdout: IO[bytes] = proc.stdout  # type: ignore[assignment]
+        self._stderr = stderr
+
+    def finish(self) -> None:
+        """Wait for the program (its output was read); CommandError if it failed."""
+        returncode = self.proc.wait()
+        self._stderr.seek(0)
+        stderr = self._stderr.read().decode(errors="replace")
+        self._stderr.close()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        if returncode != 0:
+            raise CommandError(
+                f"`{command_name(self.argv)}` failed (exit {returncode}): {last_line(stderr)}",
+                stderr=stderr,
+            )
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._stderr.close()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+
+def stream(argv: Sequence[str]) -> Streaming:
+    """Start argv, as whoever runs nixspool, to read its output as it comes. Its
+    stderr goes to a temporary file: a pipe nobody reads while stdout is read
+    could fill up and stall it.
+
+    Unlike spawn(), it stays in the caller's process group, without a preexec_fn:
+    its caller is a child that nixspool bounds and kills as a group (the cache
+    writer, whose paramiko runs threads, where a preexec_fn is not safe); and
+    if the caller dies, its next write into the closed pipe ends it."""
+    log.debug("$ %s", shlex.join(argv))
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish() or kill()
+    try:
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd="/"
+        )
+    except OSError as e:
+        stderr.close()
+        raise CommandError(
+            f"cannot run {argv[0]}: {e.strerror}; is it installed and on PATH?"
+        ) from None
+    return Streaming(argv, proc, stderr)
 
 
 @functools.cache

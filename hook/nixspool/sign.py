@@ -56,6 +56,13 @@ class SecretKey:
         return f"{self.name}:{base64.b64encode(signature).decode()}"
 
 
+def signatures_with_ours(key: SecretKey, info: PathInfo) -> tuple[str, ...]:
+    """The path's signatures, ours made now in place of any older one by our key's
+    name: what a narinfo nixspool writes carries (no store is changed)."""
+    others = tuple(s for s in info.signatures if not s.startswith(key.name + ":"))
+    return (*others, key.sign(info))
+
+
 def generate(name: str) -> tuple[str, str]:
     """A new key pair in Nix's format: (secret file content, public key)."""
     if not name or ":" in name or any(c.isspace() for c in name):

@@ -98,6 +98,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE remotes ADD COLUMN last_flush_at REAL;
     ALTER TABLE remotes ADD COLUMN last_flush_exit INTEGER;
     """,
+    # 3: a binary cache's last flush: how many closure paths it left to the
+    # upstream caches that signed them (skip_signed_by), for `status`.
+    """
+    ALTER TABLE remotes ADD COLUMN left_to_upstream INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

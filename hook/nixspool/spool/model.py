@@ -110,6 +110,9 @@ class RemoteStatus:
     last_delivered_at: float | None = None
     last_flush_at: float | None = None
     last_flush_exit: int | None = None  # 0, 75 or 1, as `flush` for this remote alone
+    # A binary cache with skip_signed_by: the closure paths its last flush left to
+    # the upstream caches that signed them (not rows: dependencies nobody recorded).
+    left_to_upstream: int | None = None
     configured: bool = True  # the spool does not read the config: the command sets it
 
     def count(self, state: State) -> int:

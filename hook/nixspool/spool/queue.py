@@ -186,12 +186,22 @@ class Queue:
                 [(size, path) for path, size in sizes.items()],
             )
 
-    def flush_finished(self, remote: str, exit_code: int, now: float | None = None) -> None:
-        """How the last flush ended for `remote` (`metrics` and `status` show it)."""
+    def flush_finished(
+        self,
+        remote: str,
+        exit_code: int,
+        now: float | None = None,
+        *,
+        left_to_upstream: int | None = None,
+    ) -> None:
+        """How the last flush ended for `remote` (`metrics` and `status` show it);
+        for a binary cache with skip_signed_by, how many closure paths it left to
+        upstream (None: not such a remote)."""
         with self.transaction():
             self.conn.execute(
-                "UPDATE remotes SET last_flush_at = ?, last_flush_exit = ? WHERE name = ?",
-                (time.time() if now is None else now, exit_code, remote),
+                "UPDATE remotes SET last_flush_at = ?, last_flush_exit = ?,"
+                " left_to_upstream = ? WHERE name = ?",
+                (time.time() if now is None else now, exit_code, left_to_upstream, remote),
             )
 
     def delivered_paths(self, remote: str) -> list[str]:

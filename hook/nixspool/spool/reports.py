@@ -53,10 +53,11 @@ class Reports:
         ):
             remotes[name].delivered_bytes = delivered_bytes
             remotes[name].last_delivered_at = last_delivered_at
-        for name, flushed_at, flush_exit in self.conn.execute(
-            "SELECT name, last_flush_at, last_flush_exit FROM remotes"
+        for name, flushed_at, flush_exit, left in self.conn.execute(
+            "SELECT name, last_flush_at, last_flush_exit, left_to_upstream FROM remotes"
         ):
             remotes[name].last_flush_at, remotes[name].last_flush_exit = flushed_at, flush_exit
+            remotes[name].left_to_upstream = left
         for name, remote in remotes.items():
             last = self.conn.execute(
                 "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"

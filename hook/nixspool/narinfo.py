@@ -1,0 +1,139 @@
+"""The files of a static binary cache, as Nix reads them: `.narinfo`, NAR names,
+`nix-cache-info`, and the order a closure is written in. Pure: no I/O here.
+
+A cache is a directory: `<hash>.narinfo` per store path (what Nix asks for
+first), `nar/<file hash>.nar.xz` with the path's contents, and `nix-cache-info`.
+Nix substitutes a path from it when the narinfo is there and, with
+`require-sigs`, carries a signature by a trusted key; it then fetches the NAR
+the narinfo names and checks its hash. So a narinfo is written only after its
+NAR, and a path's only after its references': a reader never sees a narinfo
+that promises what is not there yet.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from .nix import PathInfo
+
+# What each compression is called in a narinfo, and its NAR file's extension.
+EXTENSIONS = {"xz": ".xz", "zstd": ".zst", "none": ""}
+CACHE_INFO = "nix-cache-info"
+NAR_DIR = "nar"
+
+
+def hash_part(path: str) -> str:
+    """The hash of a store path, which names its narinfo: <hash>.narinfo."""
+    return os.path.basename(path).split("-", 1)[0]
+
+
+def narinfo_name(path: str) -> str:
+    return hash_part(path) + ".narinfo"
+
+
+def nar_name(file_hash: str, compression: str) -> str:
+    """nar/<nix-base32 file hash>.nar.xz, as Nix names them: content-addressed, so
+    two writers of one path write the same file."""
+    digest = file_hash.split(":", 1)[1]
+    return f"{NAR_DIR}/{digest}.nar{EXTENSIONS[compression]}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path to write: its local path info and the signatures its narinfo carries.
+    Crosses into the uploader (which runs as the configured user) as JSON: it never
+    sees the signing key, only signatures made with it."""
+
+    path: str
+    nar_hash: str  # sha256:<nix-base32>
+    nar_size: int
+    references: tuple[str, ...]
+    signatures: tuple[str, ...]
+    deriver: str | None = None
+    ca: str | None = None
+
+    @classmethod
+    def of(cls, info: PathInfo, signatures: Sequence[str]) -> Entry:
+        return cls(
+            info.path,
+            info.nar_hash,
+            info.nar_size,
+            info.references,
+            tuple(signatures),
+            info.deriver,
+            info.ca,
+        )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> Entry:
+        return cls(
+            str(data["path"]),
+            str(data["nar_hash"]),
+            int(data["nar_size"]),  # type: ignore[call-overload]
+            tuple(data["references"]),  # type: ignore[arg-type]
+            tuple(data["signatures"]),  # type: ignore[arg-type]
+            data.get("deriver"),  # type: ignore[arg-type]
+            data.get("ca"),  # type: ignore[arg-type]
+        )
+
+    def text(self, url: str, compression: str, file_hash: str, file_size: int) -> str:
+        """The narinfo, in the order and form Nix writes it."""
+        refs = " ".join(os.path.basename(r) for r in sorted(self.references))
+        lines = [
+            f"StorePath: {self.path}",
+            f"URL: {url}",
+            f"Compression: {compression}",
+            f"FileHash: {file_hash}",
+            f"FileSize: {file_size}",
+            f"NarHash: {self.nar_hash}",
+            f"NarSize: {self.nar_size}",
+            f"References: {refs}",
+        ]
+        if self.deriver:
+            lines.append(f"Deriver: {os.path.basename(self.deriver)}")
+        lines += [f"Sig: {sig}" for sig in self.signatures]
+        if self.ca:
+            lines.append(f"CA: {self.ca}")
+        return "\n".join(lines) + "\n"
+
+
+def cache_info(store_dir: str, priority: int = 30) -> str:
+    """nix-cache-info for a new cache. WantMassQuery lets Nix ask about many paths
+    at once; Priority 30 puts it before cache.nixos.org's 40 (Nix asks the lower
+    first: the cache on the LAN is the nearer). A substituter URL's ?priority=
+    overrides it."""
+    return f"StoreDir: {store_dir}\nWantMassQuery: 1\nPriority: {priority}\n"
+
+
+def store_dir_of(cache_info_text: str) -> str | None:
+    for line in cache_info_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "StoreDir":
+            return value.strip()
+    return None
+
+
+def references_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> list[str]:
+    """`paths` ordered so that each comes after those of its references that are
+    among them (a store's closure has no cycles, only self-references)."""
+    wanted = set(paths)
+    ordered: list[str] = []
+    done: set[str] = set()
+    for root in sorted(wanted):
+        stack = [(root, iter(sorted(infos[root].references)))]
+        if root in done:
+            continue
+        done.add(root)
+        while stack:
+            path, refs = stack[-1]
+            for ref in refs:
+                if ref in wanted and ref not in done:
+                    done.add(ref)
+                    stack.append((ref, iter(sorted(infos[ref].references))))
+                    break
+            else:
+                stack.pop()
+                ordered.append(path)
+    return ordered

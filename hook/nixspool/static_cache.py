@@ -1,0 +1,414 @@
+"""A static binary cache that nixspool writes itself: an sftp:// remote, and a
+file:// one with skip_signed_by.
+
+Over SFTP the host needs sshd and SFTP, no Nix: nixspool makes each path's NAR
+from the local store (`nix-store --dump`), compresses it, and writes it and its
+narinfo (narinfo.py) into the directory named by the URL,
+sftp://[user@]host/dir. A file:// cache that leaves paths to upstream
+(skip_signed_by) is written the same way into a local directory: Nix's own
+writer refuses a path whose references the cache lacks, which is the point.
+
+The writing runs in a child process as the configured user, like the probe
+(`python -m nixspool.static_cache`): over SFTP it logs in with the user's keys and
+known_hosts, and is bounded by copy_timeout as a whole and by connect_timeout
+for each step, so a link that goes away mid-transfer ends it. The parent
+signs (it may read the key; the child never sees it) and hands over each
+path's narinfo fields as JSON; the child answers with what it wrote, or why
+it stopped, as JSON.
+
+How a cut link never leaves a file that looks whole: each NAR and narinfo is
+written to a temporary name in `.nixspool-partial/` and renamed into place
+(an atomic rename(2) on the host, through OpenSSH's posix-rename), the NAR
+first, and a path only after its references. What a cut left in
+`.nixspool-partial/` is removed by a later upload once it is a day old (another
+builder may be writing there right now). Which paths are there already is
+known from one listing of the directory, not a question per path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import lzma
+import os
+import posixpath
+import sys
+import time
+import traceback
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
+from typing import IO, Any
+
+from . import narinfo, nix, privileges
+from .config import Remote
+from .errors import CommandError
+from .hook.storepath import nix_base32
+from .narinfo import Entry
+from .probe import LoginFailed, ProbeRequest, logged_in
+from .run import Account, Running, spawn
+
+PARTIAL_DIR = ".nixspool-partial"
+PARTIAL_MAX_AGE = 24 * 3600  # a partial file this old has no writer any more
+CHUNK = 1 << 20
+
+
+class _LocalFiles:
+    """The few SFTP calls the writer makes, on this machine's filesystem (file://)."""
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def listdir_attr(self, path: str) -> list[SimpleNamespace]:
+        return [
+            SimpleNamespace(filename=e.name, st_mtime=e.stat(follow_symlinks=False).st_mtime)
+            for e in os.scandir(path)
+        ]
+
+    def open(self, path: str, mode: str = "r") -> IO[bytes]:
+        if "w" not in mode:
+            return open(path, "rb")
+        # Readable by all (a web server serves the cache); a name of our own making.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.fchmod(fd, 0o644)
+        return os.fdopen(fd, "wb")
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def posix_rename(self, old: str, new: str) -> None:
+        os.replace(old, new)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+
+class _Here:
+    """The transport of a local "connection": always there."""
+
+    def is_active(self) -> bool:
+        return True
+
+
+class Kind:
+    """Why an upload stopped (UploadResult.error["kind"])."""
+
+    LOGIN = "login"  # the SSH login failed: `verdict` says how, as the probe's
+    LINK = "link"  # the connection broke or stalled mid-transfer
+    CACHE = "cache"  # the host refuses the directory (missing, permission): a person
+    WRITE = "write"  # a write failed on the host (SFTP "Failure": a full disk...)
+    PATH = "path"  # one path cannot be written (gone from the local store, corrupt)
+
+
+@dataclass
+class UploadRequest:
+    login: ProbeRequest | None  # None: a local directory (file://)
+    directory: str  # on the host, absolute
+    compression: str
+    store_dir: str
+    entries: list[Entry]  # references first
+
+
+@dataclass
+class UploadResult:
+    """What the child did; `error` when it stopped early: {kind, message[, path, verdict]}."""
+
+    uploaded: list[str] = field(default_factory=list)  # written now
+    present: list[str] = field(default_factory=list)  # their narinfo was there already
+    bytes: int = 0  # compressed NAR bytes written
+    error: dict[str, str] | None = None
+
+
+def directory_of(url: str) -> str:
+    """The cache's directory: sftp://pi/srv/cache and file:///srv/cache are /srv/cache."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path).rstrip("/") or "/"
+
+
+# -- the parent: start it, read its answer ---------------------------------------------
+
+
+def start_upload(
+    remote: Remote,
+    entries: Sequence[Entry],
+    account: Account,
+    *,
+    accept_new_host_keys: bool,
+    store_dir: str,
+) -> Running:
+    """Write `entries` (references first) to `remote`, as `account`, in a child."""
+    login = None
+    if remote.is_sftp_cache:
+        login = ProbeRequest(
+            url=remote.url,
+            home=account.home,
+            local_user=account.name,
+            connect_timeout=remote.connect_timeout,
+            ssh_key=remote.ssh_key,
+            accept_new_host_keys=accept_new_host_keys,
+            agent_socket=privileges.agent_socket(account),
+        )
+    request = {
+        "login": None if login is None else asdict(login),
+        "directory": directory_of(remote.url),
+        "compression": remote.compression,
+        "store_dir": store_dir,
+        "entries": [asdict(e) for e in entries],
+    }
+    return spawn(
+        [sys.executable, "-m", "nixspool.static_cache"],
+        input=json.dumps(request),
+        account=account,
+        env=privileges.child_env(account),
+        timeout=remote.copy_timeout,
+    )
+
+
+def result_of(running: Running) -> UploadResult:
+    """The child's answer. CommandError if it ran past copy_timeout (timed_out) or
+    crashed or printed nonsense (a bug: its traceback is in the error's stderr)."""
+    completed = running.wait()
+    try:
+        return UploadResult(**json.loads(completed.stdout))
+    except (ValueError, TypeError) as e:
+        raise CommandError(
+            f"the cache writer printed what nixspool cannot read ({e})", stderr=completed.stderr
+        ) from None
+
+
+# -- the child: runs as the user ---------------------------------------------------
+
+
+class _Stop(Exception):
+    def __init__(self, kind: str, message: str, **detail: str) -> None:
+        super().__init__(message)
+        self.error = {"kind": kind, "message": message, **detail}
+
+
+def _compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """(compress, flush) for a NAR: xz as Nix writes it (preset 6, CRC64), zstd at
+    its default level, or none."""
+    if compression == "xz":
+        xz = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
+        return xz.compress, xz.flush
+    if compression == "zstd":
+        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+
+        z = zstd.ZstdCompressor()
+        return z.compress, z.flush
+    return (lambda chunk: chunk), (lambda: b"")
+
+
+class _Writer:
+    """One upload over one SFTP session."""
+
+    def __init__(self, files: Any, transport: Any, request: UploadRequest) -> None:
+        self.sftp = files  # an SFTPClient, or _LocalFiles
+        self.transport = transport
+        self.request = request
+        self.root = request.directory
+        self.partial = posixpath.join(self.root, PARTIAL_DIR)
+        self.result = UploadResult()
+
+    @contextlib.contextmanager
+    def remote_step(self, what: str) -> Iterator[None]:
+        """Turn what SFTP raises into why the upload stopped."""
+        import paramiko
+
+        try:
+            yield
+        except _Stop:
+            raise
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            # A request that waited past the stall bound (TimeoutError), a closed
+            # channel or transport: the link, not the host's answer.
+            broken = (TimeoutError, EOFError, ConnectionError, paramiko.SSHException)
+            if isinstance(e, broken) or not self.transport.is_active():
+                raise _Stop(
+                    Kind.LINK, f"the connection broke while {what}: {e or type(e).__name__}"
+                ) from None
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                raise _Stop(
+                    Kind.CACHE,
+                    f"{what}: {e.strerror or e}; does {self.root} exist, writable by "
+                    "the user nixspool writes as?",
+                ) from None
+            # OpenSSH reports most failed writes (ENOSPC, EROFS, EDQUOT) as the one
+            # SFTP status "Failure": space may come back, so try again later.
+            raise _Stop(
+                Kind.WRITE,
+                f"{what}: the host refused a write ({e}); is its disk full?",
+            ) from None
+
+    def prepare(self) -> set[str]:
+        """Check the cache directory, create what is missing; the narinfo names there."""
+        with self.remote_step(f"listing {self.root}"):
+            names = set(self.sftp.listdir(self.root))
+        with self.remote_step(f"reading {self.root}/{narinfo.CACHE_INFO}"):
+            if narinfo.CACHE_INFO in names:
+                with self.sftp.open(posixpath.join(self.root, narinfo.CACHE_INFO)) as f:
+                    text = f.read(4096).decode(errors="replace")
+                theirs = narinfo.store_dir_of(text)
+                if theirs not in (None, self.request.store_dir):
+                    raise _Stop(
+                        Kind.CACHE,
+                        f"{self.root} is a binary cache for the store {theirs}, not "
+                        f"{self.request.store_dir}",
+                    )
+        for name in (narinfo.NAR_DIR, PARTIAL_DIR):
+            if name not in names:
+                with self.remote_step(f"creating {self.root}/{name}"):
+                    try:
+                        self.sftp.mkdir(posixpath.join(self.root, name))
+                    except OSError:
+                        if not self.transport.is_active():
+                            raise
+                        # Made by another writer just now; or the writes into it
+                        # will say what is wrong.
+        if narinfo.CACHE_INFO not in names:
+            self.write_file(narinfo.CACHE_INFO, narinfo.cache_info(self.request.store_dir))
+        self.remove_old_partials()
+        return {n for n in names if n.endswith(".narinfo")}
+
+    def remove_old_partials(self) -> None:
+        with self.remote_step(f"cleaning {self.partial}"):
+            for attr in self.sftp.listdir_attr(self.partial):
+                if attr.st_mtime is not None and attr.st_mtime < time.time() - PARTIAL_MAX_AGE:
+                    with contextlib.suppress(OSError):
+                        self.sftp.remove(posixpath.join(self.partial, attr.filename))
+
+    def temporary(self, suffix: str) -> str:
+        return posixpath.join(self.partial, f"{uuid.uuid4().hex}{suffix}")
+
+    def rename(self, temporary: str, name: str) -> None:
+        """Into place, atomically, replacing what is there (another writer's copy of
+        the same content)."""
+        self.sftp.posix_rename(temporary, posixpath.join(self.root, name))
+
+    def write_file(self, name: str, text: str) -> None:
+        temporary = self.temporary(".tmp")
+        with self.remote_step(f"writing {self.root}/{name}"):
+            with self.sftp.open(temporary, "wb") as f:
+                f.write(text.encode())
+            self.rename(temporary, name)
+
+    def upload(self, entry: Entry) -> None:
+        compression = self.request.compression
+        temporary = self.temporary(".nar" + narinfo.EXTENSIONS[compression])
+        compress, flush = _compressor(compression)
+        nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
+        nar_size = file_size = 0
+        dumping = nix.dump(entry.path)
+        try:
+            with self.remote_step(f"uploading {entry.path}"):
+                with self.sftp.open(temporary, "wb") as f:
+                    if hasattr(f, "set_pipelined"):  # SFTP: no round trip per write
+                        f.set_pipelined(True)
+                    while chunk := dumping.stdout.read(CHUNK):
+                        nar_hash.update(chunk)
+                        nar_size += len(chunk)
+                        out = compress(chunk)
+                        file_hash.update(out)
+                        file_size += len(out)
+                        f.write(out)
+                    out = flush()
+                    file_hash.update(out)
+                    file_size += len(out)
+                    f.write(out)
+                try:
+                    dumping.finish()
+                except CommandError as e:
+                    raise _Stop(Kind.PATH, str(e), path=entry.path) from None
+                got = "sha256:" + nix_base32(nar_hash.digest())
+                if (got, nar_size) != (entry.nar_hash, entry.nar_size):
+                    raise _Stop(
+                        Kind.PATH,
+                        f"{entry.path}: its contents do not match the local store's record "
+                        f"(NAR {got}, {nar_size} bytes; expected {entry.nar_hash}, "
+                        f"{entry.nar_size} bytes): run `nix-store --verify --check-contents`",
+                        path=entry.path,
+                    )
+                digest = "sha256:" + nix_base32(file_hash.digest())
+                url = narinfo.nar_name(digest, compression)
+                self.rename(temporary, url)
+        except BaseException:
+            dumping.kill()
+            with contextlib.suppress(Exception):
+                self.sftp.remove(temporary)
+            raise
+        self.write_file(
+            narinfo.narinfo_name(entry.path), entry.text(url, compression, digest, file_size)
+        )
+        self.result.uploaded.append(entry.path)
+        self.result.bytes += file_size
+
+    def run(self) -> None:
+        present = self.prepare()
+        for entry in self.request.entries:
+            if narinfo.narinfo_name(entry.path) in present:
+                self.result.present.append(entry.path)
+            else:
+                self.upload(entry)
+
+
+def upload(request: UploadRequest) -> UploadResult:
+    """Log in as the user, write the entries; what was written, and why it stopped."""
+    if request.login is None:
+        writer = _Writer(_LocalFiles(), _Here(), request)
+        try:
+            writer.run()
+        except _Stop as e:
+            writer.result.error = e.error
+        return writer.result
+    import paramiko
+
+    result = UploadResult()
+    try:
+        with logged_in(request.login) as login:
+            # Every SFTP request waits at most this long for its answer (and the
+            # login's socket gives up on unacknowledged data as soon): a link that
+            # went away mid-transfer (no RST, packets lost) ends the upload here.
+            stall = request.login.stall_seconds
+            try:
+                sftp = paramiko.SFTPClient.from_transport(login.transport)
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise _Stop(
+                    Kind.CACHE if login.transport.is_active() else Kind.LINK,
+                    f"no SFTP session on {login.where}: {e} (is the sftp subsystem enabled?)",
+                ) from None
+            assert sftp is not None
+            sftp.get_channel().settimeout(stall)
+            writer = _Writer(sftp, login.transport, request)
+            result = writer.result
+            writer.run()
+    except LoginFailed as e:
+        result.error = {"kind": Kind.LOGIN, "message": e.result.message}
+        result.error["verdict"] = e.result.verdict.value
+    except _Stop as e:
+        result.error = e.error
+    return result
+
+
+def main() -> None:
+    """`python -m nixspool.sftp_cache`: one upload, request and result as JSON."""
+    data = json.loads(sys.stdin.read())
+    request = UploadRequest(
+        login=ProbeRequest(**data["login"]) if data["login"] else None,
+        directory=data["directory"],
+        compression=data["compression"],
+        store_dir=data["store_dir"],
+        entries=[Entry.from_json(e) for e in data["entries"]],
+    )
+    try:
+        result = upload(request)
+    except Exception:  # a bug: the parent reports it as one, with this traceback
+        traceback.print_exc()
+        sys.exit(1)
+    sys.stdout.write(json.dumps(asdict(result)))
+
+
+if __name__ == "__main__":
+    main()
