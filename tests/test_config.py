@@ -75,6 +75,24 @@ def test_remote_values_override_and_inherit(tmp_path: Path) -> None:
         ('[remotes.pi]\nurl = "ssh://x"\nmax_size = "2X"\n', r":3: 'max_size' must be a size"),
         ('[remotes.pi]\nurl = "ssh://x"\nmax_size = 0\n', r":3: 'max_size' must be greater"),
         ('[remotes.pi]\nurl = "ssh://x"\nmax_size = true\n', r":3: 'max_size' must be a size"),
+        ('[remotes.pi]\nurl = "sftp://pi"\n', r":2: an sftp:// remote is sftp://\[user@\]host"),
+        ('[remotes.pi]\nurl = "sftp:///srv/c"\n', r":2: an sftp:// remote is"),
+        ('[remotes.pi]\nurl = "sftp://pi/c?x=1"\n', r":2: an sftp:// remote is"),
+        (
+            '[remotes.pi]\nurl = "ssh-ng://pi"\nskip_signed_by = ["cache.nixos.org-1"]\n',
+            r":3: skip_signed_by is for binary caches .*must hold every path's whole closure",
+        ),
+        (
+            '[remotes.pi]\nurl = "file:///c"\nskip_signed_by = ["cache.nixos.org-1:6NCH"]\n',
+            r":3: 'skip_signed_by' takes key names like",
+        ),
+        (
+            '[remotes.pi]\nurl = "file:///c?compression=zstd"\nskip_signed_by = ["k"]\n',
+            r":2: with skip_signed_by nixspool writes this cache itself",
+        ),
+        ('[remotes.pi]\nurl = "ssh://pi"\ncompression = "xz"\n', r":3: compression is for"),
+        ('[remotes.pi]\nurl = "sftp://pi/c"\ncompression = "gz"\n', r":3: compression must be"),
+        ('[remotes.pi]\nurl = "sftp://pi/c"\nverify = true\n', r":3: verify does not apply"),
     ],
 )
 def test_invalid_configs_say_where_and_what(tmp_path: Path, text: str, message: str) -> None:
@@ -97,6 +115,32 @@ def test_unknown_remote_names_the_known_ones(tmp_path: Path) -> None:
     cfg = load(tmp_path, '[remotes.pi]\nurl = "ssh-ng://pi"\n')
     with pytest.raises(UsageError, match=r"unknown remote 'nas' \(known: pi\)"):
         cfg.remote("nas")
+
+
+def test_static_caches_take_their_own_keys(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        '[remotes.pi]\nurl = "sftp://cache@pi:2222/srv/nix-cache"\n'
+        'skip_signed_by = ["cache.nixos.org-1"]\ncompression = "none"\n'
+        '[remotes.dir]\nurl = "file:///srv/c"\nskip_signed_by = ["cache.nixos.org-1"]\n'
+        '[remotes.nix]\nurl = "file:///srv/d?compression=zstd"\n',
+    )
+    pi, d, plain = cfg.remotes
+    assert (pi.uses_ssh, pi.is_sftp_cache, pi.nixspool_writes, pi.compression) == (
+        True,
+        True,
+        True,
+        "none",
+    )
+    assert pi.skip_signed_by == ("cache.nixos.org-1",)
+    assert (d.uses_ssh, d.nixspool_writes, d.compression) == (False, True, "xz")
+    assert (plain.nixspool_writes, plain.is_binary_cache) == (False, True)  # Nix writes it
+    zstd = '[remotes.pi]\nurl = "sftp://pi/c"\ncompression = "zstd"\n'
+    if config.zstd_available():
+        assert load(tmp_path, zstd).remotes[0].compression == "zstd"
+    else:
+        with pytest.raises(ConfigError, match=r":3: zstd needs Python 3.14 or later"):
+            load(tmp_path, zstd)
 
 
 def test_filters_read_patterns_and_sizes_with_units(tmp_path: Path) -> None:

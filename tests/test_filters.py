@@ -48,3 +48,24 @@ def test_a_closure_weighs_each_path_once_even_in_a_cycle_or_shared() -> None:
         filters.why_too_big(capped, 111)
     )
     assert filters.why_too_big(Remote("nas", "ssh://nas"), 1 << 50) is None
+
+
+def signed(path: str, *keys: str, refs: tuple[str, ...] = ()) -> PathInfo:
+    return PathInfo(path, "sha256:" + "0" * 52, 1, refs, tuple(f"{k}:c2ln" for k in keys))
+
+
+def test_a_binary_cache_leaves_what_upstream_signed_and_keeps_the_rest_of_the_closure() -> None:
+    glibc, lib, app = p("glibc", "1" * 32), p("lib", "2" * 32), p("app", "3" * 32)
+    infos = {
+        glibc: signed(glibc, "cache.nixos.org-1", refs=(glibc,)),
+        lib: signed(lib, "builder-1", refs=(glibc,)),  # ours, on upstream's glibc
+        app: signed(app, refs=(lib, glibc)),
+    }
+    pi = Remote("pi", "sftp://pi/c", skip_signed_by=("cache.nixos.org-1",))
+    assert filters.cache_closure(pi, [app], infos) == ({app, lib}, {glibc})
+    assert filters.upstream_key(pi, infos[glibc]) == "cache.nixos.org-1"
+    assert filters.upstream_key(pi, infos[lib]) is None  # another key's: not upstream's
+    why = filters.why_left_to_upstream(pi, infos[glibc])
+    assert why == "left to upstream: signed by cache.nixos.org-1, whose cache serves it"
+    everything = Remote("nas", "file:///c")
+    assert filters.cache_closure(everything, [app], infos) == ({app, lib, glibc}, set())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import lab
+from nixspool import config as nixspool_config
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +105,21 @@ def test_a_build_reaches_a_fresh_store_through_a_static_cache_over_sftp(
     # A fresh store takes every path from it, trusting nixspool's key alone.
     fresh = substitute(ssh_lab, outputs, [f"file://{cache}"], [ssh_lab.nixspool_public_key])
     assert fresh.returncode == 0, fresh.stderr
+
+    # doctor reads the directory (and writes nothing); a missing one is named.
+    checks = json.loads(ssh_lab.nixspool(config, "doctor", "--json").stdout)
+    pi = [c for c in checks if c["name"] == "remote pi"]
+    assert [c["ok"] for c in pi] == [True] * len(pi), pi
+    assert f"cache directory {cache} is there ({len(outputs)} paths in it)" in [
+        c["detail"] for c in pi
+    ]
+    missing = ssh_lab.config(
+        ssh_lab.root / "sftp-missing",
+        f'[remotes.pi]\nurl = "{host.sftp_url(cache / "nope")}"\n',
+    )
+    checks = json.loads(ssh_lab.nixspool(missing, "doctor", "--json").stdout)
+    (bad,) = [c for c in checks if c["name"] == "remote pi" and not c["ok"]]
+    assert bad["detail"].startswith(f"cache directory {cache / 'nope'}: listing")
 
     # Another spool with the same paths: the one listing finds them, nothing is written.
     again = ssh_lab.config(ssh_lab.root / "sftp-again", body)
@@ -214,3 +230,28 @@ def test_a_link_that_goes_down_mid_upload_leaves_no_narinfo_without_its_nar(
     assert (report["delivered"], report["uploaded"]) == (len(outputs), len(outputs - before))
     assert set(narinfos(cache)) == outputs
     assert_whole(cache)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_other_compressions_are_read_by_nix_too(ssh_lab: lab.SshLab, compression: str) -> None:
+    host = ssh_lab.hosts[1]
+    cache = host.serve_sftp(ssh_lab.alice.public_key, name=f"cache-{compression}")
+    outputs = ssh_lab.build(2, bytes_each=10_000)
+    body = (
+        f'[remotes.nas]\nurl = "{host.sftp_url(cache)}"\ncompression = "{compression}"\n'
+        f'sign_key_file = "{ssh_lab.nixspool_key}"\n'
+    )
+    config = ssh_lab.config(ssh_lab.root / f"sftp-{compression}", body)
+    result = ssh_lab.nixspool(config, "flush")
+    if compression == "zstd" and not nixspool_config.zstd_available():
+        # Python before 3.14 has no zstd: said at once, naming the line, before any work.
+        assert result.returncode == 1
+        assert "config.toml:8: zstd needs Python 3.14 or later" in result.stderr
+        return
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush")
+    assert result.returncode == 0, result.stderr
+    written = narinfos(cache)
+    assert {f["Compression"] for f in written.values()} == {compression}
+    fresh = substitute(ssh_lab, outputs, [f"file://{cache}"], [ssh_lab.nixspool_public_key])
+    assert fresh.returncode == 0, fresh.stderr

@@ -89,7 +89,10 @@ def zstd_available() -> bool:
     """zstd needs Python's compression.zstd (3.14+); xz (lzma) is always there."""
     import importlib.util
 
-    return importlib.util.find_spec("compression.zstd") is not None
+    try:
+        return importlib.util.find_spec("compression.zstd") is not None
+    except ModuleNotFoundError:  # no `compression` package at all (before 3.14)
+        return False
 
 
 @dataclass(frozen=True)

@@ -230,10 +230,43 @@ def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[C
                 )
             )
             return checks
+    if remote.nixspool_writes:
+        checks.append(_cache_directory(remote, account, name))
+        return checks
     checks.append(_ping(remote, account, name))
     if checks[-1].ok:
         checks.append(_trust(remote, account, our_keys, name))
     return checks
+
+
+def _cache_directory(remote: Remote, account: Account, name: str) -> Check:
+    """The directory of a cache nixspool writes (sftp://): there, and for this store."""
+    from . import static_cache
+    from .hook import storepath
+
+    directory = static_cache.directory_of(remote.url)
+    try:
+        running = static_cache.start_upload(
+            remote,
+            [],
+            account,
+            accept_new_host_keys=False,
+            store_dir=storepath.store_dir(),
+            check_only=True,
+        )
+        result = static_cache.result_of(running)
+    except CommandError as e:
+        return Check(name, False, f"reading {directory} failed: {e}", "see README#static-caches")
+    if result.error is not None:
+        return Check(
+            name,
+            False,
+            f"cache directory {directory}: {result.error['message']}",
+            f"create {directory} on the host, writable by the SSH login (see README#static-caches)",
+        )
+    return Check(
+        name, True, f"cache directory {directory} is there ({result.narinfo_files} paths in it)"
+    )
 
 
 def _probe(remote: Remote, account: Account) -> ProbeResult:

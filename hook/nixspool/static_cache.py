@@ -111,6 +111,7 @@ class UploadRequest:
     compression: str
     store_dir: str
     entries: list[Entry]  # references first
+    check_only: bool = False  # read the directory, write nothing (`nixspool doctor`)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class UploadResult:
     uploaded: list[str] = field(default_factory=list)  # written now
     present: list[str] = field(default_factory=list)  # their narinfo was there already
     bytes: int = 0  # compressed NAR bytes written
+    narinfo_files: int = 0  # in the directory when it was listed
     error: dict[str, str] | None = None
 
 
@@ -138,6 +140,7 @@ def start_upload(
     *,
     accept_new_host_keys: bool,
     store_dir: str,
+    check_only: bool = False,
 ) -> Running:
     """Write `entries` (references first) to `remote`, as `account`, in a child."""
     login = None
@@ -157,6 +160,7 @@ def start_upload(
         "compression": remote.compression,
         "store_dir": store_dir,
         "entries": [asdict(e) for e in entries],
+        "check_only": check_only,
     }
     return spawn(
         [sys.executable, "-m", "nixspool.static_cache"],
@@ -248,16 +252,19 @@ class _Writer:
         with self.remote_step(f"listing {self.root}"):
             names = set(self.sftp.listdir(self.root))
         with self.remote_step(f"reading {self.root}/{narinfo.CACHE_INFO}"):
-            if narinfo.CACHE_INFO in names:
-                with self.sftp.open(posixpath.join(self.root, narinfo.CACHE_INFO)) as f:
-                    text = f.read(4096).decode(errors="replace")
-                theirs = narinfo.store_dir_of(text)
-                if theirs not in (None, self.request.store_dir):
-                    raise _Stop(
-                        Kind.CACHE,
-                        f"{self.root} is a binary cache for the store {theirs}, not "
-                        f"{self.request.store_dir}",
-                    )
+            self.result.narinfo_files = sum(n.endswith(".narinfo") for n in names)
+        if narinfo.CACHE_INFO in names:
+            with self.sftp.open(posixpath.join(self.root, narinfo.CACHE_INFO)) as f:
+                text = f.read(4096).decode(errors="replace")
+            theirs = narinfo.store_dir_of(text)
+            if theirs not in (None, self.request.store_dir):
+                raise _Stop(
+                    Kind.CACHE,
+                    f"{self.root} is a binary cache for the store {theirs}, not "
+                    f"{self.request.store_dir}",
+                )
+        if self.request.check_only:
+            return set()
         for name in (narinfo.NAR_DIR, PARTIAL_DIR):
             if name not in names:
                 with self.remote_step(f"creating {self.root}/{name}"):
@@ -347,6 +354,8 @@ class _Writer:
 
     def run(self) -> None:
         present = self.prepare()
+        if self.request.check_only:
+            return
         for entry in self.request.entries:
             if narinfo.narinfo_name(entry.path) in present:
                 self.result.present.append(entry.path)
@@ -401,6 +410,7 @@ def main() -> None:
         compression=data["compression"],
         store_dir=data["store_dir"],
         entries=[Entry.from_json(e) for e in data["entries"]],
+        check_only=data.get("check_only", False),
     )
     try:
         result = upload(request)

@@ -1,0 +1,68 @@
+"""The files of a static binary cache, as pure logic (test_sftp_cache.py has a real
+Nix read what nixspool writes)."""
+
+from __future__ import annotations
+
+from nixspool import narinfo
+from nixspool.narinfo import Entry
+from nixspool.nix import PathInfo
+
+STORE = "/nix/store"
+HASH = "sha256:" + "1" * 52
+
+
+def p(index: int, name: str) -> str:
+    return f"{STORE}/{str(index) * 32}-{name}"
+
+
+def info(path: str, *refs: str) -> PathInfo:
+    return PathInfo(path, HASH, 128, refs, (), None, None)
+
+
+def test_a_narinfo_is_written_as_nix_writes_it() -> None:
+    app, lib = p(1, "app"), p(2, "lib")
+    entry = Entry.of(
+        PathInfo(app, HASH, 128, (lib, app), ("old:c2ln",), p(3, "app.drv"), "fixed:r:" + HASH),
+        ["old:c2ln", "ours:c2ln"],
+    )
+    text = entry.text("nar/abc.nar.xz", "xz", "sha256:" + "2" * 52, 64)
+    assert text == (
+        f"StorePath: {app}\n"
+        "URL: nar/abc.nar.xz\n"
+        "Compression: xz\n"
+        f"FileHash: sha256:{'2' * 52}\n"
+        "FileSize: 64\n"
+        f"NarHash: {HASH}\n"
+        "NarSize: 128\n"
+        f"References: {'1' * 32}-app {'2' * 32}-lib\n"
+        f"Deriver: {'3' * 32}-app.drv\n"
+        "Sig: old:c2ln\n"
+        "Sig: ours:c2ln\n"
+        f"CA: fixed:r:{HASH}\n"
+    )
+    assert Entry.from_json(entry.__dict__) == entry  # what crosses to the writer
+    assert narinfo.narinfo_name(app) == "1" * 32 + ".narinfo"
+    assert narinfo.nar_name("sha256:" + "2" * 52, "zstd") == f"nar/{'2' * 52}.nar.zst"
+    assert narinfo.nar_name("sha256:" + "2" * 52, "none") == f"nar/{'2' * 52}.nar"
+
+
+def test_a_path_without_references_or_deriver_says_so_plainly() -> None:
+    text = Entry.of(info(p(1, "x")), []).text("nar/a.nar", "none", HASH, 128)
+    assert "References: \n" in text
+    assert "Deriver" not in text and "Sig" not in text and "CA" not in text
+
+
+def test_references_come_first_and_only_the_wanted_are_ordered() -> None:
+    a, b, c, d = p(1, "a"), p(2, "b"), p(3, "c"), p(4, "d")
+    # d -> c -> b -> a, d -> a, and every path refers to itself
+    infos = {a: info(a, a), b: info(b, a, b), c: info(c, b, c), d: info(d, a, c, d)}
+    order = narinfo.references_first([d, c, b, a], infos)
+    assert order == [a, b, c, d]
+    assert narinfo.references_first([d, b], infos) == [b, d]  # c not wanted: not written
+
+
+def test_the_store_dir_of_a_cache_is_read_from_nix_cache_info() -> None:
+    text = narinfo.cache_info("/nix/store")
+    assert narinfo.store_dir_of(text) == "/nix/store"
+    assert "WantMassQuery: 1" in text
+    assert narinfo.store_dir_of("Priority: 40\n") is None
