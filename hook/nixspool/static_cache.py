@@ -35,11 +35,13 @@ import lzma
 import os
 import posixpath
 import sys
+import threading
 import time
 import traceback
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import IO, Any
@@ -54,6 +56,7 @@ from .run import Account, Running, spawn
 
 PARTIAL_DIR = ".nixspool-partial"
 PARTIAL_MAX_AGE = 24 * 3600  # a partial file this old has no writer any more
+WORKERS = 4  # paths written at once, each over its own SFTP session
 CHUNK = 1 << 20
 
 
@@ -206,16 +209,34 @@ def _compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[]
     return (lambda chunk: chunk), (lambda: b"")
 
 
-class _Writer:
-    """One upload over one SFTP session."""
+class _Cancelled(Exception):
+    """Another path's upload stopped this one before it began."""
 
-    def __init__(self, files: Any, transport: Any, request: UploadRequest) -> None:
-        self.sftp = files  # an SFTPClient, or _LocalFiles
+
+class _Writer:
+    """One upload: WORKERS paths at a time, each worker with its own SFTP session
+    (an SFTP session answers one request after another: with a few, small paths
+    travel side by side, and compression uses both cores)."""
+
+    def __init__(self, open_files: Callable[[], Any], transport: Any, request: UploadRequest):
+        self._open_files = open_files  # a new SFTPClient, or _LocalFiles
+        self._mine = threading.local()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self.transport = transport
         self.request = request
         self.root = request.directory
         self.partial = posixpath.join(self.root, PARTIAL_DIR)
         self.result = UploadResult()
+
+    @property
+    def sftp(self) -> Any:
+        """This thread's session."""
+        files = getattr(self._mine, "files", None)
+        if files is None:
+            with self.remote_step("opening an SFTP session"):
+                files = self._mine.files = self._open_files()
+        return files
 
     @contextlib.contextmanager
     def remote_step(self, what: str) -> Iterator[None]:
@@ -302,7 +323,27 @@ class _Writer:
                 f.write(text.encode())
             self.rename(temporary, name)
 
-    def upload(self, entry: Entry) -> None:
+    def upload(self, entry: Entry, references: Sequence[Future[None]]) -> None:
+        """The path's NAR, then, once its references' are in place, its narinfo."""
+        if self._stopping.is_set():
+            raise _Cancelled
+        try:
+            url, digest, file_size = self.upload_nar(entry)
+            for reference in references:
+                reference.result()  # failed: raises, and this narinfo is not written
+            self.write_file(
+                narinfo.narinfo_name(entry.path),
+                entry.text(url, self.request.compression, digest, file_size),
+            )
+        except BaseException:
+            self._stopping.set()
+            raise
+        with self._lock:
+            self.result.uploaded.append(entry.path)
+            self.result.bytes += file_size
+
+    def upload_nar(self, entry: Entry) -> tuple[str, str, int]:
+        """Write the path's NAR into place: (its name, its file hash, its size)."""
         compression = self.request.compression
         temporary = self.temporary(".nar" + narinfo.EXTENSIONS[compression])
         compress, flush = _compressor(compression)
@@ -346,27 +387,30 @@ class _Writer:
             with contextlib.suppress(Exception):
                 self.sftp.remove(temporary)
             raise
-        self.write_file(
-            narinfo.narinfo_name(entry.path), entry.text(url, compression, digest, file_size)
-        )
-        self.result.uploaded.append(entry.path)
-        self.result.bytes += file_size
+        return url, digest, file_size
 
     def run(self) -> None:
         present = self.prepare()
         if self.request.check_only:
             return
-        for entry in self.request.entries:
-            if narinfo.narinfo_name(entry.path) in present:
-                self.result.present.append(entry.path)
-            else:
-                self.upload(entry)
+        uploads: dict[str, Future[None]] = {}
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="nixspool-writer") as pool:
+            for entry in self.request.entries:  # references first: theirs are submitted
+                if narinfo.narinfo_name(entry.path) in present:
+                    self.result.present.append(entry.path)
+                    continue
+                references = [uploads[r] for r in entry.references if r in uploads]
+                uploads[entry.path] = pool.submit(self.upload, entry, references)
+        for future in uploads.values():  # the first failure, in the order given
+            error = future.exception()
+            if error is not None and not isinstance(error, _Cancelled):
+                raise error
 
 
 def upload(request: UploadRequest) -> UploadResult:
     """Log in as the user, write the entries; what was written, and why it stopped."""
     if request.login is None:
-        writer = _Writer(_LocalFiles(), _Here(), request)
+        writer = _Writer(_LocalFiles, _Here(), request)
         try:
             writer.run()
         except _Stop as e:
@@ -381,16 +425,21 @@ def upload(request: UploadRequest) -> UploadResult:
             # login's socket gives up on unacknowledged data as soon): a link that
             # went away mid-transfer (no RST, packets lost) ends the upload here.
             stall = request.login.stall_seconds
-            try:
-                sftp = paramiko.SFTPClient.from_transport(login.transport)
-            except (paramiko.SSHException, OSError, EOFError) as e:
-                raise _Stop(
-                    Kind.CACHE if login.transport.is_active() else Kind.LINK,
-                    f"no SFTP session on {login.where}: {e} (is the sftp subsystem enabled?)",
-                ) from None
-            assert sftp is not None
-            sftp.get_channel().settimeout(stall)
-            writer = _Writer(sftp, login.transport, request)
+
+            def open_session() -> Any:
+                try:
+                    sftp = paramiko.SFTPClient.from_transport(login.transport)
+                except paramiko.SSHException as e:
+                    if not login.transport.is_active():
+                        raise
+                    raise _Stop(
+                        Kind.CACHE,
+                        f"no SFTP session on {login.where}: {e} (is the sftp subsystem on?)",
+                    ) from None
+                sftp.get_channel().settimeout(stall)
+                return sftp
+
+            writer = _Writer(open_session, login.transport, request)
             result = writer.result
             writer.run()
     except LoginFailed as e:

@@ -1,0 +1,122 @@
+"""Benchmark: a flush to a static cache over SFTP against what people do without
+nixspool, as ratios from one run.
+
+    python tests/bench_static.py [--tiny 200] [--big 20] [--big-mb 2] [--rounds 3]
+                                 [--lan-rate 1gbit]
+
+Run as root after `bash tests/run` (which installs the lab). The LAN host serves
+an empty directory to an SFTP-only account (no Nix there), and each variant
+fills it from nothing, as alice, xz-compressed:
+- nixspool: `nixspool flush` to sftp://... (NARs made, compressed and uploaded
+  by nixspool, signed);
+- staged: `nix copy --to file:///staging` of the same paths, then `scp -r` of
+  the staging directory to the host: Nix's own writer, then one bulk transfer
+  (sshfs, the other usual way, needs FUSE, which this lab does not assume).
+The directory is emptied between variants, and the order alternates round by
+round, so both meet the same machine. Printed: medians, and nixspool/staged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lab
+
+
+def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str]) -> float:
+    shutil.rmtree(work, ignore_errors=True)
+    body = f'[remotes.pi]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
+    config = the_lab.config(work, body)
+    the_lab.spool_in(config, paths)
+    started = time.perf_counter()
+    result = the_lab.nixspool(config, "flush")
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return took
+
+
+def staged(
+    the_lab: lab.SshLab, staging: Path, host: lab.LanHost, cache: Path, paths: set[str]
+) -> float:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    lab.sh("chown", lab.ALICE, str(staging))
+    env = the_lab.daemon.client_env()
+    env.pop("NIX_REMOTE")
+    copy = ["nix", "--extra-experimental-features", "nix-command", "copy"]
+    scp = ["scp", "-q", "-r", "-o", "BatchMode=yes"]
+    started = time.perf_counter()
+    result = lab.run_as(lab.ALICE, [*copy, "--to", f"file://{staging}", *sorted(paths)], env)
+    assert result.returncode == 0, result.stderr
+    target = f"{host.sftp_user}@{host.alias}:{cache}/"
+    names = [str(p) for p in staging.iterdir()]
+    result = lab.run_as(lab.ALICE, [*scp, *names, target], {})
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return took
+
+
+def side_by_side(
+    the_lab: lab.SshLab, root: Path, paths: set[str], rounds: int
+) -> tuple[float, float]:
+    host = the_lab.hosts[0]
+    ours, theirs = [], []
+    for round_ in range(rounds):
+        variants = ["nixspool", "staged"] if round_ % 2 == 0 else ["staged", "nixspool"]
+        for variant in variants:
+            cache = host.serve_sftp(the_lab.alice.public_key, name="bench-cache")
+            if variant == "nixspool":
+                ours.append(nixspool(the_lab, root / "work", host.sftp_url(cache), paths))
+            else:
+                theirs.append(staged(the_lab, root / "staging", host, cache, paths))
+            assert len(list(cache.glob("*.narinfo"))) == len(paths), variant
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", type=int, default=200, help="paths of a few bytes")
+    parser.add_argument("--big", type=int, default=20, help="paths of --big-mb random bytes")
+    parser.add_argument("--big-mb", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lan-rate", help="shape the link to the host, e.g. 1gbit")
+    args = parser.parse_args()
+    lab.require_lab("sshd", "ip", "ssh-keygen", "scp")
+    lab.ensure_user(lab.BUILDER, groups=["nix-users"])
+    root = Path(tempfile.mkdtemp(prefix="nixspool-bench-static-"))
+    root.chmod(0o755)
+    the_lab = lab.SshLab(root / "ssh")
+    try:
+        the_lab.hosts[0].shape(args.lan_rate)
+        link = f" at {args.lan_rate}" if args.lan_rate else ""
+        print(
+            f"# {lab.nix_version()}, Python {sys.version.split()[0]}, "
+            f"{len(os.sched_getaffinity(0))} cores; SFTP to a LAN host in a network "
+            f"namespace{link}; xz; medians of {args.rounds} rounds"
+        )
+        for label, count, size in (
+            ("tiny", args.tiny, 0),
+            ("big", args.big, int(args.big_mb * (1 << 20))),
+        ):
+            paths = the_lab.build(count, bytes_each=size)
+            ours, theirs = side_by_side(the_lab, root, paths, args.rounds)
+            print(
+                f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
+                f"nix copy to file:// + scp -r {theirs:6.2f} s, ratio {ours / theirs:.2f}"
+            )
+    finally:
+        the_lab.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
