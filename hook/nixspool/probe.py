@@ -96,6 +96,19 @@ class ProbeRequest:
     accept_new_host_keys: bool = False
     agent_socket: str | None = None
 
+    @classmethod
+    def of(cls, remote: Remote, account: Account, accept_new_host_keys: bool) -> ProbeRequest:
+        """The login to `remote` as `account`, as its ssh would make it."""
+        return cls(
+            url=remote.url,
+            home=account.home,
+            local_user=account.name,
+            connect_timeout=remote.connect_timeout,
+            ssh_key=remote.ssh_key,
+            accept_new_host_keys=accept_new_host_keys,
+            agent_socket=privileges.agent_socket(account),
+        )
+
     @property
     def stall_seconds(self) -> float:
         """How long an open connection may go without an answer, or with what it
@@ -130,15 +143,7 @@ def ssh_options(remote: Remote, accept_new_host_keys: bool) -> str:
 def start_probe(remote: Remote, account: Account, *, accept_new_host_keys: bool) -> Running:
     """The probe in a child process, as `account` (spawn switches only if that is not
     who runs nixspool), bounded in all."""
-    request = ProbeRequest(
-        url=remote.url,
-        home=account.home,
-        local_user=account.name,
-        connect_timeout=remote.connect_timeout,
-        ssh_key=remote.ssh_key,
-        accept_new_host_keys=accept_new_host_keys,
-        agent_socket=privileges.agent_socket(account),
-    )
+    request = ProbeRequest.of(remote, account, accept_new_host_keys)
     return spawn(
         [sys.executable, "-m", "nixspool.probe"],
         input=json.dumps(asdict(request)),

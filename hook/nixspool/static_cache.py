@@ -146,19 +146,9 @@ def start_upload(
     check_only: bool = False,
 ) -> Running:
     """Write `entries` (references first) to `remote`, as `account`, in a child."""
-    login = None
-    if remote.is_sftp_cache:
-        login = ProbeRequest(
-            url=remote.url,
-            home=account.home,
-            local_user=account.name,
-            connect_timeout=remote.connect_timeout,
-            ssh_key=remote.ssh_key,
-            accept_new_host_keys=accept_new_host_keys,
-            agent_socket=privileges.agent_socket(account),
-        )
+    login = ProbeRequest.of(remote, account, accept_new_host_keys)
     request = {
-        "login": None if login is None else asdict(login),
+        "login": asdict(login) if remote.is_sftp_cache else None,
         "directory": directory_of(remote.url),
         "compression": remote.compression,
         "store_dir": store_dir,
@@ -272,10 +262,10 @@ class _Writer:
         """Check the cache directory, create what is missing; the narinfo names there."""
         with self.remote_step(f"listing {self.root}"):
             names = set(self.sftp.listdir(self.root))
-        with self.remote_step(f"reading {self.root}/{narinfo.CACHE_INFO}"):
-            self.result.narinfo_files = sum(n.endswith(".narinfo") for n in names)
+        self.result.narinfo_files = sum(n.endswith(".narinfo") for n in names)
         if narinfo.CACHE_INFO in names:
-            with self.sftp.open(posixpath.join(self.root, narinfo.CACHE_INFO)) as f:
+            cache_info = posixpath.join(self.root, narinfo.CACHE_INFO)
+            with self.remote_step(f"reading {cache_info}"), self.sftp.open(cache_info) as f:
                 text = f.read(4096).decode(errors="replace")
             theirs = narinfo.store_dir_of(text)
             if theirs not in (None, self.request.store_dir):
