@@ -88,9 +88,13 @@ def test_config_shows_values_and_where_they_came_from(config: Path) -> None:
     assert code == 0
     assert f'url = "file://{config.parent}/cache"  # {config}:4' in out
     assert "connect_timeout = 10.0  # default" in out
+    assert "compression" not in out  # Nix writes this file:// cache: the key is not its
     data = json.loads(nixspool(config, "config", "--json")[1])
     assert data["chosen_by"] == "--config"
     assert data["sources"]["spool"] == f"{config}:1"
+    config.write_text(config.read_text() + '\n[remotes.pi2]\nurl = "sftp://pi/srv/c"\n')
+    out = nixspool(config, "config")[1]
+    assert 'compression = "xz"  # default' in out
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:

@@ -255,3 +255,21 @@ def test_other_compressions_are_read_by_nix_too(ssh_lab: lab.SshLab, compression
     assert {f["Compression"] for f in written.values()} == {compression}
     fresh = substitute(ssh_lab, outputs, [f"file://{cache}"], [ssh_lab.nixspool_public_key])
     assert fresh.returncode == 0, fresh.stderr
+
+
+def test_a_cache_directory_that_is_not_there_needs_a_person(ssh_lab: lab.SshLab) -> None:
+    host = ssh_lab.hosts[0]
+    cache = host.serve_sftp(ssh_lab.alice.public_key, name="cache-gone")
+    outputs = ssh_lab.build(2)
+    body = f'[remotes.pi]\nurl = "{host.sftp_url(cache / "missing")}"\n'
+    config = ssh_lab.config(ssh_lab.root / "sftp-gone", body)
+    ssh_lab.spool_in(config, outputs)
+    result = ssh_lab.nixspool(config, "flush", "--json")
+    # The host answers: not "away" (75) but a person's job (1), the rows kept.
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert not report["unreachable"]
+    assert f"listing {cache / 'missing'}: No such file" in report["error"], report["error"]
+    rows = ssh_lab.rows(config, "pi")
+    assert {r["state"] for r in rows.values()} == {"queued"}
+    assert all("does " in (r["last_error"] or "") for r in rows.values())

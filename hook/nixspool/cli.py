@@ -815,11 +815,13 @@ def show_config(json_output: JsonOption = False) -> None:
     typer.echo(f"# config file: {path or '(none)'} ({how})")
     for key, value in values.items():
         typer.echo(f"{key} = {_toml(value)}  # {cfg.sources[key]}")
-    for name, table in remotes.items():
-        typer.echo(f"\n[remotes.{name}]")
-        for key, value in table.items():
-            if value not in (None, ()):
-                typer.echo(f"{key} = {_toml(value)}  # {cfg.sources.get(f'remotes.{name}.{key}')}")
+    for r in cfg.remotes:
+        typer.echo(f"\n[remotes.{r.name}]")
+        for key, value in remotes[r.name].items():
+            if value in (None, ()) or (key == "compression" and not r.nixspool_writes):
+                continue  # unset, or a key this kind of remote has no use for
+            source = cfg.sources.get(f"remotes.{r.name}.{key}", "default")
+            typer.echo(f"{key} = {_toml(value)}  # {source}")
 
 
 def _toml(value: Any) -> str:
