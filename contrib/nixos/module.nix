@@ -107,7 +107,7 @@ in
             url = lib.mkOption {
               type = lib.types.str;
               example = "ssh-ng://pi";
-              description = "Any URL `nix copy --to` accepts.";
+              description = "Any URL `nix copy --to` accepts, or sftp://[user@]host/dir: a static cache nixspool writes over SFTP (README: Static caches). Other keys (skip_signed_by, compression) go in settings.remotes.<name>.";
             };
             sshKey = lib.mkOption {
               type = lib.types.nullOr lib.types.str;
