@@ -66,3 +66,16 @@ def test_the_store_dir_of_a_cache_is_read_from_nix_cache_info() -> None:
     assert narinfo.store_dir_of(text) == "/nix/store"
     assert "WantMassQuery: 1" in text
     assert narinfo.store_dir_of("Priority: 40\n") is None
+
+
+def test_an_upload_request_crosses_to_the_writer_whole() -> None:
+    import json
+    from dataclasses import asdict
+
+    from nixspool.probe import ProbeRequest
+    from nixspool.static_cache import UploadRequest
+
+    entry = Entry.of(info(p(1, "app"), p(2, "lib")), ["ours:c2ln"])
+    for login in (ProbeRequest("sftp://pi/c", "/home/a", "a", 3.0), None):
+        request = UploadRequest(login, "/c", "xz", STORE, [entry], check_only=login is None)
+        assert UploadRequest.from_json(json.dumps(asdict(request))) == request

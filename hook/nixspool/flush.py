@@ -673,6 +673,12 @@ class Flusher:
                 raise
         return running
 
+    def _past_copy_timeout(self, remote: Remote) -> _TimedOut:
+        """A copy ran past copy_timeout: our own bound, not the network's. Away
+        (UnreachableError) only if the probe says so; else an attempt that timed out."""
+        self.check_reachable(remote)
+        return _TimedOut(f"{TIMED_OUT} ({remote.copy_timeout:g} s)")
+
     def _copy_once(self, remote: Remote, paths: list[str]) -> None:
         if remote.nixspool_writes:
             self._upload_once(remote, paths)
@@ -690,10 +696,8 @@ class Flusher:
         try:
             running.wait()
         except CommandError as e:
-            if e.timed_out:  # our own bound, not the network's: away only if the probe says so
-                if remote.uses_ssh:
-                    self.check_reachable(remote)
-                raise _TimedOut(f"{TIMED_OUT} ({remote.copy_timeout:g} s)") from None
+            if e.timed_out:
+                raise self._past_copy_timeout(remote) from None
             outcome = classify(e.stderr or str(e))
             reason = reason_of(e.stderr) if e.stderr else str(e)
             if outcome is Outcome.UNREACHABLE:
@@ -712,8 +716,9 @@ class Flusher:
             raise
 
     def _upload_once(self, remote: Remote, paths: list[str]) -> None:
-        """Write `paths` with their closures to an sftp:// cache (static_cache.py): signed
-        here, with the key only this process reads, where the hook recorded them."""
+        """Write `paths` with their closures to a cache nixspool writes (sftp://, file://
+        with skip_signed_by; static_cache.py): signed here, with the key only this
+        process reads, where the spool recorded them."""
         infos = self._cache_closure(remote, paths)
         key = self._key(remote)
         ours = self.spool.queue.recorded(i.path for i in infos) if key else set()
@@ -740,8 +745,7 @@ class Flusher:
             result = static_cache.result_of(running)
         except CommandError as e:
             if e.timed_out:
-                self.check_reachable(remote)
-                raise _TimedOut(f"{TIMED_OUT} ({remote.copy_timeout:g} s)") from None
+                raise self._past_copy_timeout(remote) from None
             log.debug("%s: the cache writer said:\n%s", remote.name, e.stderr)
             raise RuntimeError(f"the cache writer failed: {e}") from None
         self._uploaded.setdefault(remote.name, set()).update(result.uploaded)

@@ -117,6 +117,19 @@ class UploadRequest:
     entries: list[Entry]  # references first
     check_only: bool = False  # read the directory, write nothing (`nixspool doctor`)
 
+    @classmethod
+    def from_json(cls, text: str) -> UploadRequest:
+        """The request as start_upload() sent it (asdict, as JSON)."""
+        data = json.loads(text)
+        login = data.pop("login")
+        return cls(
+            **data
+            | {
+                "login": ProbeRequest(**login) if login else None,
+                "entries": [Entry.from_json(e) for e in data["entries"]],
+            }
+        )
+
 
 @dataclass
 class UploadResult:
@@ -147,18 +160,19 @@ def start_upload(
     check_only: bool = False,
 ) -> Running:
     """Write `entries` (references first) to `remote`, as `account`, in a child."""
-    login = ProbeRequest.of(remote, account, accept_new_host_keys)
-    request = {
-        "login": asdict(login) if remote.is_sftp_cache else None,
-        "directory": directory_of(remote.url),
-        "compression": remote.compression,
-        "store_dir": store_dir,
-        "entries": [asdict(e) for e in entries],
-        "check_only": check_only,
-    }
+    request = UploadRequest(
+        login=(
+            ProbeRequest.of(remote, account, accept_new_host_keys) if remote.is_sftp_cache else None
+        ),
+        directory=directory_of(remote.url),
+        compression=remote.compression,
+        store_dir=store_dir,
+        entries=list(entries),
+        check_only=check_only,
+    )
     return spawn(
         [sys.executable, "-m", "nixspool.static_cache"],
-        input=json.dumps(request),
+        input=json.dumps(asdict(request)),
         account=account,
         env=privileges.child_env(account),
         timeout=remote.copy_timeout,
@@ -210,7 +224,13 @@ class _Writer:
     (an SFTP session answers one request after another: with a few, small paths
     travel side by side, and compression uses both cores)."""
 
-    def __init__(self, open_files: Callable[[], Any], transport: Any, request: UploadRequest):
+    def __init__(
+        self,
+        open_files: Callable[[], Any],
+        transport: Any,
+        request: UploadRequest,
+        result: UploadResult,
+    ):
         self._open_files = open_files  # a new SFTPClient, or _LocalFiles
         self._mine = threading.local()
         self._lock = threading.Lock()
@@ -219,7 +239,7 @@ class _Writer:
         self.request = request
         self.root = request.directory
         self.partial = posixpath.join(self.root, PARTIAL_DIR)
-        self.result = UploadResult()
+        self.result = result
 
     @property
     def sftp(self) -> Any:
@@ -399,60 +419,58 @@ class _Writer:
                 raise error
 
 
-def upload(request: UploadRequest) -> UploadResult:
-    """Log in as the user, write the entries; what was written, and why it stopped."""
+@contextlib.contextmanager
+def _connection(request: UploadRequest) -> Iterator[tuple[Callable[[], Any], Any]]:
+    """(a way to open a session, the transport) to the cache: an SFTP login as the
+    user, or this machine's filesystem for a file:// cache. LoginFailed if no login."""
     if request.login is None:
-        writer = _Writer(_LocalFiles, _Here(), request)
-        try:
-            writer.run()
-        except _Stop as e:
-            writer.result.error = e.error
-        return writer.result
+        yield _LocalFiles, _Here()
+        return
     import paramiko
 
+    # Every SFTP request waits at most this long for its answer (and the login's
+    # socket gives up on unacknowledged data as soon): a link that went away
+    # mid-transfer (no RST, packets lost) ends the upload here.
+    stall = request.login.stall_seconds
+    with logged_in(request.login) as login:
+
+        def open_session() -> Any:
+            try:
+                sftp = paramiko.SFTPClient.from_transport(login.transport)
+            except paramiko.SSHException as e:
+                if not login.transport.is_active():
+                    raise
+                raise _Stop(
+                    Kind.CACHE,
+                    f"no SFTP session on {login.where}: {e} (is the sftp subsystem on?)",
+                ) from None
+            sftp.get_channel().settimeout(stall)
+            return sftp
+
+        yield open_session, login.transport
+
+
+def upload(request: UploadRequest) -> UploadResult:
+    """Reach the cache as the user, write the entries; what was written, and why it
+    stopped."""
     result = UploadResult()
     try:
-        with logged_in(request.login) as login:
-            # Every SFTP request waits at most this long for its answer (and the
-            # login's socket gives up on unacknowledged data as soon): a link that
-            # went away mid-transfer (no RST, packets lost) ends the upload here.
-            stall = request.login.stall_seconds
-
-            def open_session() -> Any:
-                try:
-                    sftp = paramiko.SFTPClient.from_transport(login.transport)
-                except paramiko.SSHException as e:
-                    if not login.transport.is_active():
-                        raise
-                    raise _Stop(
-                        Kind.CACHE,
-                        f"no SFTP session on {login.where}: {e} (is the sftp subsystem on?)",
-                    ) from None
-                sftp.get_channel().settimeout(stall)
-                return sftp
-
-            writer = _Writer(open_session, login.transport, request)
-            result = writer.result
-            writer.run()
+        with _connection(request) as (open_files, transport):
+            _Writer(open_files, transport, request, result).run()
     except LoginFailed as e:
-        result.error = {"kind": Kind.LOGIN, "message": e.result.message}
-        result.error["verdict"] = e.result.verdict.value
+        result.error = {
+            "kind": Kind.LOGIN,
+            "message": e.result.message,
+            "verdict": e.result.verdict.value,
+        }
     except _Stop as e:
         result.error = e.error
     return result
 
 
 def main() -> None:
-    """`python -m nixspool.sftp_cache`: one upload, request and result as JSON."""
-    data = json.loads(sys.stdin.read())
-    request = UploadRequest(
-        login=ProbeRequest(**data["login"]) if data["login"] else None,
-        directory=data["directory"],
-        compression=data["compression"],
-        store_dir=data["store_dir"],
-        entries=[Entry.from_json(e) for e in data["entries"]],
-        check_only=data.get("check_only", False),
-    )
+    """`python -m nixspool.static_cache`: one upload, request and result as JSON."""
+    request = UploadRequest.from_json(sys.stdin.read())
     try:
         result = upload(request)
     except Exception:  # a bug: the parent reports it as one, with this traceback
