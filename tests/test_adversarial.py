@@ -120,6 +120,7 @@ def test_a_fifo_beside_the_spool_never_makes_the_hook_wait(
         spool.with_name(spool.name + name).unlink(missing_ok=True)
     fifo = Path(str(spool) + name)
     os.mkfifo(fifo)
+    os.chown(fifo, Owner.of_user(lab.ALICE).uid, -1)  # alice's doing, in her directory
     env = {
         "PATH": os.environ["PATH"],
         "NIXSPOOL_CONFIG": str(config),

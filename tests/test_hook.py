@@ -224,15 +224,41 @@ def test_a_variable_at_the_kernel_limit_passes_through(hook_env, run_hook, tmp_p
     assert paths_in(spool) == set(many)
 
 
-def test_an_unsafe_spool_directory_is_refused(hook_env, run_hook, tmp_path) -> None:
-    spool = tmp_path / "spool" / "spool.sqlite"
-    Spool.open(str(spool)).close()
+def test_an_unsafe_spool_directory_is_refused_and_the_record_kept_elsewhere(
+    nix_lab: Path,
+) -> None:
+    """A spool directory anyone may write to is not used (a row there is a request to
+    sign and upload). The record waits in the journal beside the default spool, and
+    the next command, once the directory is safe, imports it. As alice, so that the
+    machine's own default spool is never touched (root's is /var/lib/nixspool)."""
+    lab.ensure_user(lab.ALICE)
+    work = nix_lab / "unsafe"
+    work.mkdir(mode=0o755)
+    lab.sh("chown", lab.ALICE, str(work))
+    spool = work / "spool" / "spool.sqlite"
+    config = work / "config.toml"
+    config.write_text(f'spool = "{spool}"\n')
+    env = {"NIXSPOOL_CONFIG": str(config), "XDG_DATA_HOME": str(work / "data")}
+    nixspool = [lab.installed_program("nixspool"), "status", "--json"]
+    assert lab.run_as(lab.ALICE, nixspool, env).returncode == 0  # makes the spool
     spool.parent.chmod(0o777)
-    result = run_hook(hook_env(out("a.drv"), out("a")))
-    assert result.returncode == 0
-    assert "writable by group or others" in result.stderr
+
+    hooked = lab.run_as(
+        lab.ALICE,
+        [lab.installed_program("nixspool-hook")],
+        {**env, "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
+    )
+    assert hooked.returncode == 0
+    assert "writable by group or others" in hooked.stderr
+    assert "recorded in " + str(work / "data" / "nixspool") in hooked.stderr
+    with sqlite3.connect(spool) as db:
+        assert db.execute("SELECT count(*) FROM paths").fetchone() == (0,)
+
     spool.parent.chmod(0o700)
-    assert paths_in(spool) == set()
+    status = lab.run_as(lab.ALICE, nixspool, env)
+    assert status.returncode == 0, status.stderr
+    with sqlite3.connect(spool) as db:
+        assert db.execute("SELECT path FROM paths").fetchall() == [(out("a"),)]
 
 
 def test_records_made_while_the_config_is_broken_reach_the_configured_spool(
@@ -355,11 +381,11 @@ def test_a_read_only_spool_uses_the_journal(tmp_path: Path) -> None:
     work = home / "ro-test"
     subprocess.run(["rm", "-rf", str(work)], check=True)
     work.mkdir(mode=0o700)
+    subprocess.run(["chown", lab.BUILDER, str(work)], check=True)
     spool = work / "spool.sqlite"
-    Spool.open(str(spool)).close()
+    Spool.open(str(spool), Owner.of_user(lab.BUILDER)).close()
     config = work / "config.toml"
     config.write_text(f'spool = "{spool}"\n')
-    subprocess.run(["chown", "-R", lab.BUILDER, str(work)], check=True)
     spool.chmod(0o400)
     result = lab.run_as(
         lab.BUILDER,
@@ -368,7 +394,10 @@ def test_a_read_only_spool_uses_the_journal(tmp_path: Path) -> None:
     )
     assert result.returncode == 0
     assert "readonly database; recorded in" in result.stderr
-    spool.chmod(0o600)
+    # What a person runs to undo it: SQLite gave the -wal and -shm it made the
+    # database's mode (root ignores modes, but root now works here as the builder).
+    for name in work.glob("spool.sqlite*"):
+        name.chmod(0o600)
     assert paths_in(spool, Owner.of_user(lab.BUILDER)) == {out("a")}
 
 

@@ -258,3 +258,24 @@ def test_signing_that_cannot_run_is_a_local_error_and_stops_only_its_remote(
     rows = ssh_lab.rows(config, "pi").values()
     assert {(r["state"], r["attempts"], r["last_error"]) for r in rows} == {("queued", 0, None)}
     assert (report["nas"]["delivered"], report["nas"]["error"]) == (len(outputs), None)
+
+
+def test_a_path_signed_by_a_replaced_key_of_the_same_name_is_signed_again(
+    ssh_lab: lab.SshLab,
+) -> None:
+    """Found by the security suite: after a key is replaced by a new one of the same
+    name, paths the old one signed carried a signature by that name, so nixspool
+    signed them no more, and the remote refused them."""
+    outputs = ssh_lab.build(1, daemon=ssh_lab.unsigned)
+    path = next(iter(outputs))
+    old_key = ssh_lab.root / "replaced.sec"
+    old_key.write_text(sign.generate("nixspool-cache-key")[0] + "\n")
+    old_key.chmod(0o600)
+    before = nix.path_infos([path], env=nix_env(ssh_lab))
+    assert sign.attach(sign.load_secret_key(str(old_key)), before.values()) == [path]
+
+    config = signing_config(ssh_lab, "replaced-key", ssh_lab.nixspool_key)
+    ssh_lab.spool_in(config, {path})
+    result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
+    assert result.returncode == 0, result.stderr
+    assert ssh_lab.hosts[0].remote_valid([path]) == {path}

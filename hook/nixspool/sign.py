@@ -124,13 +124,13 @@ def verify(info: PathInfo, public_key: str) -> bool:
 
 
 def attach(key: SecretKey, infos: Iterable[PathInfo]) -> list[str]:
-    """Sign each path that lacks a signature by `key`, into the local store.
+    """Sign each path that lacks a valid signature by `key`, into the local store.
 
+    Valid, not merely named: after a key is replaced by a new one of the same name,
+    the paths the old one signed carry a signature the remote rejects.
     Returns the paths signed now. Needs a trusted user of the local store.
     """
-    todo = [
-        info for info in infos if not any(s.startswith(key.name + ":") for s in info.signatures)
-    ]
+    todo = [info for info in infos if not verify(info, key.public)]
     if todo:
         with _signature_cache(key, todo) as cache:
             nix.copy_sigs(f"file://{cache}", [info.path for info in todo])

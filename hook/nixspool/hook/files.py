@@ -1,14 +1,25 @@
-"""Opening files in a directory someone else owns, as root, safely.
+"""Working, as root, in a directory someone else owns.
 
 Standard library only (the hook imports it).
 
-The spool's directory belongs to the configured user, and the hook and the
-flusher run as root. Whatever that user left at a name there (a symbolic link
-to /etc/shadow, a FIFO, a directory) must not make root write through it, nor
-block a build on it, nor crash a command. So every file nixspool opens beside
-the spool goes through `open_regular`: no links followed, an open that cannot
-block, and a check that what it got is a plain file. Files root creates there
-go to the directory's owner, so the user's own `nixspool` can use them.
+The spool's directory may belong to the configured user, and the hook and the
+flusher run as root. Whatever that user (or a fault) left at a name there (a
+symbolic link to /etc/shadow, a hard link to it, a FIFO, a directory) must not
+make root write, truncate, chown or chmod anything outside the spool, nor block
+a build, nor crash a command. Two rules make that true by construction:
+
+- Root works in a directory it does not own with its owner's rights, never its
+  own (`drop_to_owner` in the hook, for good; `OwnersRights` in commands, for
+  the moments they open files there). SQLite follows links and opens -wal and
+  -shm by name, and no check before its open can close the race with a planted
+  link; but whatever it opens then, the owner could have opened anyway.
+- A directory root does own is used with root's rights only if every directory
+  above it is root's and not writable by others (`why_ancestors_unsafe`):
+  nobody else can then swap it for a link.
+
+On top, every file nixspool itself opens there goes through `open_regular`: no
+link followed, no hard link accepted, an open that cannot block on a FIFO, and
+a check that what it got is a plain file.
 """
 
 from __future__ import annotations
@@ -98,7 +109,8 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
 
     O_NOFOLLOW: a link at `path` fails instead of being followed. O_NONBLOCK:
     opening a FIFO returns at once instead of waiting for its other end. Then
-    fstat() on what was opened (not on the name, which may change meanwhile).
+    fstat() on what was opened (not on the name, which may change meanwhile):
+    a plain file with no other name (a hard link to /etc/shadow is a plain file).
     """
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
@@ -115,18 +127,129 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise _refuse(path, st.st_mode)
+    if st.st_nlink > 1:  # the same file under another name, maybe one root must not touch
+        os.close(fd)
+        raise NotRegularFile(
+            f"{path} has {st.st_nlink} hard links; nixspool will not use it "
+            "(move it aside; see README#ownership)"
+        )
     return fd
 
 
-def give_to_directory_owner(fd: int, directory: str) -> None:
-    """As root, give an open file to the owner of the directory it is in.
+def open_directory(directory: str) -> int:
+    """A descriptor of the directory itself, never of what a link there points at."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise NotRegularFile(
+            f"{directory} is {_kind(os.lstat(directory).st_mode)}, not a directory; "
+            "nixspool will not use it (see README#ownership)"
+        ) from None
 
-    The spool's owner runs `nixspool` too: a root-only file beside the spool
-    would lock them out. SQLite does the same for its -wal and -shm files.
+
+def directory_owner(directory: str) -> tuple[int, int] | None:
+    """(uid, gid) of the directory, or None if there is none yet."""
+    try:
+        fd = open_directory(directory)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_uid, st.st_gid
+
+
+def why_ancestors_unsafe(directory: str) -> str | None:
+    """Why root may not use its own rights in `directory`, or None.
+
+    Each existing component of the path, the directory included, must be root's
+    (a link too: only root could have made it), and a directory among them not
+    writable by group or others, unless sticky as /tmp is (there, nobody can
+    rename or remove what root made). Otherwise whoever can write there could
+    swap the spool's directory for a link to one of their choosing while root
+    works in it.
     """
+    path = "/"
+    for part in ["", *os.path.abspath(directory).strip("/").split("/")]:
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None  # root creates the rest
+        if st.st_uid != 0:
+            return (
+                f"{path} belongs to uid {st.st_uid}, who could swap the spool's directory "
+                f"{directory} for a link; give it to root, or the spool's directory to "
+                "the config's 'user' (see README#ownership)"
+            )
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if stat.S_ISDIR(st.st_mode) and writable and not st.st_mode & stat.S_ISVTX:
+            return (
+                f"{path} is writable by group or others, who could swap the spool's "
+                f"directory {directory} for a link; run 'chmod go-w {path}' "
+                "(see README#ownership)"
+            )
+    return None
+
+
+def rights_to_use(directory: str) -> tuple[int, int] | None:
+    """As root: the (uid, gid) whose rights root must use in `directory` (its
+    owner's), or None where root may use its own: nobody else owns the directory
+    or can swap it (PermissionError if somebody could)."""
     if os.geteuid() != 0:
-        return
-    owner = os.lstat(directory)
-    held = os.fstat(fd)
-    if (held.st_uid, held.st_gid) != (owner.st_uid, owner.st_gid):
-        os.fchown(fd, owner.st_uid, owner.st_gid)
+        return None
+    owner = directory_owner(directory)
+    if owner is not None and owner[0] != 0:
+        return owner
+    reason = why_ancestors_unsafe(directory)
+    if reason is not None:
+        raise PermissionError(reason)
+    return None
+
+
+def drop_to_owner(directory: str) -> None:
+    """Become, for the rest of this process, whom `rights_to_use` names. For the
+    hook, which works in the spool's directory only."""
+    owner = rights_to_use(directory)
+    if owner is not None:
+        uid, gid = owner
+        os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+
+
+class OwnersRights:
+    """`with OwnersRights(directory):` act with the rights `rights_to_use` names
+    (effective uid, gid and groups), and get root's back after.
+
+    For commands, which work in the spool's directory and elsewhere as root: the
+    spool's files are opened inside, and SQLite keeps them open. Effective ids
+    are the whole process's, so this is for the main thread before any other
+    starts.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.saved: tuple[int, int, list[int]] | None = None
+
+    def __enter__(self) -> None:
+        owner = rights_to_use(self.directory)
+        if owner is None:
+            return
+        self.saved = (os.geteuid(), os.getegid(), os.getgroups())
+        uid, gid = owner
+        os.setgroups([gid])
+        os.setegid(gid)
+        os.seteuid(uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is None:
+            return
+        uid, gid, groups = self.saved
+        self.saved = None
+        os.seteuid(uid)
+        os.setegid(gid)
+        os.setgroups(groups)

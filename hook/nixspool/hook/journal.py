@@ -103,7 +103,6 @@ def append(path: str, record: Record) -> None:
                 current = None
             if current is None or (current.st_dev, current.st_ino) != (held.st_dev, held.st_ino):
                 continue  # an importer took this file away; open the new one
-            files.give_to_directory_owner(fd, directory)
             written = os.write(fd, data)
             if written != len(data):
                 raise OSError(errno.ENOSPC, f"short write to {path}")

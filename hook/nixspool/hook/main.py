@@ -60,13 +60,15 @@ def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Recor
     )
 
 
-def _check_directory(directory: str) -> None:
-    # This runs as root: refuse a directory others could write to (planted rows,
-    # links). The hook does not read `user`, so any owner passes here; `nixspool`
-    # checks the owner too.
+def _enter(directory: str) -> None:
+    """Refuse a spool directory others could write to (planted rows, links); then,
+    as root, take its owner's rights for good, so that nothing planted there can
+    make root write outside it (README#ownership). The hook does not read `user`,
+    so any owner passes here; `nixspool` checks the owner too."""
     reason = files.why_spool_unsafe(directory, None)
     if reason is not None:
         raise PermissionError(reason)
+    files.drop_to_owner(directory)
 
 
 def write_spool(spool: str, record: Record) -> None:
@@ -170,10 +172,20 @@ def run(environ: dict[str, str] | os._Environ[str]) -> None:
         spool = locate.default_spool(environ)
         spool_error = f"config: {e}"
     try:
-        _check_directory(os.path.dirname(spool))
+        _enter(os.path.dirname(spool))
     except OSError as e:
-        _say("error", f"did not record {_describe(record)}: {e}")
-        return
+        # The configured directory cannot be used safely: the journal beside the
+        # default spool, as for a broken config, if that is another directory.
+        fallback = locate.default_spool(environ)
+        if os.path.dirname(fallback) == os.path.dirname(spool):
+            _say("error", f"did not record {_describe(record)}: {e}")
+            return
+        try:
+            _enter(os.path.dirname(fallback))
+        except OSError as fallback_error:
+            _say("error", f"did not record {_describe(record)}: {e}; and {fallback_error}")
+            return
+        spool, spool_error = fallback, spool_error or str(e)
     if spool_error is None:
         try:
             write_spool(spool, record)

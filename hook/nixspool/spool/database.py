@@ -10,7 +10,6 @@ import logging
 import os
 import pwd
 import sqlite3
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -186,28 +185,37 @@ class Spool:
             ) from None
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            old_umask = os.umask(0o077)
-            try:
-                conn = sqlite3.connect(
-                    path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None
-                )
-            finally:
-                os.umask(old_umask)
-            spool = cls(path, conn)
-            spool._migrate()
-        except sqlite3.DatabaseError as e:
-            raise SpoolError(
-                f"spool {path}: {e}; is it readable and writable by this user? "
-                "(see README#troubleshooting)"
-            ) from None
+            _give_to(owner, directory, [path + suffix for suffix in OWN_SUFFIXES])
+            files.rights_to_use(directory)
+        except files.NotRegularFile as e:
+            raise SpoolError(f"spool: {e}") from None
         except PermissionError as e:
-            raise SpoolError(
-                f"spool {path}: {e.strerror}; run nixspool as root or as the "
-                "spool's owner (see README#ownership)"
-            ) from None
-        spool._give_to(owner)
-        spool.import_journal()
-        spool._keep_ballast()
+            raise SpoolError(f"spool: {e}") from None
+        # Root works in the directory with its owner's rights (README#ownership).
+        with files.OwnersRights(directory):
+            try:
+                old_umask = os.umask(0o077)
+                try:
+                    conn = sqlite3.connect(
+                        path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None
+                    )
+                finally:
+                    os.umask(old_umask)
+                spool = cls(path, conn)
+                spool._migrate()
+            except sqlite3.DatabaseError as e:
+                raise SpoolError(
+                    f"spool {path}: {e}; is it readable and writable by this user? "
+                    "(see README#troubleshooting)"
+                ) from None
+            except PermissionError as e:
+                raise SpoolError(
+                    f"spool {path}: {e.strerror}; run nixspool as root or as the "
+                    "spool's owner (see README#ownership)"
+                ) from None
+            spool._import_journal(locate.fallback_journal(path))
+            spool._keep_ballast()
+        spool._import_stray_journal()
         return spool
 
     @classmethod
@@ -215,7 +223,7 @@ class Spool:
         """The spool as it is, for a command that only reads: no directory made,
         nothing chowned, migrated, imported or written (SQLite's read-only mode;
         as for any reader of a WAL database, SQLite may create its -wal and -shm
-        files, with the database's owner and mode).
+        files, as the spool's owner).
 
         None when reading it as it is would show less than was recorded, or
         nothing: no spool yet, an older schema, records waiting in a journal.
@@ -235,9 +243,12 @@ class Spool:
             return None
         uri = "file:" + path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
         try:
-            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=COMMAND_BUSY_TIMEOUT_SECONDS)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError:
+            with files.OwnersRights(os.path.dirname(path)):  # README#ownership
+                conn = sqlite3.connect(
+                    uri + "?mode=ro", uri=True, timeout=COMMAND_BUSY_TIMEOUT_SECONDS
+                )
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except (sqlite3.DatabaseError, PermissionError):
             return None  # open() says what is wrong with it, in its words
         if version != SCHEMA_VERSION:
             conn.close()
@@ -275,22 +286,6 @@ class Spool:
                         self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _own_files(self) -> list[str]:
-        return [self.path + suffix for suffix in ("", "-wal", "-shm", BALLAST_SUFFIX)]
-
-    def _give_to(self, owner: Owner | None) -> None:
-        if owner is None or os.geteuid() != 0:
-            return
-        for path in [os.path.dirname(self.path), *self._own_files()]:
-            try:
-                st = os.lstat(path)
-                if (st.st_uid, st.st_gid) != (owner.uid, owner.gid) and not stat.S_ISLNK(
-                    st.st_mode
-                ):
-                    os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
-            except FileNotFoundError:
-                pass
-
     def _keep_ballast(self) -> None:
         # Disk space the hook may free to write its journal on a full disk.
         ballast = self.path + BALLAST_SUFFIX
@@ -301,7 +296,6 @@ class Spool:
         except OSError:
             return
         try:
-            files.give_to_directory_owner(fd, os.path.dirname(self.path))
             os.posix_fallocate(fd, 0, BALLAST_BYTES)
         except OSError:
             os.unlink(ballast)  # no room for it now; try again next time
@@ -319,23 +313,23 @@ class Spool:
             raise
         self.conn.execute("COMMIT")
 
-    def import_journal(self) -> int:
+    def _consume(self, records: list[rows.Record], unreadable: list[str]) -> None:
+        """Store what a journal held, in one transaction (journal.drain's `consume`)."""
+        now = time.time()
+        with self.transaction():
+            rows.store(self.conn, records)
+            self.conn.executemany(
+                rows.INSERT_REJECT,
+                [
+                    (line[:300], "unreadable line in the fallback journal", "", now)
+                    for line in unreadable
+                ],
+            )
+
+    def _import_journal(self, path: str) -> int:
         """Move records the hook put in the fallback journal into the spool."""
-
-        def consume(records: list[rows.Record], unreadable: list[str]) -> None:
-            now = time.time()
-            with self.transaction():
-                rows.store(self.conn, records)
-                self.conn.executemany(
-                    rows.INSERT_REJECT,
-                    [
-                        (line[:300], "unreadable line in the fallback journal", "", now)
-                        for line in unreadable
-                    ],
-                )
-
         try:
-            imported = journal.drain(locate.fallback_journal(self.path), consume)
+            return journal.drain(path, self._consume)
         except files.NotRegularFile as e:
             raise SpoolError(f"cannot import the fallback journal: {e}") from None
         except PermissionError as e:
@@ -343,17 +337,49 @@ class Spool:
                 f"cannot import the fallback journal: {e}; run nixspool as root "
                 "or as the spool's owner"
             ) from None
-        # Records the hook made while it could not read the config wait beside
-        # the default spool (see hook.run): they belong to this one.
+
+    def _import_stray_journal(self) -> int:
+        """Records the hook made while it could not read the config, or could not
+        use the spool's directory, wait beside the default spool (see hook.run):
+        they belong to this one."""
         stray = locate.fallback_journal(locate.default_spool(os.environ))
-        if stray != locate.fallback_journal(self.path) and os.path.lexists(stray):
-            try:
-                imported += journal.drain(stray, consume)
-            except OSError as e:
-                log.warning(
-                    "records made while the config could not be read wait in %s: %s; "
-                    "run nixspool as root to import them",
-                    stray,
-                    e.strerror or e,
-                )
-        return imported
+        if stray == locate.fallback_journal(self.path) or not os.path.lexists(stray):
+            return 0
+        try:
+            with files.OwnersRights(os.path.dirname(stray)):
+                return journal.drain(stray, self._consume)
+        except OSError as e:
+            log.warning(
+                "records made while the config could not be read wait in %s: %s; "
+                "run nixspool as root to import them",
+                stray,
+                e.strerror or e,
+            )
+            return 0
+
+
+# The files beside the spool that nixspool and SQLite keep (README#ownership).
+OWN_SUFFIXES = ("", "-wal", "-shm", BALLAST_SUFFIX, ".fallback.jsonl", ".flush.lock")
+
+
+def _give_to(owner: Owner | None, directory: str, names: list[str]) -> None:
+    """As root, give the spool's directory and files to the configured user: a
+    root-only file there would lock them out of their own spool (files an older
+    nixspool made as root, a directory root just made). Through descriptors
+    opened without following links, and never a file with a second name (a hard
+    link to /etc/shadow would pass for a plain file)."""
+    if owner is None or os.geteuid() != 0:
+        return
+    for name, opener in [(directory, files.open_directory)] + [
+        (name, lambda n: files.open_regular(n, os.O_RDONLY)) for name in names
+    ]:
+        try:
+            fd = opener(name)
+        except OSError:
+            continue  # absent, or refused when it is used, with its reason
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
+                os.fchown(fd, owner.uid, owner.gid)
+        finally:
+            os.close(fd)
