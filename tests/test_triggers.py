@@ -163,11 +163,20 @@ def test_dispatcher_limited_to_named_interfaces_and_connections(tmp_path: Path) 
     assert (tmp_path / "systemctl-ran").read_text().count("start") == 1
 
 
+def reachable_by_alice(tmp_path: Path) -> None:
+    """Let others search (not read) pytest's root-only directories down to tmp_path:
+    root works in alice's spool directory with her rights, so she must reach it."""
+    for parent in [tmp_path, *tmp_path.parents][:3]:
+        parent.chmod(parent.stat().st_mode | 0o011)
+
+
 @pytest.fixture
 def installed(tmp_path: Path) -> tuple[Path, Path]:
-    """`nixspool setup` into a scratch root: (root, config file)."""
+    """`nixspool setup` into a scratch root: (root, config file). Its spool belongs
+    to alice, so she must be able to reach it: pytest's own directories are root's."""
     lab.require_lab()
     lab.ensure_user(lab.ALICE, groups=["nix-users"])
+    reachable_by_alice(tmp_path)
     root = tmp_path / "root"
     (root / "etc" / "NetworkManager" / "dispatcher.d").mkdir(parents=True)
     config = tmp_path / "etc-nixspool" / "config.toml"
@@ -253,6 +262,7 @@ def test_setup_skips_what_is_not_there_and_says_only_what_is_true(tmp_path: Path
     nix_conf.parent.mkdir(parents=True)
     nix_conf.write_text(f"post-build-hook =  {lab.installed_program('nixspool-hook')}\n")
     config = tmp_path / "etc-nixspool" / "config.toml"
+    reachable_by_alice(tmp_path)
     spool = tmp_path / "spool" / "spool.sqlite"
     spool.parent.mkdir(mode=0o700)
     Spool.open(str(spool)).close()  # root's, as a first `nixspool status` would leave it

@@ -203,11 +203,42 @@ def rights_to_use(directory: str) -> tuple[int, int] | None:
         return None
     owner = directory_owner(directory)
     if owner is not None and owner[0] != 0:
+        reason = why_unreachable(directory, *owner)
+        if reason is not None:
+            raise PermissionError(reason)
         return owner
     reason = why_ancestors_unsafe(directory)
     if reason is not None:
         raise PermissionError(reason)
     return None
+
+
+def why_unreachable(directory: str, uid: int, gid: int) -> str | None:
+    """Why the directory's owner cannot get to it (root, acting as them, would then
+    fail where it used to pass), or None. Each directory above must let them search it."""
+    import pwd  # a C module, and only on this path
+
+    try:
+        groups = set(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+    except KeyError:
+        groups = {gid}
+    path = os.path.dirname(os.path.abspath(directory))
+    while True:
+        st = os.stat(path)
+        if st.st_uid == uid:
+            allowed = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in groups:
+            allowed = st.st_mode & stat.S_IXGRP
+        else:
+            allowed = st.st_mode & stat.S_IXOTH
+        if not allowed:
+            return (
+                f"{path} does not let uid {uid}, who owns the spool's directory {directory}, "
+                "through; move the spool, or let them reach it (see README#ownership)"
+            )
+        if path == "/":
+            return None
+        path = os.path.dirname(path)
 
 
 def drop_to_owner(directory: str) -> None:
