@@ -667,6 +667,17 @@ class SshLab:
         with Spool.open(cfg.spool, owner) as s, s.transaction():
             rows.store(s.conn, [rows.Record("", sorted(outputs), [], time.time())])
 
+    def alice_spool(self, work: Path) -> tuple[Path, Path]:
+        """(config, spool) in `work`: a spool alice owns, as setup leaves it, and one
+        file:// remote she can write (the adversarial and security tests' target)."""
+        cache = work / "cache"
+        cache.mkdir(parents=True)
+        sh("chown", ALICE, str(cache))
+        config = self.config(work, f'\n[remotes.cache]\nurl = "file://{cache}"\n')
+        spool = work / "spool" / "spool.sqlite"
+        Spool.open(str(spool), Owner.of_user(ALICE)).close()
+        return config, spool
+
     def nixspool(
         self, config: Path, *args: str, timeout: float = 300, path: str | None = None
     ) -> subprocess.CompletedProcess[str]:

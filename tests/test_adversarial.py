@@ -18,7 +18,7 @@ import pytest
 
 import lab
 from nixspool import gcroots
-from nixspool.spool import Owner, Spool
+from nixspool.spool import Owner
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,7 @@ def out(name: str) -> str:
 @pytest.fixture
 def alices_spool(ssh_lab: lab.SshLab, request: pytest.FixtureRequest) -> tuple[Path, Path]:
     """(config, spool) of a spool owned by alice, with a file:// remote she can write."""
-    work = ssh_lab.root / "adversarial" / request.node.name
-    cache = work / "cache"
-    cache.mkdir(parents=True)
-    lab.sh("chown", lab.ALICE, str(cache))
-    config = ssh_lab.config(work, f'\n[remotes.cache]\nurl = "file://{cache}"\n')
-    spool = work / "spool" / "spool.sqlite"
-    Spool.open(str(spool), Owner.of_user(lab.ALICE)).close()
-    return config, spool
+    return ssh_lab.alice_spool(ssh_lab.root / "adversarial" / request.node.name)
 
 
 def as_alice(ssh_lab: lab.SshLab, config: Path, *args: str) -> subprocess.CompletedProcess[str]:

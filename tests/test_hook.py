@@ -224,6 +224,31 @@ def test_a_variable_at_the_kernel_limit_passes_through(hook_env, run_hook, tmp_p
     assert paths_in(spool) == set(many)
 
 
+def alices_directory(nix_lab: Path, name: str) -> Path:
+    """A directory of alice's in the lab, for tests that run as her: root's default
+    spool is this machine's own, which tests must never touch."""
+    lab.ensure_user(lab.ALICE)
+    work = nix_lab / name
+    work.mkdir(mode=0o755)
+    lab.sh("chown", lab.ALICE, str(work))
+    return work
+
+
+def alices_env(work: Path, config_text: str) -> dict[str, str]:
+    """Her config in `work`, and her default spool there too (XDG_DATA_HOME)."""
+    config = work / "config.toml"
+    config.write_text(config_text)
+    return {"NIXSPOOL_CONFIG": str(config), "XDG_DATA_HOME": str(work / "data")}
+
+
+def alices_hook(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return lab.run_as(
+        lab.ALICE,
+        [lab.installed_program("nixspool-hook")],
+        {**env, "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
+    )
+
+
 def test_an_unsafe_spool_directory_is_refused_and_the_record_kept_elsewhere(
     nix_lab: Path,
 ) -> None:
@@ -231,23 +256,14 @@ def test_an_unsafe_spool_directory_is_refused_and_the_record_kept_elsewhere(
     sign and upload). The record waits in the journal beside the default spool, and
     the next command, once the directory is safe, imports it. As alice, so that the
     machine's own default spool is never touched (root's is /var/lib/nixspool)."""
-    lab.ensure_user(lab.ALICE)
-    work = nix_lab / "unsafe"
-    work.mkdir(mode=0o755)
-    lab.sh("chown", lab.ALICE, str(work))
+    work = alices_directory(nix_lab, "unsafe")
     spool = work / "spool" / "spool.sqlite"
-    config = work / "config.toml"
-    config.write_text(f'spool = "{spool}"\n')
-    env = {"NIXSPOOL_CONFIG": str(config), "XDG_DATA_HOME": str(work / "data")}
+    env = alices_env(work, f'spool = "{spool}"\n')
     nixspool = [lab.installed_program("nixspool"), "status", "--json"]
     assert lab.run_as(lab.ALICE, nixspool, env).returncode == 0  # makes the spool
     spool.parent.chmod(0o777)
 
-    hooked = lab.run_as(
-        lab.ALICE,
-        [lab.installed_program("nixspool-hook")],
-        {**env, "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
-    )
+    hooked = alices_hook(env)
     assert hooked.returncode == 0
     assert "writable by group or others" in hooked.stderr
     assert "recorded in " + str(work / "data" / "nixspool") in hooked.stderr
@@ -269,18 +285,10 @@ def test_records_made_while_the_config_is_broken_reach_the_configured_spool(
     journal beside the default spool, and the next command imports them into the
     spool the config names. As alice (a single-user Nix runs the hook as its user),
     so the machine's own default spool is never touched."""
-    lab.ensure_user(lab.ALICE)
-    work = nix_lab / "stray"
-    work.mkdir(mode=0o755)
-    lab.sh("chown", lab.ALICE, str(work))
-    config = work / "config.toml"
-    config.write_text('spool = "relative/path"\n')  # the typo
-    env = {"NIXSPOOL_CONFIG": str(config), "XDG_DATA_HOME": str(work / "data")}
-    hooked = lab.run_as(
-        lab.ALICE,
-        [lab.installed_program("nixspool-hook")],
-        {**env, "DRV_PATH": out("a.drv"), "OUT_PATHS": out("a")},
-    )
+    work = alices_directory(nix_lab, "stray")
+    env = alices_env(work, 'spool = "relative/path"\n')  # the typo
+    config = Path(env["NIXSPOOL_CONFIG"])
+    hooked = alices_hook(env)
     assert hooked.returncode == 0
     assert "must be an absolute path" in hooked.stderr
     assert len(hooked.stderr.splitlines()) == 1

@@ -70,17 +70,6 @@ class Victims:
         assert self.snapshot() == self.before, f"root wrote outside the spool: {case}"
 
 
-def alice_spool(ssh_lab: lab.SshLab, work: Path) -> tuple[Path, Path]:
-    """(config, spool) of a spool owned by alice with a file:// remote she can write."""
-    cache = work / "cache"
-    cache.mkdir(parents=True)
-    lab.sh("chown", lab.ALICE, str(cache))
-    config = ssh_lab.config(work, f'\n[remotes.cache]\nurl = "file://{cache}"\n')
-    spool = work / "spool" / "spool.sqlite"
-    Spool.open(str(spool), Owner.of_user(lab.ALICE)).close()
-    return config, spool
-
-
 def hook_as_nix_runs_it(config: Path, name: str) -> subprocess.CompletedProcess[str]:
     """The installed hook as root, as nix-daemon runs it."""
     return subprocess.run(
@@ -114,7 +103,7 @@ def test_links_planted_at_every_name_never_make_root_write_outside(
     base = ssh_lab.root / "planted" / kind
     victims = Victims(base / "victims")
     for name in NAMES:
-        config, spool = alice_spool(ssh_lab, base / name)
+        config, spool = ssh_lab.alice_spool(base / name)
         planted = spool.parent / name
         target = victims.absent if kind == "dangling" else victims.file
         if kind == "hardlink":
@@ -138,7 +127,7 @@ def test_a_planter_racing_root_never_gets_it_to_write_outside(ssh_lab: lab.SshLa
     can while root's hooks and commands work in her directory."""
     base = ssh_lab.root / "racing"
     victims = Victims(base / "victims")
-    config, spool = alice_spool(ssh_lab, base / "alice")
+    config, spool = ssh_lab.alice_spool(base / "alice")
     racer = base / "racer.py"
     racer.write_text(
         "import os, sys, time\n"

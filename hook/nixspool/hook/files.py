@@ -253,8 +253,8 @@ def drop_to_owner(directory: str) -> None:
 
 
 class OwnersRights:
-    """`with OwnersRights(directory):` act with the rights `rights_to_use` names
-    (effective uid, gid and groups), and get root's back after.
+    """`with OwnersRights(files.rights_to_use(directory)):` act with those rights
+    (effective uid, gid and groups), and get root's back after; None: as now.
 
     For commands, which work in the spool's directory and elsewhere as root: the
     spool's files are opened inside, and SQLite keeps them open. Effective ids
@@ -262,16 +262,15 @@ class OwnersRights:
     starts.
     """
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, owner: tuple[int, int] | None) -> None:
+        self.owner = owner
         self.saved: tuple[int, int, list[int]] | None = None
 
     def __enter__(self) -> None:
-        owner = rights_to_use(self.directory)
-        if owner is None:
+        if self.owner is None:
             return
         self.saved = (os.geteuid(), os.getegid(), os.getgroups())
-        uid, gid = owner
+        uid, gid = self.owner
         os.setgroups([gid])
         os.setegid(gid)
         os.seteuid(uid)

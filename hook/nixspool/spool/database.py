@@ -186,13 +186,11 @@ class Spool:
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             _give_to(owner, directory, [path + suffix for suffix in OWN_SUFFIXES])
-            files.rights_to_use(directory)
-        except files.NotRegularFile as e:
-            raise SpoolError(f"spool: {e}") from None
-        except PermissionError as e:
+            rights = files.rights_to_use(directory)
+        except (files.NotRegularFile, PermissionError) as e:
             raise SpoolError(f"spool: {e}") from None
         # Root works in the directory with its owner's rights (README#ownership).
-        with files.OwnersRights(directory):
+        with files.OwnersRights(rights):
             try:
                 old_umask = os.umask(0o077)
                 try:
@@ -243,7 +241,7 @@ class Spool:
             return None
         uri = "file:" + path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
         try:
-            with files.OwnersRights(os.path.dirname(path)):  # README#ownership
+            with files.OwnersRights(files.rights_to_use(os.path.dirname(path))):
                 conn = sqlite3.connect(
                     uri + "?mode=ro", uri=True, timeout=COMMAND_BUSY_TIMEOUT_SECONDS
                 )
@@ -346,7 +344,7 @@ class Spool:
         if stray == locate.fallback_journal(self.path) or not os.path.lexists(stray):
             return 0
         try:
-            with files.OwnersRights(os.path.dirname(stray)):
+            with files.OwnersRights(files.rights_to_use(os.path.dirname(stray))):
                 return journal.drain(stray, self._consume)
         except OSError as e:
             log.warning(
