@@ -1,26 +1,38 @@
 """Benchmark: what nixspool-hook costs a build, as ratios measured in one run.
 
     python tests/bench_hook.py [--runs 200] [--derivations 200] [--rounds 3]
+                               [--concurrent 64] [--down-derivations 3]
 
 Run as root with the lab installed (`bash tests/run` installs it). Prints:
 1. the hook's median wall time / a bare start of the same interpreter
    (`python -I -S -c pass`); target <= 1.8;
-2. one nix-build of N trivial derivations through a real nix-daemon with
+2. CONCURRENT hooks (64 at once, as Nix 2.35 and Lix run them up to max-jobs):
+   the median and p99 of one hook's time / a lone hook's median, beside the
+   same for 64 bare interpreter starts at once (what sharing 2 cores costs
+   anyway); every record must be in the spool afterwards;
+3. one nix-build of N trivial derivations through a real nix-daemon with
    nixspool-hook as the post-build-hook / the same with a do-nothing Python
-   hook (`#!python -IS`, empty body); target <= 1.15; and / `/bin/true`,
-   for information.
+   hook (`#!python -IS`, empty body); target <= 1.15; / `/bin/true`; and the
+   Nix manual's synchronous hook (`nix copy --to ssh-ng://LAN host $OUT_PATHS`
+   inside the hook) / nixspool-hook, with the LAN host there;
+4. the same with the LAN host's link down: nixspool-hook's build as before,
+   and the manual's hook on a few derivations only (each hook waits for ssh to
+   give up, then fails, and its build with it), bounded by --down-timeout.
 Variants are interleaved round by round, so a noisy neighbour hits them
-all alike. This is a benchmark, not a test: it asserts nothing.
+all alike. This is a benchmark, not a test: it asserts nothing about time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +43,17 @@ from nixspool.spool import Spool
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
 
+# The Nix manual's example post-build-hook ("Using the post-build-hook"), aimed at
+# the lab's LAN host; run as alice, whose SSH key it is, as nixspool would run it.
+MANUAL_HOOK = """\
+#!/bin/sh
+set -eu
+set -f # disable globbing
+export IFS=' '
+echo "Uploading paths" $OUT_PATHS
+exec {runuser} -u {user} -- {nix} copy --to "ssh-ng://{alias}" $OUT_PATHS
+"""
+
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
@@ -38,70 +61,135 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def hook_vs_bare_start(work: Path, runs: int) -> dict[str, float]:
-    hook = lab.installed_program("nixspool-hook")
-    python = str(Path(hook).parent / "python3")
-    spool = work / "spool" / "spool.sqlite"
+def hook_env(work: Path, name: str) -> dict[str, str]:
+    """The hook's environment, with a config pointing at a fresh spool `name`."""
+    spool = work / name / "spool.sqlite"
     Spool.open(str(spool)).close()
-    (work / "config.toml").write_text(f'spool = "{spool}"\n')
-    env = {
+    config = work / f"{name}.toml"
+    config.write_text(f'spool = "{spool}"\n')
+    return {
         "PATH": "/usr/bin:/bin",
-        "NIXSPOOL_CONFIG": str(work / "config.toml"),
+        "NIXSPOOL_CONFIG": str(config),
         "DRV_PATH": f"/nix/store/{H}-bench.drv",
     }
+
+
+def out_path(i: int, name: str = "bench") -> str:
+    return f"/nix/store/{H[:24]}{i:08d}-{name}"
+
+
+def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
+    hook = lab.installed_program("nixspool-hook")
+    python = str(Path(hook).parent / "python3")
+    env = hook_env(work, "spool")
     site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
     samples: dict[str, list[float]] = {"bare": [], "hook": [], "hook_with_site": []}
     for i in range(runs):
-        env["OUT_PATHS"] = f"/nix/store/{H[:26]}{i:06d}-bench"
+        env["OUT_PATHS"] = out_path(i)
         samples["bare"].append(timed([python, "-I", "-S", "-c", "pass"], env))
         samples["hook"].append(timed([hook], env))
-        env["OUT_PATHS"] = f"/nix/store/{H[:26]}{i:06d}-bench-site"
+        env["OUT_PATHS"] = out_path(i, "bench-site")
         samples["hook_with_site"].append(timed(site_hook, env))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
-def build_with_hooks(work: Path, derivations: int, rounds: int) -> dict[str, float]:
+def all_at_once(argv: list[str], env: dict[str, str], n: int, first: int) -> list[float]:
+    """Start `n` processes at the same instant; each one's wall time."""
+    times: list[float] = []
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        own = {**env, "OUT_PATHS": out_path(first + i, "bench-concurrent")}
+        barrier.wait()
+        times.append(timed(argv, own))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return times
+
+
+def concurrent_hooks(work: Path, n: int, rounds: int) -> dict[str, list[float]]:
     hook = lab.installed_program("nixspool-hook")
     python = str(Path(hook).parent / "python3")
-    empty = work / "empty-hook"
-    empty.write_text(f"#!{python} -IS\n")
-    empty.chmod(0o755)
-    spool = work / "build-spool" / "spool.sqlite"
-    Spool.open(str(spool)).close()
-    config = work / "build-config.toml"
-    config.write_text(f'spool = "{spool}"\n')
-    expr = lab.write_expr(work)
-    hooks = {"nixspool-hook": hook, "empty python -IS": str(empty), "/bin/true": "/bin/true"}
+    env = hook_env(work, "concurrent")
+    samples: dict[str, list[float]] = {"hook": [], "bare": []}
+    for r in range(rounds):
+        samples["hook"] += all_at_once([hook], env, n, r * n)
+        samples["bare"] += all_at_once([python, "-I", "-S", "-c", "pass"], env, n, 0)
+    with sqlite3.connect(work / "concurrent" / "spool.sqlite") as db:
+        recorded = db.execute("SELECT count(*) FROM paths").fetchone()[0]
+    assert recorded == n * rounds, f"{recorded} of {n * rounds} concurrent hooks recorded"
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98]
+
+
+def build_once(
+    work: Path, name: str, program: str, env: dict[str, str], count: int, timeout: float
+) -> tuple[float, str]:
+    """(seconds, "" or why it failed) for one nix-build of `count` fresh derivations
+    through a nix-daemon whose post-build-hook is `program`. Every daemon signs what
+    it builds with the lab's key, which the LAN host trusts, as a cache's users do."""
+    daemon = lab.NixDaemon(
+        work / f"nix-{name}-{lab.nonce()}",
+        program,
+        env=env,
+        extra_conf=f"secret-key-files = {work / 'lab' / 'nixspool-lab.sec'}\n",
+    )
+    try:
+        expr = lab.write_expr(work)
+        args = {"nonce": lab.nonce(), "count": str(count)}
+        argv = ["nix-instantiate", str(expr), "--argstr", "nonce", args["nonce"]]
+        argv += ["--argstr", "count", args["count"]]
+        lab.run_as(lab.BUILDER, argv, daemon.client_env())  # evaluation is not measured
+        started = time.perf_counter()
+        try:
+            result = daemon.build(expr, args, check=False, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return time.perf_counter() - started, f"still building after {timeout:.0f} s"
+        took = time.perf_counter() - started
+        if result.returncode == 0:
+            return took, ""
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        return took, " / ".join(lines[-3:])
+    finally:
+        daemon.stop()
+
+
+def build_with_hooks(work: Path, derivations: int, rounds: int) -> dict[str, list[float]]:
+    hooks = {
+        "nixspool-hook": lab.installed_program("nixspool-hook"),
+        "empty python -IS": str(work / "empty-hook"),
+        "/bin/true": "/bin/true",
+        "nix copy (manual)": str(work / "manual-hook"),
+    }
+    env = hook_env(work, "build-spool")
     samples: dict[str, list[float]] = {name: [] for name in hooks}
     for _ in range(rounds):
         for name, program in hooks.items():
-            daemon = lab.NixDaemon(
-                work / f"nix-{len(samples[name])}-{name[:5]}",
-                program,
-                env={"NIXSPOOL_CONFIG": str(config)},
-            )
-            try:
-                args = {"nonce": lab.nonce(), "count": str(derivations)}
-                lab.run_as(
-                    lab.BUILDER,
-                    [
-                        "nix-instantiate",
-                        str(expr),
-                        "--argstr",
-                        "nonce",
-                        args["nonce"],
-                        "--argstr",
-                        "count",
-                        args["count"],
-                    ],
-                    daemon.client_env(),
-                )  # evaluation is not what we measure
-                started = time.perf_counter()
-                daemon.build(expr, args)
-                samples[name].append(time.perf_counter() - started)
-            finally:
-                daemon.stop()
-    return {k: statistics.median(v) for k, v in samples.items()}
+            took, failed = build_once(work, name[:5], program, env, derivations, 3600)
+            assert not failed, f"{name}: {failed}"
+            samples[name].append(took)
+    return samples
+
+
+def write_hooks(the_lab: lab.SshLab, work: Path) -> None:
+    python = str(Path(lab.installed_program("nixspool-hook")).parent / "python3")
+    (work / "empty-hook").write_text(f"#!{python} -IS\n")
+    manual = MANUAL_HOOK.format(
+        runuser=shutil.which("runuser"),
+        user=lab.ALICE,
+        nix=shutil.which("nix"),
+        alias=the_lab.hosts[0].alias,
+    )
+    (work / "manual-hook").write_text(manual)
+    for name in ("empty-hook", "manual-hook"):
+        (work / name).chmod(0o755)
 
 
 def main() -> None:
@@ -109,43 +197,101 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--derivations", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrent", type=int, default=64)
+    parser.add_argument("--concurrent-rounds", type=int, default=10)
+    parser.add_argument("--down-derivations", type=int, default=3)
+    parser.add_argument("--down-timeout", type=float, default=900)
     args = parser.parse_args()
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     nix_version = subprocess.run(["nix", "--version"], capture_output=True, text=True).stdout
-    with tempfile.TemporaryDirectory(prefix="nixspool-bench-") as tmp:
-        work = Path(tmp)
-        work.chmod(0o755)
-        start = hook_vs_bare_start(work, args.runs)
+    work = Path(tempfile.mkdtemp(prefix="nixspool-bench-"))
+    work.chmod(0o755)
+    the_lab = lab.SshLab(work / "lab")
+    try:
+        report(the_lab, work, args, nix_version.strip())
+    finally:
+        the_lab.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_version: str) -> None:
+    med = statistics.median
+    start = hook_vs_bare_start(work, args.runs)
+    bare, hook = med(start["bare"]), med(start["hook"])
+    print(
+        f"# {nix_version}, Python {sys.version.split()[0]}, "
+        f"{os.cpu_count()} cores; medians of {args.runs} runs"
+    )
+    print(f"bare interpreter start (python -I -S -c pass): {bare * 1000:7.2f} ms")
+    print(
+        f"nixspool-hook:                                 {hook * 1000:7.2f} ms"
+        f"  ratio {hook / bare:.2f}  (target <= 1.8)"
+    )
+    site = med(start["hook_with_site"])
+    print(
+        f"the same as a default console script (site):  {site * 1000:7.2f} ms"
+        f"  ratio {site / bare:.2f}  (for information)"
+    )
+
+    n = args.concurrent
+    together = concurrent_hooks(work, n, args.concurrent_rounds)
+    print(
+        f"# {n} hooks at once, {args.concurrent_rounds} rounds "
+        f"({n * args.concurrent_rounds} hooks, every one recorded)"
+    )
+    for name, lone in (("nixspool-hook", hook), ("bare start", bare)):
+        runs = together["hook" if name == "nixspool-hook" else "bare"]
         print(
-            f"# {nix_version.strip()}, Python {sys.version.split()[0]}, "
-            f"{os.cpu_count()} cores; medians of {args.runs} runs"
+            f"{name:<14} median {med(runs) * 1000:7.1f} ms ({med(runs) / lone:5.1f} x alone), "
+            f"p99 {p99(runs) * 1000:7.1f} ms ({p99(runs) / lone:5.1f} x alone)"
         )
-        print(f"bare interpreter start (python -I -S -c pass): {start['bare'] * 1000:7.2f} ms")
+    print(
+        f"ratio hook / bare start, both {n} at once: median "
+        f"{med(together['hook']) / med(together['bare']):.2f}, p99 "
+        f"{p99(together['hook']) / p99(together['bare']):.2f}  (alone: {hook / bare:.2f})"
+    )
+
+    write_hooks(the_lab, work)
+    build = {k: med(v) for k, v in build_with_hooks(work, args.derivations, args.rounds).items()}
+    print(
+        f"# one nix-build of {args.derivations} derivations through nix-daemon, "
+        f"median of {args.rounds} rounds, LAN host up"
+    )
+    for name, seconds in build.items():
+        print(f"post-build-hook = {name:<18} {seconds:7.2f} s")
+    ours = build["nixspool-hook"]
+    print(
+        f"ratio nixspool-hook / empty python hook: {ours / build['empty python -IS']:.3f}"
+        "  (target <= 1.15)"
+    )
+    print(
+        f"ratio nixspool-hook / /bin/true:         {ours / build['/bin/true']:.3f}"
+        "  (for information)"
+    )
+    print(f"ratio nix copy (manual) / nixspool-hook: {build['nix copy (manual)'] / ours:.2f}")
+
+    the_lab.hosts[0].link_down()
+    try:
+        env = hook_env(work, "down-spool")
+        took, failed = build_once(
+            work, "down", lab.installed_program("nixspool-hook"), env, args.derivations, 3600
+        )
+        print("# LAN host's link down")
         print(
-            f"nixspool-hook:                                 {start['hook'] * 1000:7.2f} ms"
-            f"  ratio {start['hook'] / start['bare']:.2f}  (target <= 1.8)"
+            f"post-build-hook = nixspool-hook     {took:7.2f} s for {args.derivations} derivations"
+            f" ({took / ours:.2f} x link up), {failed or 'built'}"
+        )
+        k = args.down_derivations
+        took, failed = build_once(
+            work, "down", str(work / "manual-hook"), env, k, args.down_timeout
         )
         print(
-            f"the same as a default console script (site):  "
-            f"{start['hook_with_site'] * 1000:7.2f} ms"
-            f"  ratio {start['hook_with_site'] / start['bare']:.2f}  (for information)"
+            f"post-build-hook = nix copy (manual) {took:7.2f} s for {k} derivations"
+            f" ({took / k:.1f} s each, {took / k / (ours / args.derivations):.0f} x nixspool-hook's"
+            f" per derivation): {failed or 'built'}"
         )
-        build = build_with_hooks(work, args.derivations, args.rounds)
-        base = build["empty python -IS"]
-        print(
-            f"# one nix-build of {args.derivations} derivations through nix-daemon, "
-            f"median of {args.rounds} rounds"
-        )
-        for name, seconds in build.items():
-            print(f"post-build-hook = {name:<18} {seconds:7.2f} s")
-        print(
-            f"ratio nixspool-hook / empty python hook: {build['nixspool-hook'] / base:.3f}"
-            "  (target <= 1.15)"
-        )
-        print(
-            f"ratio nixspool-hook / /bin/true:         "
-            f"{build['nixspool-hook'] / build['/bin/true']:.3f}  (for information)"
-        )
+    finally:
+        the_lab.hosts[0].link_up()
 
 
 if __name__ == "__main__":

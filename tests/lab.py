@@ -180,12 +180,17 @@ class NixDaemon:
         return {**self.env, "NIX_REMOTE": "daemon"}
 
     def build(
-        self, expr: Path, args: Mapping[str, str], user: str = BUILDER, check: bool = True
+        self,
+        expr: Path,
+        args: Mapping[str, str],
+        user: str = BUILDER,
+        check: bool = True,
+        timeout: float | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = ["nix-build", "--no-out-link", str(expr)]
         for name, value in args.items():
             argv += ["--argstr", name, value]
-        result = run_as(user, argv, self.client_env())
+        result = run_as(user, argv, self.client_env(), timeout=timeout)
         if check:
             assert result.returncode == 0, result.stderr
         return result
