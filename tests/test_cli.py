@@ -105,7 +105,7 @@ def test_config_errors_are_one_line(tmp_path: Path) -> None:
     assert err == f"error: {bad}:2: 'url' must be a string, not 3\n"
 
 
-def test_an_unreadable_spool_is_one_line(tmp_path: Path) -> None:
+def test_a_spool_that_is_not_a_database_is_set_aside_and_made_anew(tmp_path: Path) -> None:
     spool = tmp_path / "spool.sqlite"
     spool.write_text("not sqlite" * 1000)
     spool.chmod(0o600)
@@ -113,8 +113,12 @@ def test_an_unreadable_spool_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(f'spool = "{spool}"\n')
     code, _, err = nixspool(config, "status")
-    assert code == 1
-    assert err.startswith(f"error: spool {spool}: file is not a database")
+    assert code == 0, err
+    (kept,) = tmp_path.glob("spool.sqlite.broken-*")
+    assert kept.read_text() == "not sqlite" * 1000  # kept for a person, untouched
+    assert err.startswith(f"spool {spool} is not a usable SQLite database")
+    assert f"set aside as {kept}" in err and len(err.splitlines()) == 1
+    assert nixspool(config, "status")[2] == ""  # the new one is whole
 
 
 def test_flush_refuses_an_unknown_remote(config: Path) -> None:

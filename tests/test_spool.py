@@ -83,13 +83,27 @@ def test_a_symlinked_spool_is_refused(tmp_path: Path) -> None:
         Spool.open(str(tmp_path / "s" / "spool.sqlite"))
 
 
-def test_a_corrupt_spool_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_spool_is_set_aside_with_its_wal_and_made_anew(
+    tmp_path: Path, damage: str
+) -> None:
     path = tmp_path / "s" / "spool.sqlite"
-    path.parent.mkdir(mode=0o700)
-    path.write_bytes(b"this is not a database" * 100)
-    path.chmod(0o600)
-    with pytest.raises(SpoolError, match="file is not a database"):
-        Spool.open(str(path))
+    with Spool.open(str(path)) as s:
+        add(s, "a")
+        first_id = s.spool_id
+    whole = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    else:  # the header says more pages than the file has
+        path.write_bytes(whole[: len(whole) // 2])
+    with Spool.open(str(path)) as s:
+        assert s.queue.recorded([p("a")]) == set()
+        assert s.spool_id != first_id  # the roots then know the spool is new
+        add(s, "b")
+    with Spool.open(str(path)) as s:
+        assert s.queue.recorded([p("b")]) == {p("b")}
+    (kept,) = path.parent.glob("spool.sqlite.broken-*[0-9]")
+    assert kept.stat().st_size == len(whole) // 2 if damage == "truncated" else 2200
 
 
 def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> None:
@@ -333,3 +347,34 @@ def test_a_derivation_nix_cannot_resolve_is_asked_once_then_on_retry(spool: Spoo
     assert spool.reports.status().unresolved_derivations == 0
     assert spool.admin.retry(Selector(all_failed=True)) == 1
     assert [i for i, _ in spool.queue.unresolved()] == [drv_id]
+
+
+def test_roots_made_for_another_spool_id_are_handed_back(tmp_path: Path) -> None:
+    from nixspool import gcroots
+
+    directory = gcroots.roots_dir("/a/spool.sqlite", {"NIX_STATE_DIR": str(tmp_path)})
+    assert gcroots.sync("/a/spool.sqlite", [p("x")], directory) == (1, 0)
+    # Roots never marked (made before spool ids) are this spool's: nothing handed back.
+    assert gcroots.left_by_another_spool("/a/spool.sqlite", "new", directory) == []
+    assert gcroots.sync("/a/spool.sqlite", [p("x"), p("y")], directory, "old") == (1, 0)
+    assert gcroots.left_by_another_spool("/a/spool.sqlite", "old", directory) == []
+    handed = gcroots.left_by_another_spool("/a/spool.sqlite", "new", directory)
+    assert sorted(handed) == [p("x"), p("y")]  # the marker is not a root
+    assert gcroots.sync("/a/spool.sqlite", [p("y")], directory, "new") == (0, 1)
+    assert gcroots.left_by_another_spool("/a/spool.sqlite", "new", directory) == []
+
+
+def test_a_clock_stepped_back_makes_far_rows_due_and_leaves_near_ones(spool: Spool) -> None:
+    add(spool, "far", "near")
+    spool.queue.sync_remotes(["pi"])
+    now = 1_000_000.0
+    with spool.transaction():
+        for name, due in (("far", now + 86400 * 365), ("near", now + 60)):
+            spool.conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?, attempts = 3"
+                " WHERE path_id = (SELECT id FROM paths WHERE path = ?)",
+                (due, p(name)),
+            )
+    assert spool.queue.undo_clock_steps(3600, now=now) == 1
+    assert [path for _, path in spool.queue.claim("pi", "me", 10, 60, now=now)] == [p("far")]
+    assert spool.queue.undo_clock_steps(3600, now=now) == 0

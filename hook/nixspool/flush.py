@@ -291,8 +291,28 @@ class Flusher:
 
     def protect(self) -> None:
         if self.cfg.gc_roots:
-            added, removed = gcroots.sync(self.spool.path, self.spool.queue.protected_paths())
+            added, removed = gcroots.sync(
+                self.spool.path, self.spool.queue.protected_paths(), spool_id=self.spool.spool_id
+            )
             log.debug("GC roots: %d added, %d removed", added, removed)
+
+    def requeue_lost_rows(self) -> None:
+        """Queue again what the GC roots say was queued, when they were made for
+        another spool: this one was deleted, emptied or set aside as broken since
+        the last flush (README#when-things-go-wrong)."""
+        if not self.cfg.gc_roots:
+            return
+        rooted = gcroots.left_by_another_spool(self.spool.path, self.spool.spool_id)
+        good, _ = storepath.partition(rooted, storepath.store_dir())
+        again = self.spool.queue.add(good)
+        if again:
+            self.spool.queue.sync_remotes(r.name for r in self.cfg.remotes)
+            log.warning(
+                "the spool is not the one the GC roots were kept for (it was lost or "
+                "replaced since the last flush): %d paths queued at that flush are "
+                "queued again",
+                len(again),
+            )
 
     # -- delivering ----------------------------------------------------------------
 
@@ -302,6 +322,13 @@ class Flusher:
         stale = self.spool.queue.reclaim_leases()
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
+        self.requeue_lost_rows()
+        stepped = self.spool.queue.undo_clock_steps(self.cfg.retry_max)
+        if stepped:
+            log.warning(
+                "%d rows were due after retry_max from now: the clock went back; they are due now",
+                stepped,
+            )
         # The spool was opened with every recorded path fanned out to the remotes
         # (cli.open_spool); only outputs resolved below need it again.
         # Probes take a few hundred ms (a Python child, paramiko, an SSH login):

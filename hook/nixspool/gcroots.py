@@ -6,6 +6,12 @@ symlink per queued path in a directory of its own under Nix's gcroots; the
 garbage collector treats every symlink there that points into the store as a
 root. The roots are brought up to date at the end of every flush: paths
 still queued get one, delivered or dropped ones lose theirs.
+
+The roots are also the spool's backup of what was queued at the last flush.
+Beside them, a link named SPOOL_ID_NAME holds the id of the spool they were
+made for (`Spool.spool_id`). A flush that finds roots made for another id
+knows the spool was deleted, emptied or set aside as broken since, and queues
+their paths again (`left_by_another_spool`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ import os
 from collections.abc import Iterable, Mapping
 
 log = logging.getLogger(__name__)
+
+# Not a store path's name (those start with a hash): Nix's collector ignores it,
+# and so do sync's add and remove. A link, so that reading it is one readlink.
+SPOOL_ID_NAME = ".spool-id"
 
 
 def base_dir(environ: Mapping[str, str] | None = None) -> str:
@@ -52,8 +62,11 @@ def _open_directory(directory: str) -> int:
     return fd
 
 
-def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tuple[int, int]:
-    """Make this spool's roots exactly `wanted`; return (added, removed).
+def sync(
+    spool: str, wanted: Iterable[str], directory: str | None = None, spool_id: str | None = None
+) -> tuple[int, int]:
+    """Make this spool's roots exactly `wanted`, made for `spool_id`; return (added,
+    removed).
 
     Best effort: without the right to write there (a flusher started as the
     user before `nixspool setup` made the directory theirs), or where a link
@@ -67,7 +80,7 @@ def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tup
     try:
         fd = _open_directory(directory)
         try:
-            have = set(os.listdir(fd))
+            have = {name for name in os.listdir(fd) if not name.startswith(".")}
             for name in have - want.keys():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=fd)
@@ -76,6 +89,8 @@ def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tup
                 with contextlib.suppress(FileExistsError):
                     os.symlink(want[name], name, dir_fd=fd)
                     added += 1
+            if spool_id is not None:  # last: the roots are complete for this spool now
+                _replace_link(fd, SPOOL_ID_NAME, spool_id)
         finally:
             os.close(fd)
     except OSError as e:
@@ -91,3 +106,38 @@ def sync(spool: str, wanted: Iterable[str], directory: str | None = None) -> tup
             reason,
         )
     return added, removed
+
+
+def _replace_link(fd: int, name: str, target: str) -> None:
+    """Point the link `name` in the directory `fd` at `target`, atomically."""
+    temporary = f"{name}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary, dir_fd=fd)
+    os.symlink(target, temporary, dir_fd=fd)
+    os.rename(temporary, name, src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def left_by_another_spool(spool: str, spool_id: str, directory: str | None = None) -> list[str]:
+    """The paths rooted when the roots were last made for a spool other than
+    `spool_id` at this path; [] when they were made for this one, or never
+    marked (roots from before spool ids, or none yet): those are this spool's."""
+    directory = directory or roots_dir(spool)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []  # no roots yet, or none we may read: nothing to recover
+    try:
+        try:
+            made_for = os.readlink(SPOOL_ID_NAME, dir_fd=fd)
+        except OSError:
+            return []
+        if made_for == spool_id:
+            return []
+        targets = []
+        for name in os.listdir(fd):
+            if not name.startswith("."):
+                with contextlib.suppress(OSError):
+                    targets.append(os.readlink(name, dir_fd=fd))
+        return targets
+    finally:
+        os.close(fd)

@@ -102,8 +102,27 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE remotes ADD COLUMN left_to_upstream INTEGER;
     """,
+    # 4: the spool's identity, made once with the file. The GC roots remember it
+    # (nixspool.gcroots): roots kept for another spool id mean this spool was lost
+    # and made anew since the last flush, and their paths are queued again.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('spool_id', lower(hex(randomblob(16))));
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# What SQLite says of a file that is not, or no longer, a whole database.
+BROKEN = ("file is not a database", "database disk image is malformed")
+
+
+def _set_aside(path: str) -> str:
+    """Rename the spool and its -wal and -shm out of the way; the new name."""
+    kept = f"{path}.broken-{time.strftime('%Y%m%dT%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.lexists(path + suffix):
+            os.rename(path + suffix, kept + suffix)
+    return kept
 
 
 @dataclass(frozen=True)
@@ -151,6 +170,12 @@ class Spool:
         return sqlite_utils.Database(self.conn)
 
     @functools.cached_property
+    def spool_id(self) -> str:
+        """Random, made with the spool file: a new file has a new one."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+        return str(row[0])
+
+    @functools.cached_property
     def queue(self) -> Queue:
         return Queue(self)
 
@@ -192,15 +217,23 @@ class Spool:
         # Root works in the directory with its owner's rights (README#ownership).
         with files.OwnersRights(rights):
             try:
-                old_umask = os.umask(0o077)
                 try:
-                    conn = sqlite3.connect(
-                        path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None
+                    spool = cls._connect(path)
+                except sqlite3.DatabaseError as e:
+                    if not any(sign in str(e) for sign in BROKEN):
+                        raise
+                    # Garbage where the spool was: keep it for a person to look at
+                    # and start afresh; the next flush queues again what its GC
+                    # roots say was queued (nixspool.gcroots).
+                    kept = _set_aside(path)
+                    log.warning(
+                        "spool %s is not a usable SQLite database (%s); set aside as %s, "
+                        "a new spool is made in its place",
+                        path,
+                        e,
+                        kept,
                     )
-                finally:
-                    os.umask(old_umask)
-                spool = cls(path, conn)
-                spool._migrate()
+                    spool = cls._connect(path)
             except sqlite3.DatabaseError as e:
                 raise SpoolError(
                     f"spool {path}: {e}; is it readable and writable by this user? "
@@ -214,6 +247,21 @@ class Spool:
             spool._import_journal(locate.fallback_journal(path))
             spool._keep_ballast()
         spool._import_stray_journal()
+        return spool
+
+    @classmethod
+    def _connect(cls, path: str) -> Spool:
+        old_umask = os.umask(0o077)
+        try:
+            conn = sqlite3.connect(path, timeout=COMMAND_BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        finally:
+            os.umask(old_umask)
+        spool = cls(path, conn)
+        try:
+            spool._migrate()
+        except BaseException:
+            conn.close()
+            raise
         return spool
 
     @classmethod

@@ -222,6 +222,20 @@ class Queue:
                 " WHERE lease_owner IS NOT NULL"
             ).rowcount
 
+    def undo_clock_steps(self, horizon: float, now: float | None = None) -> int:
+        """Make due now every queued row due further ahead than `horizon` seconds
+        (retry_max: no backoff waits longer). Only a clock stepped backwards since
+        the row was deferred puts it there; it would otherwise wait out the step,
+        days or years. A step forwards needs nothing: rows are due, and each
+        failure backs off from the new time."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            return self.conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?"
+                " WHERE state = 'queued' AND next_attempt_at > ?",
+                (now, now + horizon),
+            ).rowcount
+
     def _finish(
         self, remote: str, owner: str, ids: Sequence[int], sql: str, params: Sequence[Any]
     ) -> int:
