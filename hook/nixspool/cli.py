@@ -25,7 +25,7 @@ from typer.core import TyperGroup
 
 from . import config as config_mod
 from . import privileges
-from .errors import NixspoolError, UsageError
+from .errors import ConfigError, NixspoolError, UsageError
 from .hook import locate
 from .spool import Owner, Selector, Spool, State, Status
 
@@ -129,12 +129,23 @@ def load_config(remote: str | None = None) -> config_mod.Config:
     return cfg
 
 
+def spool_owner(cfg: config_mod.Config) -> Owner | None:
+    """The config's user, who owns the spool; one that does not exist is the
+    config's error, told at its line."""
+    if not cfg.user:
+        return None
+    try:
+        return Owner.of_user(cfg.user)
+    except NixspoolError as e:
+        raise ConfigError(f"{cfg.sources.get('user', cfg.path)}: {e}") from None
+
+
 def open_spool(cfg: config_mod.Config, *, reading: bool = False) -> Spool:
     """The spool, complete: the journal imported, every path fanned out to every
     configured remote. A command that only reads (`reading`) gets it read-only
     when there is nothing to import or fan out, which is the usual case: then it
     changes nothing, not even the spool's owner or its ballast."""
-    owner = Owner.of_user(cfg.user) if cfg.user else None
+    owner = spool_owner(cfg)
     names = [r.name for r in cfg.remotes]
     if reading:
         spool = Spool.open_read_only(cfg.spool, owner)

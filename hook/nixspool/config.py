@@ -71,6 +71,18 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "batch_size": GLOBAL_KEYS["batch_size"],
 }
+# Bounds on numbers: a timeout of more than 30 years, or a batch that large, is a
+# typo; past them SQLite's integers and time arithmetic would overflow.
+NUMBER_LIMIT = 10**9
+BYTES_LIMIT = 2**62
+
+# ssh:// and ssh-ng:// reach `ssh HOST` and, for remote-program, the remote's shell:
+# a host or user starting with '-' is an ssh option (-oProxyCommand=...), and a
+# remote program is one absolute path, never a command line.
+SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+SSH_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
+
 REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -211,21 +223,45 @@ def parse(text: str, path: str | None, environ: Mapping[str, str]) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path or 'config'}: invalid TOML: {e}") from None
+        # "Expected '=' (at line 3, column 5)": the file:line form of every error.
+        message = str(e)
+        at = re.search(r" \(at line (\d+), column \d+\)$", message)
+        line = at.group(1) if at else str(text.count("\n") + 1)  # "at end of document"
+        message = message[: at.start()] if at else message.replace(" (at end of document)", "")
+        raise ConfigError(f"{path or 'config'}:{line}: invalid TOML: {message}") from None
     return _build(data, path, text, environ)
 
 
-def _line_of(text: str, table: str | None, key: str) -> int | None:
-    """The 1-based line where `key` is set in `[table]` (None: top level)."""
+def _line_of(text: str, table: str | None, key: str | None) -> int | None:
+    """The 1-based line where `key` is set in `[table]` (None: top level), or with
+    key None, the line of the `[table]` header itself."""
     current: str | None = None
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
-        header = re.fullmatch(r"\[\s*([^\[\]]+?)\s*\]\s*(#.*)?", stripped)
-        if header:
-            current = header.group(1).replace('"', "").replace(" ", "")
-        elif current == table and re.match(rf"{re.escape(key)}\s*=", stripped):
+        header = _header(stripped)
+        if header is not None:
+            current = header
+            if key is None and header == table:
+                return number
+        elif key is not None and current == table and re.match(rf"{re.escape(key)}\s*=", stripped):
             return number
     return None
+
+
+def _header(stripped: str) -> str | None:
+    """The dotted name a `[table]` line opens, as its keys read (`[remotes."a b"]`
+    is "remotes.a b"); None for any other line."""
+    if not stripped.startswith("["):
+        return None
+    try:
+        node: Any = tomllib.loads(stripped)
+    except tomllib.TOMLDecodeError:
+        return None
+    parts = []
+    while isinstance(node, dict) and len(node) == 1:
+        ((name, node),) = node.items()
+        parts.append(name)
+    return ".".join(parts)
 
 
 def _where(path: str | None, text: str, table: str | None, key: str) -> str:
@@ -263,8 +299,12 @@ def _check(value: Any, kind: type, key: str, where: str) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}")
-    if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
-        raise ConfigError(f"{where}: '{key}' must be greater than 0, not {value!r}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if not value > 0:  # nan too
+            raise ConfigError(f"{where}: '{key}' must be greater than 0, not {value!r}")
+        limit = BYTES_LIMIT if kind is ByteSize else NUMBER_LIMIT
+        if value > limit:  # inf too: a timeout nothing ever reaches is no bound
+            raise ConfigError(f"{where}: '{key}' must be at most {limit}, not {value!r}")
     return value
 
 
@@ -311,10 +351,11 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
         )
     remotes = []
     for name, table in remotes_data.items():
-        where = f"{path}:{_line_of(text, f'remotes.{name}', 'url') or ''}".rstrip(":")
+        line = _line_of(text, f"remotes.{name}", "url") or _line_of(text, f"remotes.{name}", None)
+        where = f"{path}:{line or ''}".rstrip(":")
         if not REMOTE_NAME.fullmatch(name):
             raise ConfigError(
-                f"{where}: remote name '{name}' must be letters, digits, '_', '.', '-'"
+                f"{where}: remote name {name!r} must be letters, digits, '_', '.', '-'"
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: 'remotes.{name}' must be a table like [remotes.{name}]")
@@ -339,6 +380,7 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
             if key not in remote:
                 remote[key] = values[key]
                 sources[f"remotes.{name}.{key}"] = f"{sources[key]} (top level)"
+        _check_url(remote["url"], sources[f"remotes.{name}.url"])
         _check_binary_cache_keys(remote, name, sources)
         for key in ("ssh_key", "sign_key_file"):
             if remote.get(key):
@@ -349,6 +391,31 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
                     raise ConfigError(f"{kwhere}: '{key}' must be an absolute path without spaces")
         remotes.append(Remote(name=name, **remote))
     return Config(remotes=tuple(remotes), path=path, sources=sources, **values)
+
+
+def _check_url(url: str, where: str) -> None:
+    """Refuse what would reach ssh or a shell as anything but a host, user or path."""
+    if any(not c.isprintable() or c.isspace() for c in url):
+        raise ConfigError(f"{where}: url {url!r} has a space or control character")
+    if not url.startswith(SSH_SCHEMES):
+        return
+    parsed = urllib.parse.urlsplit(url)
+    user, _, host = parsed.netloc.rpartition("@")
+    if ":" in host and not host.startswith("["):
+        host, _, port = host.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"{where}: url {url!r}: the port must be a number")
+    if not SSH_HOST.fullmatch(host) or (user and not SSH_USER.fullmatch(user)):
+        raise ConfigError(
+            f"{where}: url {url!r}: the host (and user) must be names like pi, nas.lan, "
+            "user@10.0.0.2, starting with a letter or digit"
+        )
+    for key, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
+        if key == "remote-program" and not SAFE_PATH.fullmatch(value):
+            raise ConfigError(
+                f"{where}: url {url!r}: remote-program must be an absolute path to a "
+                "program, e.g. /nix/var/nix/profiles/default/bin/nix-daemon"
+            )
 
 
 def _check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[str, str]) -> None:

@@ -52,7 +52,10 @@ def remote_account(cfg: Config) -> Account:
     """The account that runs ssh and nix copy; PrivilegeError if this process may not."""
     euid = os.geteuid()
     if cfg.user:
-        account = account_of(cfg.user)
+        try:
+            account = account_of(cfg.user)
+        except PrivilegeError as e:
+            raise PrivilegeError(f"{cfg.sources.get('user', cfg.path)}: {e}") from None
         if euid in (0, account.uid):
             return account
         me = pwd.getpwuid(euid).pw_name
