@@ -10,10 +10,14 @@ says `run_as_root = true`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import pwd
 import shutil
+import socket
 import stat
+import struct
 
 from .config import Config
 from .errors import PrivilegeError
@@ -23,6 +27,12 @@ from .run import Account
 # change its settings behind the config's back (docs/ARCHITECTURE.md#contracts).
 DROPPED = ("NIX_CONFIG", "NIX_REMOTE")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ssh waits for its agent without any bound: one that never answers would hold
+# every login of a flush until the server gives up on it (LoginGraceTime, 2 min).
+AGENT_TIMEOUT_SECONDS = 2.0
+SSH_AGENTC_REQUEST_IDENTITIES = 11
+
+log = logging.getLogger(__name__)
 
 
 def account_of(name: str) -> Account:
@@ -72,7 +82,8 @@ def remote_account(cfg: Config) -> Account:
 
 
 def agent_socket(account: Account, environ: dict[str, str] | None = None) -> str | None:
-    """SSH_AUTH_SOCK, but only a socket that exists and belongs to that account."""
+    """SSH_AUTH_SOCK, but only a socket that exists, belongs to that account, and
+    answers: ssh and the probe then go without it (keys from ~/.ssh, ssh_key)."""
     path = (environ if environ is not None else os.environ).get("SSH_AUTH_SOCK")
     if not path:
         return None
@@ -80,7 +91,26 @@ def agent_socket(account: Account, environ: dict[str, str] | None = None) -> str
         st = os.stat(path)
     except OSError:
         return None
-    return path if stat.S_ISSOCK(st.st_mode) and st.st_uid == account.uid else None
+    if not (stat.S_ISSOCK(st.st_mode) and st.st_uid == account.uid):
+        return None
+    return path if _agent_answers(path) else None
+
+
+@functools.cache  # asked for each child; one answer per flush is enough
+def _agent_answers(path: str) -> bool:
+    """Whether the agent at `path` lists its keys within AGENT_TIMEOUT_SECONDS."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as agent:
+            agent.settimeout(AGENT_TIMEOUT_SECONDS)
+            agent.connect(path)
+            agent.sendall(struct.pack(">IB", 1, SSH_AGENTC_REQUEST_IDENTITIES))
+            answered = len(agent.recv(5)) > 0
+    except OSError as e:
+        log.warning("ssh-agent at %s did not answer (%s); going without it", path, e)
+        return False
+    if not answered:
+        log.warning("ssh-agent at %s closed the connection; going without it", path)
+    return answered
 
 
 def child_env(account: Account, extra: dict[str, str] | None = None) -> dict[str, str]:
