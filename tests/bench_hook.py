@@ -270,28 +270,32 @@ def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_versio
     )
     print(f"ratio nix copy (manual) / nixspool-hook: {build['nix copy (manual)'] / ours:.2f}")
 
-    the_lab.hosts[0].link_down()
-    try:
-        env = hook_env(work, "down-spool")
-        took, failed = build_once(
-            work, "down", lab.installed_program("nixspool-hook"), env, args.derivations, 3600
-        )
-        print("# LAN host's link down")
-        print(
-            f"post-build-hook = nixspool-hook     {took:7.2f} s for {args.derivations} derivations"
-            f" ({took / ours:.2f} x link up), {failed or 'built'}"
-        )
-        k = args.down_derivations
-        took, failed = build_once(
-            work, "down", str(work / "manual-hook"), env, k, args.down_timeout
-        )
-        print(
-            f"post-build-hook = nix copy (manual) {took:7.2f} s for {k} derivations"
-            f" ({took / k:.1f} s each, {took / k / (ours / args.derivations):.0f} x nixspool-hook's"
-            f" per derivation): {failed or 'built'}"
-        )
-    finally:
-        the_lab.hosts[0].link_up()
+    host = the_lab.hosts[0]
+    away = {
+        "link down": (host.link_down, host.link_up),
+        "silent (every packet it sends dropped, as behind a router)": (
+            host.go_silent,
+            host.speak_again,
+        ),
+    }
+    for name, (leave, come_back) in away.items():
+        leave()
+        try:
+            print(f"# LAN host away: {name}")
+            env = hook_env(work, f"away-{len(name)}")
+            program = lab.installed_program("nixspool-hook")
+            took, failed = build_once(work, "away", program, env, args.derivations, 3600)
+            print(
+                f"post-build-hook = nixspool-hook     {took:7.2f} s for {args.derivations} "
+                f"derivations ({took / ours:.2f} x host up): {failed or 'built'}"
+            )
+            k = args.down_derivations
+            manual = str(work / "manual-hook")
+            took, failed = build_once(work, "away", manual, env, k, args.down_timeout)
+            outcome = f"FAILED after {took:.1f} s: {failed}" if failed else f"built in {took:.1f} s"
+            print(f"post-build-hook = nix copy (manual), {k} derivations: {outcome}")
+        finally:
+            come_back()
 
 
 if __name__ == "__main__":

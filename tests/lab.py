@@ -465,6 +465,18 @@ class LanHost:
                 assert time.monotonic() < deadline, f"{self.address} did not come back"
                 time.sleep(0.1)
 
+    def go_silent(self) -> None:
+        """Drop every packet the host sends, connections and link left up: a host
+        away behind a router, or one that stalls mid-transfer. A token bucket smaller
+        than any packet does it (this kernel has no netem)."""
+        self.in_ns(
+            "tc", "qdisc", "add", "dev", self.veth_lan, "root",
+            "tbf", "rate", "8bit", "burst", "10", "limit", "10",
+        )  # fmt: skip
+
+    def speak_again(self) -> None:
+        self.in_ns("tc", "qdisc", "del", "dev", self.veth_lan, "root", check=False)
+
     def shape(self, rate: str | None) -> None:
         """Limit the link towards the host to `rate` (e.g. "1gbit"), like a real LAN;
         None: as fast as the machine's veth pair goes."""

@@ -1,0 +1,157 @@
+"""Abuse of the config: arbitrary and truncated TOML, wrong types, unknown keys, huge,
+negative and non-finite numbers, remote names and URLs carrying spaces, quotes, ';',
+'$()', newlines, a leading '-' (ssh://-oProxyCommand=...) or ?remote-program=.
+
+Oracle: every command either works or says one line, `error: FILE:LINE: ...`, and
+exits 1; nothing injected ever runs. Generated configs go through `nixspool config`
+and `status` in-process (fast, every Python of the matrix); the hostile URLs also
+go through a real `nixspool flush` as root against the lab, with a canary file that
+any injected command would create.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import lab
+from nixspool.cli import app
+
+CANARY = Path(tempfile.gettempdir()) / "nixspool-canary-config-abuse"
+INJECTIONS = [
+    f"$(touch {CANARY})",
+    f"`touch {CANARY}`",
+    f";touch {CANARY}",
+    f"|touch {CANARY}",
+    f"\ntouch {CANARY}",
+    f"' \"; touch {CANARY} #",
+]
+HOSTILE_URLS = [
+    f"ssh://-oProxyCommand=touch {CANARY}",
+    f"ssh-ng://-oProxyCommand=touch${{IFS}}{CANARY}",
+    f"ssh://-oProxyCommand=touch%20{CANARY}@pi",
+    f"ssh://-oLocalCommand=touch%20{CANARY}@pi",
+    f"ssh-ng://pi?remote-program=touch%20{CANARY}",
+    f"ssh-ng://pi?remote-program=touch;{CANARY}",
+    f"ssh://pi?remote-program=$(touch%20{CANARY})",
+    *(f"ssh-ng://pi{i}" for i in INJECTIONS),
+    *(f"ssh://{i}@pi" for i in INJECTIONS),
+    f"file:///tmp/x?compression={INJECTIONS[0]}",
+]
+KEYS = [
+    "accept_new_host_keys", "user", "connect_timeout", "copy_timeout", "retry_min", "retry_max",
+    "batch_size", "gc_roots", "run_as_root", "metrics_file", "log_level", "unknown",
+]  # fmt: skip
+REMOTE_KEYS = [
+    "url", "ssh_key", "sign_key_file", "verify", "include", "exclude", "max_size",
+    "batch_size", "connect_timeout", "skip_signed_by", "compression", "nope",
+]  # fmt: skip
+
+strings = st.one_of(
+    st.sampled_from([*INJECTIONS, *HOSTILE_URLS, "", "-", "--help", "ssh-ng://pi", "1G"]),
+    st.text(max_size=40),
+)
+numbers = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, -1, 2**63, 10**9 + 1, 1e308]),
+)
+values = st.recursive(
+    st.one_of(strings, numbers, st.booleans()),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=4,
+)
+names = st.one_of(
+    st.sampled_from(["pi", "nas", "a b", "-x", "a;b", "$(x)", "a\nb"]), st.text(max_size=12)
+)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> str:
+    lines = [
+        f"{draw(st.sampled_from(KEYS))} = {toml_value(draw(values))}"
+        for _ in range(draw(st.integers(0, 3)))
+    ]
+    for _ in range(draw(st.integers(0, 2))):
+        lines.append(f"[remotes.{json.dumps(draw(names))}]")
+        lines.append(f"url = {toml_value(draw(st.one_of(strings, st.sampled_from(HOSTILE_URLS))))}")
+        lines += [
+            f"{draw(st.sampled_from(REMOTE_KEYS))} = {toml_value(draw(values))}"
+            for _ in range(draw(st.integers(0, 2)))
+        ]
+    text = "\n".join(lines) + "\n"
+    cut = draw(st.one_of(st.none(), st.integers(0, len(text))))
+    return text if cut is None else text[:cut]  # truncated: a write cut short
+
+
+def check_answer(config: Path, code: int, err: str) -> None:
+    assert "Traceback" not in err, err
+    assert code in (0, 1), (code, err)
+    if code:
+        assert len(err.splitlines()) == 1, err
+        assert re.match(rf"error: {re.escape(str(config))}:\d+: \S", err), err
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(configs())
+def test_any_config_is_taken_or_refused_in_one_line_naming_file_and_line(text: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="nixspool-config-") as tmp:
+        config = Path(tmp) / "config.toml"
+        config.write_text(f'spool = "{tmp}/spool/spool.sqlite"\n' + text)
+        runner = CliRunner()
+        for command in (["config"], ["status", "--json"]):
+            result = runner.invoke(app, ["--config", str(config), *command])
+            if result.exception and not isinstance(result.exception, SystemExit):
+                raise result.exception
+            check_answer(config, result.exit_code, result.stderr)
+    assert not CANARY.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("url", HOSTILE_URLS)
+def test_a_hostile_url_never_runs_what_it_carries(ssh_lab: lab.SshLab, url: str) -> None:
+    CANARY.unlink(missing_ok=True)
+    work = ssh_lab.root / f"hostile-{HOSTILE_URLS.index(url)}"
+    # Paths queued under a sound config, then the url replaced by the hostile one.
+    sound = f'\n[remotes.pi]\nurl = "ssh-ng://{ssh_lab.hosts[0].alias}"\n'
+    config = ssh_lab.config(work, sound)
+    ssh_lab.spool_in(config, ssh_lab.build(1))
+    text = config.read_text()
+    config.write_text(text.replace(f'"ssh-ng://{ssh_lab.hosts[0].alias}"', json.dumps(url)))
+    for command in (["flush"], ["doctor"], ["status"]):
+        result = ssh_lab.nixspool(config, *command, timeout=120)
+        # Refused where it is written, before anything runs: the probe would not
+        # get far with such a host either, but Nix and ssh are not asked to judge.
+        if command == ["doctor"]:  # a report on stdout: the config check fails there
+            assert result.returncode == 1, result.stdout
+            assert re.search(rf"FAIL +config +{re.escape(str(config))}:\d+: url ", result.stdout)
+        else:
+            check_answer(config, result.returncode, result.stderr)
+            assert result.returncode == 1 and "url" in result.stderr, result.stderr
+        assert not CANARY.exists(), (url, command, result.stderr)
+    assert os.path.exists(work / "spool" / "spool.sqlite")
