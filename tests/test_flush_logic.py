@@ -152,3 +152,14 @@ def test_child_env_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "SECRET_TOKEN" not in env
     assert env["NIX_DAEMON_SOCKET_PATH"] == "/run/x"
     assert env["NIX_SSHOPTS"] == "-o X=1"
+
+
+def test_a_report_lists_the_first_failures_and_counts_the_rest() -> None:
+    from nixspool.flush import FAILURES_LISTED, RemoteReport
+
+    report = RemoteReport("pi")
+    for i in range(FAILURES_LISTED + 50):
+        report.fail(f"/nix/store/{i}", "gone")
+    assert len(report.failures) == FAILURES_LISTED
+    assert report.failures[0] == {"path": "/nix/store/0", "error": "gone"}
+    assert report.failures_not_listed == 50

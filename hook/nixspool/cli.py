@@ -470,6 +470,11 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             typer.echo(line, err=True)
             for failure in r.failures:
                 typer.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
+            if r.failures_not_listed:
+                typer.echo(
+                    f"  ... and {r.failures_not_listed} more: nixspool list --state failed",
+                    err=True,
+                )
     raise typer.Exit(code)
 
 

@@ -164,7 +164,19 @@ class RemoteReport:
     error: str | None = None
     seconds: float = 0.0
     failures: list[dict[str, str]] = field(default_factory=list)
+    failures_not_listed: int = 0
 
+    def fail(self, path: str, error: str) -> None:
+        """Note a failed path. The first FAILURES_LISTED are listed, the rest counted:
+        a flush over a million rows gone from the store must not hold a million
+        of them in memory (`nixspool list --state failed` has every one)."""
+        if len(self.failures) < FAILURES_LISTED:
+            self.failures.append({"path": path, "error": error})
+        else:
+            self.failures_not_listed += 1
+
+
+FAILURES_LISTED = 100  # per remote, in a flush's report
 
 Progress = Callable[[str, int, int], None]  # (remote, delivered just now, due in all)
 
@@ -323,7 +335,7 @@ class Flusher:
         if stale:
             log.info("took back %d rows leased by a flusher that did not finish", stale)
         self.requeue_lost_rows()
-        stepped = self.spool.queue.undo_clock_steps(self.cfg.retry_max)
+        stepped = self.spool.queue.undo_clock_steps(self.cfg.retry_max, now=self.due_by)
         if stepped:
             log.warning(
                 "%d rows were due after retry_max from now: the clock went back; they are due now",
@@ -602,7 +614,8 @@ class Flusher:
         report.failed += self.spool.queue.failed(
             remote.name, self.owner, [i for i, _ in bad], reason
         )
-        report.failures += [{"path": p, "error": reason} for _, p in bad]
+        for _, p in bad:
+            report.fail(p, reason)
         rest = [(i, p) for i, p in batch if p not in gone]
         if rest:
             self._copy_part(remote, rest, report)
@@ -623,7 +636,7 @@ class Flusher:
                     f"copy_timeout for {remote.name}, then `nixspool retry`"
                 )
                 report.failed += self.spool.queue.failed(remote.name, self.owner, ids, why)
-                report.failures.append({"path": batch[0][1], "error": why})
+                report.fail(batch[0][1], why)
                 log.error("%s: %s failed: %s", remote.name, batch[0][1], why)
                 return
         log.warning("%s: %s; %d rows deferred", remote.name, reason, len(ids))
@@ -648,7 +661,7 @@ class Flusher:
             return
         reason = last_line(error.stderr) if error.stderr else str(error)
         report.failed += self.spool.queue.failed(remote.name, self.owner, [batch[0][0]], reason)
-        report.failures.append({"path": batch[0][1], "error": reason})
+        report.fail(batch[0][1], reason)
         log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
 
     def _copy_with_retries(self, remote: Remote, paths: list[str]) -> None:
