@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -464,6 +464,19 @@ class LanHost:
             except OSError:
                 assert time.monotonic() < deadline, f"{self.address} did not come back"
                 time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def full_store_disk(self) -> Iterator[None]:
+        """The host's store on a 6 MiB disk while inside: room for its database, not
+        for paths of several MB; the store as it was afterwards (the disk freed)."""
+        uid = sh("id", "-u", self.user).stdout.strip()
+        self.in_sshd_mounts(
+            "mount", "-t", "tmpfs", "-o", f"size=6m,mode=0755,uid={uid}", "full", str(self.store)
+        )
+        try:
+            yield
+        finally:
+            self.in_sshd_mounts("umount", str(self.store))
 
     def go_silent(self) -> None:
         """Drop every packet the host sends, connections and link left up: a host

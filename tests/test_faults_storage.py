@@ -59,12 +59,7 @@ def test_a_full_remote_disk_then_freed_delivers_without_a_person_whatever_the_cl
     config = ssh_lab.config(ssh_lab.root / "remote-full", pi(host), retry_min=30, retry_max=600)
     outputs = ssh_lab.build(1, bytes_each=16 << 20)
     ssh_lab.spool_in(config, outputs)
-    uid = lab.sh("id", "-u", host.user).stdout.strip()
-    # The LAN host's store on a 6 MiB disk: room for its database, not for the paths.
-    host.in_sshd_mounts(
-        "mount", "-t", "tmpfs", "-o", f"size=6m,mode=0755,uid={uid}", "full", str(host.store)
-    )
-    try:
+    with host.full_store_disk():
         code, report, err = flush(ssh_lab, config)
         assert (code, report["deferred"]) == (75, len(outputs)), err
         # At once again: nothing is due, so nothing is tried (backoff does not spin).
@@ -81,8 +76,6 @@ def test_a_full_remote_disk_then_freed_delivers_without_a_person_whatever_the_cl
         now = time.time()
         for row in listed:
             assert now + 0.8 * 60 - 5 <= row["next_attempt_at"] <= now + 600, row
-    finally:
-        host.in_sshd_mounts("umount", str(host.store))
     # The disk is freed; nobody runs `retry`. The clock steps back ten years: rows
     # due a backoff from now are due ten years on; they must not wait that long.
     shift_clock(config, 10 * 365 * DAY)

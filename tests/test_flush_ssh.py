@@ -282,15 +282,8 @@ def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab: la
     config = ssh_lab.config(ssh_lab.root / "disk-full")
     outputs = ssh_lab.build(1, bytes_each=16 << 20)
     ssh_lab.spool_in(config, outputs)
-    uid = lab.sh("id", "-u", host.user).stdout.strip()
-    # The LAN host's store on a 6 MiB disk: room for its database, not for the paths.
-    host.in_sshd_mounts(
-        "mount", "-t", "tmpfs", "-o", f"size=6m,mode=0755,uid={uid}", "full", str(host.store)
-    )
-    try:
+    with host.full_store_disk():
         result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
-    finally:
-        host.in_sshd_mounts("umount", str(host.store))
     assert result.returncode == 75, result.stderr  # transient: retried later
     report = json.loads(result.stdout)["remotes"]["pi"]
     assert (report["deferred"], report["failed"]) == (len(outputs), 0), report
