@@ -426,7 +426,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
     account = privileges.remote_account(cfg)  # who may flush: refuse before the spool
     if not cfg.remotes:
         raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
-    with open_spool(cfg) as spool, flush_mod.single_flusher(spool.path) as alone:
+    with open_spool(cfg) as spool, flush_mod.single_flusher(spool) as alone:
         if not alone:
             typer.echo(
                 "another nixspool flush is running on this spool; it delivers these rows", err=True

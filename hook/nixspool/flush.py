@@ -182,12 +182,11 @@ Progress = Callable[[str, int, int], None]  # (remote, delivered just now, due i
 
 
 @contextmanager
-def single_flusher(spool_path: str) -> Iterator[bool]:
+def single_flusher(spool: Spool) -> Iterator[bool]:
     """Hold the spool's flush lock if nobody else does; yield whether we got it."""
     try:
-        rights = files.rights_to_use(os.path.dirname(spool_path))
-        with files.OwnersRights(rights):  # README#ownership
-            fd = files.open_regular(spool_path + ".flush.lock", os.O_RDWR | os.O_CREAT)
+        with files.OwnersRights(spool.rights):  # README#ownership
+            fd = files.open_regular(spool.path + ".flush.lock", os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise SpoolError(f"flush lock: {e}") from None
     try:

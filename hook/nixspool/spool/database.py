@@ -160,6 +160,9 @@ class Spool:
     def __init__(self, path: str, conn: sqlite3.Connection) -> None:
         self.path = path
         self.conn = conn
+        # Whose rights root uses in the spool's directory (files.rights_to_use),
+        # decided once by open(), for the files beside it (the flush lock).
+        self.rights: tuple[int, int] | None = None
 
     @functools.cached_property
     def db(self) -> Any:
@@ -246,6 +249,7 @@ class Spool:
                 ) from None
             spool._import_journal(locate.fallback_journal(path))
             spool._keep_ballast()
+        spool.rights = rights
         spool._import_stray_journal()
         return spool
 
