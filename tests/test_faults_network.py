@@ -110,10 +110,15 @@ def test_a_fault_mid_upload_of_big_paths_is_bounded_and_delivered_after(
         host.shape(None)
     assert took < BOUND, f"the flush took {took:.0f} s after the fault"
     assert "Traceback" not in err, err
-    assert flusher.returncode == 75, err[-2000:]  # away, or to be retried: never an error
     report = json.loads(out)["remotes"]["pi"]
     delivered = {p for p, r in ssh_lab.rows(config, "pi").items() if r["state"] == "delivered"}
-    assert len(delivered) == report["delivered"] < len(outputs), report
+    if fault == "link flapping" and flusher.returncode == 0:
+        # ssh's keep-alives (3 x 1 s) outlast a 1.5 s gap: the copy may ride out the
+        # flaps and end before the last one. Then all of it must be there.
+        assert len(delivered) == report["delivered"] == len(outputs), report
+    else:
+        assert flusher.returncode == 75, err[-2000:]  # away, or to be retried: no error
+        assert len(delivered) == report["delivered"] < len(outputs), report
     assert host.remote_valid(delivered) == delivered  # nothing marked that is not there
     assert {r["state"] for r in ssh_lab.rows(config, "pi").values()} <= {"queued", "delivered"}
     after = ssh_lab.nixspool(config, "flush", "--remote", "pi")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -850,5 +851,14 @@ def _toml(value: Any) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
+def _stopped(signum: int, _frame: object) -> NoReturn:
+    """SIGTERM (systemd's stop, kill) unwinds like Ctrl-C, through every cleanup on
+    the way: a running nix copy and the ssh it started are killed as one process
+    group, leased rows are given back. Dying where we stand left each child to its
+    own parent-death signal, which ssh under Nix does not always get."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stopped)
     app()

@@ -93,6 +93,21 @@ _UNREACHABLE = (
     "cannot open connection to remote store",
     "disconnected unexpectedly",
 )
+# Of those, what only the network makes ssh say (not a remote Nix that is missing or
+# broken, which ends the connection early instead): the host was away when the copy
+# ran, even if it answers again by the time the probe asks (a flapping link).
+_NETWORK = (
+    "connection refused",
+    "connection timed out",
+    "no route to host",
+    "network is unreachable",
+    "could not resolve hostname",
+    "name or service not known",
+    "temporary failure in name",
+    "host is down",
+    "timeout, server",
+    "connection reset",
+)
 _PERMANENT = (
     "lacks a valid signature",  # Nix 2.8-2.19
     "lacks a signature by a trusted key",  # later Nix
@@ -747,6 +762,8 @@ class Flusher:
                     # connection ends early). The probe tells them apart: "away"
                     # only if the host does not answer SSH now.
                     self.check_reachable(remote)
+                    if any(f in (e.stderr or "").lower() for f in _NETWORK):
+                        raise _Transient(f"{reason} (the host answers again)") from None
                     raise _RemoteFailed(
                         f"the host answers SSH, but Nix there did not: {remote_message(e)}"
                     ) from None
