@@ -72,30 +72,9 @@ class Outcome(enum.Enum):
 
 
 # Lower-cased fragments of Nix's and ssh's error messages.
-_UNREACHABLE = (
-    "connection refused",
-    "connection timed out",
-    "no route to host",
-    "network is unreachable",
-    "could not resolve hostname",
-    "name or service not known",
-    "temporary failure in name",
-    "host is down",
-    "operation timed out",
-    "cannot connect",
-    "timeout, server",
-    # The connection ended early: the link dropped, or the remote's Nix is missing
-    # or broken. For ssh remotes a probe tells which (see Flusher._copy_once).
-    "broken pipe",
-    "connection reset",
-    "connection closed",
-    "unexpected end-of-file",
-    "cannot open connection to remote store",
-    "disconnected unexpectedly",
-)
-# Of those, what only the network makes ssh say (not a remote Nix that is missing or
-# broken, which ends the connection early instead): the host was away when the copy
-# ran, even if it answers again by the time the probe asks (a flapping link).
+# What only the network makes ssh say (not a remote Nix that is missing or broken,
+# which ends the connection early instead): the host was away when the copy ran,
+# even if it answers again by the time the probe asks (a flapping link).
 _NETWORK = (
     "connection refused",
     "connection timed out",
@@ -107,6 +86,18 @@ _NETWORK = (
     "host is down",
     "timeout, server",
     "connection reset",
+)
+_UNREACHABLE = (
+    *_NETWORK,
+    "operation timed out",
+    "cannot connect",
+    # The connection ended early: the link dropped, or the remote's Nix is missing
+    # or broken. For ssh remotes a probe tells which (see Flusher._copy_once).
+    "broken pipe",
+    "connection closed",
+    "unexpected end-of-file",
+    "cannot open connection to remote store",
+    "disconnected unexpectedly",
 )
 _PERMANENT = (
     "lacks a valid signature",  # Nix 2.8-2.19
