@@ -121,11 +121,10 @@ def left_by_another_spool(spool: str, spool_id: str, directory: str | None = Non
     """The paths rooted when the roots were last made for a spool other than
     `spool_id` at this path; [] when they were made for this one, or never
     marked (roots from before spool ids, or none yet): those are this spool's."""
-    directory = directory or roots_dir(spool)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_directory(directory or roots_dir(spool))  # as sync opens it: no links
     except OSError:
-        return []  # no roots yet, or none we may read: nothing to recover
+        return []  # none we may read: nothing to recover
     try:
         try:
             made_for = os.readlink(SPOOL_ID_NAME, dir_fd=fd)
