@@ -42,8 +42,7 @@ def fake_store_path(i: int) -> str:
 
 def nixspool(daemon: lab.NixDaemon, config: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     """The installed command and the environment root runs it with."""
-    env = {"PATH": os.environ["PATH"], **daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = daemon.root_env()
     return [lab.installed_program("nixspool"), "--config", str(config), *args], env
 
 

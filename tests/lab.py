@@ -179,6 +179,12 @@ class NixDaemon:
     def client_env(self) -> dict[str, str]:
         return {**self.env, "NIX_REMOTE": "daemon"}
 
+    def root_env(self, path: str | None = None) -> dict[str, str]:
+        """The environment of a `nixspool` root starts, as systemd would: this
+        daemon's nix.conf and socket, root opening the store itself (no NIX_REMOTE);
+        `path`: another PATH, e.g. one without Nix."""
+        return {"PATH": path or os.environ["PATH"], **self.env}
+
     def build(
         self,
         expr: Path,
@@ -713,11 +719,9 @@ class SshLab:
     ) -> subprocess.CompletedProcess[str]:
         """The installed `nixspool`, as root, as systemd or NetworkManager would start it
         (`path`: another PATH, e.g. one without Nix)."""
-        env = {"PATH": path or os.environ["PATH"], **self.daemon.client_env()}
-        env.pop("NIX_REMOTE")
         return subprocess.run(
             [installed_program("nixspool"), "--config", str(config), *args],
-            env=env,
+            env=self.daemon.root_env(path),
             text=True,
             capture_output=True,
             timeout=timeout,

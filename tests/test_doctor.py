@@ -51,8 +51,7 @@ def set_up(ssh_lab: lab.SshLab, tmp_path: Path) -> Path:
 def doctor(
     ssh_lab: lab.SshLab, config: Path, nix_conf_dir: Path | None = None
 ) -> tuple[int, list[dict[str, Any]], str]:
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     if nix_conf_dir:
         env["NIX_CONF_DIR"] = str(nix_conf_dir)
     run = [lab.installed_program("nixspool"), "--config", str(config), "doctor"]

@@ -26,12 +26,6 @@ def flush_argv(config: Path, *args: str) -> list[str]:
     return [lab.installed_program("nixspool"), "--config", str(config), *args]
 
 
-def root_env(ssh_lab: lab.SshLab) -> dict[str, str]:
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
-    return env
-
-
 def journal_in(config: Path, outputs: list[str]) -> None:
     """Records as the hook writes them when the spool is busy: into the journal."""
     spool = config.parent / "spool" / "spool.sqlite"
@@ -68,7 +62,7 @@ def test_sigkill_at_30_instants_loses_nothing_and_delivers_once(ssh_lab: lab.Ssh
         journal_in(config, outputs[10 + run : 11 + run])
         flusher = subprocess.Popen(
             flush_argv(config, "--debug", "flush"),
-            env=root_env(ssh_lab),
+            env=ssh_lab.daemon.root_env(),
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -136,7 +130,7 @@ def test_five_flushes_at_once_and_200_hooks_during_one(ssh_lab: lab.SshLab) -> N
     flushes = [
         subprocess.Popen(
             flush_argv(config, "flush", "--json"),
-            env=root_env(ssh_lab),
+            env=ssh_lab.daemon.root_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -202,7 +196,7 @@ def test_hooks_never_fail_while_the_flusher_is_killed_again_and_again(
     assert ssh_lab.nixspool(config, "status").returncode == 0  # the spool exists
     for i, path in enumerate(outputs):
         flusher = subprocess.Popen(
-            flush_argv(config, "flush"), env=root_env(ssh_lab), stderr=subprocess.DEVNULL
+            flush_argv(config, "flush"), env=ssh_lab.daemon.root_env(), stderr=subprocess.DEVNULL
         )
         hooked = subprocess.run(
             [lab.installed_program("nixspool-hook")],

@@ -32,8 +32,7 @@ BOUND = 4 * CONNECT_TIMEOUT + 5 + COPY_TIMEOUT + 15
 
 
 def start_flush(ssh_lab: lab.SshLab, config: Path) -> subprocess.Popen[str]:
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     argv = [lab.installed_program("nixspool"), "--config", str(config), "--debug"]
     return subprocess.Popen(
         [*argv, "flush", "--remote", "pi", "--json"],
@@ -146,8 +145,7 @@ def test_an_ssh_agent_that_never_answers_does_not_hang_the_flush(ssh_lab: lab.Ss
     mute.listen(16)
     alice = int(lab.sh("id", "-u", lab.ALICE).stdout)
     os.chown(path, alice, -1)  # hers: nixspool hands only her own agent to her ssh
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env(), "SSH_AUTH_SOCK": str(path)}
-    env.pop("NIX_REMOTE")
+    env = {**ssh_lab.daemon.root_env(), "SSH_AUTH_SOCK": str(path)}
     try:
         started = time.monotonic()
         result = subprocess.run(
@@ -180,8 +178,7 @@ def test_a_name_that_does_not_resolve_is_answered_at_once(ssh_lab: lab.SshLab) -
     ssh_lab.spool_in(config, outputs)
     netns = f"nsinvalid{os.getpid() % 10000}"
     lab.sh("ip", "netns", "add", netns)
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     try:
         started = time.monotonic()
         result = subprocess.run(

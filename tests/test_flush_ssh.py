@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -190,8 +189,7 @@ def test_sigkill_mid_upload_then_a_second_flush_delivers_everything_once(
     config = ssh_lab.config(ssh_lab.root / "kill", batch_size=4)
     outputs = ssh_lab.build(12, bytes_each=4 << 20)
     ssh_lab.spool_in(config, outputs)
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     ssh_lab.hosts[0].shape("100mbit")  # 48 MB take seconds: the kill lands mid-upload
     try:
         flusher = subprocess.Popen(
@@ -227,8 +225,7 @@ def test_two_flushers_started_together_deliver_everything_once(ssh_lab: lab.SshL
     config = ssh_lab.config(ssh_lab.root / "two")
     outputs = ssh_lab.build(6)
     ssh_lab.spool_in(config, outputs)
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     argv = [lab.installed_program("nixspool"), "--config", str(config), "flush"]
     procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     codes = sorted(p.wait(timeout=120) for p in procs)

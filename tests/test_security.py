@@ -327,8 +327,7 @@ def test_a_root_flush_runs_ssh_and_nix_copy_as_the_user_and_never_shows_the_key(
     outputs = ssh_lab.build(3, bytes_each=4 << 20)
     ssh_lab.spool_in(config, outputs)
     alice = Owner.of_user(lab.ALICE).uid
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     host.shape("20mbit")
     try:
         flush = subprocess.Popen(
@@ -422,8 +421,7 @@ def test_sigterm_to_a_root_flush_leaves_no_child_running(ssh_lab: lab.SshLab) ->
     host.wipe()
     config = ssh_lab.config(ssh_lab.root / "sigterm")
     ssh_lab.spool_in(config, ssh_lab.build(2, bytes_each=4 << 20))
-    env = {"PATH": os.environ["PATH"], **ssh_lab.daemon.client_env()}
-    env.pop("NIX_REMOTE")
+    env = ssh_lab.daemon.root_env()
     host.shape("10mbit")
     try:
         flush = subprocess.Popen(
