@@ -56,8 +56,31 @@ REMOTE_KEYS = [
     "batch_size", "connect_timeout", "skip_signed_by", "compression", "nope",
 ]  # fmt: skip
 
+# URLs Python's own parser refuses (found by an adversarial run: "ssh-ng://[::1"
+# ended every command in a ValueError traceback), and the generator that finds
+# such forms: a scheme nixspool knows, then an authority and path made of the
+# characters that mean something to a URL parser.
+MALFORMED_URLS = [
+    "ssh-ng://[::1",
+    "ssh://[zz]",
+    "ssh://pi:port",
+    "ssh-ng://pi:99999",
+    "sftp://pi:-1/cache",
+    "sftp://[::1/cache",
+    "file://[",
+    "s3://bucket]?endpoint=[::1",
+    "http://[::1]:70000/cache",
+]
+URL_CHARACTERS = "[]:@/?#%.-_aZ09 "
+urls = st.builds(
+    lambda scheme, rest: scheme + rest,
+    st.sampled_from(["ssh://", "ssh-ng://", "sftp://", "file://", "s3://", "http://", "daemon"]),
+    st.text(alphabet=URL_CHARACTERS, max_size=20),
+)
 strings = st.one_of(
-    st.sampled_from([*INJECTIONS, *HOSTILE_URLS, "", "-", "--help", "ssh-ng://pi", "1G"]),
+    st.sampled_from([*INJECTIONS, *HOSTILE_URLS, *MALFORMED_URLS, "", "-", "--help", "1G"]),
+    st.sampled_from(["ssh-ng://pi"]),
+    urls,
     st.text(max_size=40),
 )
 numbers = st.one_of(
@@ -99,7 +122,8 @@ def configs(draw: st.DrawFn) -> str:
     ]
     for _ in range(draw(st.integers(0, 2))):
         lines.append(f"[remotes.{json.dumps(draw(names))}]")
-        lines.append(f"url = {toml_value(draw(st.one_of(strings, st.sampled_from(HOSTILE_URLS))))}")
+        url = draw(st.one_of(strings, urls, st.sampled_from(HOSTILE_URLS + MALFORMED_URLS)))
+        lines.append(f"url = {toml_value(url)}")
         lines += [
             f"{draw(st.sampled_from(REMOTE_KEYS))} = {toml_value(draw(values))}"
             for _ in range(draw(st.integers(0, 2)))
@@ -130,6 +154,22 @@ def test_any_config_is_taken_or_refused_in_one_line_naming_file_and_line(text: s
                 raise result.exception
             check_answer(config, result.exit_code, result.stderr)
     assert not CANARY.exists()
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+@pytest.mark.parametrize("command", [["config"], ["status"], ["list"], ["verify"], ["flush"]])
+def test_a_url_no_parser_reads_is_one_error_line_in_every_command(
+    tmp_path: Path, url: str, command: list[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'spool = "{tmp_path}/spool/spool.sqlite"\n\n[remotes.pi]\nurl = {json.dumps(url)}\n'
+    )
+    result = CliRunner().invoke(app, ["--config", str(config), *command])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    check_answer(config, result.exit_code, result.stderr)
+    assert result.exit_code == 1 and f"{config}:4: url " in result.stderr, result.stderr
 
 
 @pytest.mark.integration

@@ -394,12 +394,13 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
 
 
 def _check_url(url: str, where: str) -> None:
-    """Refuse what would reach ssh or a shell as anything but a host, user or path."""
+    """Refuse what would reach ssh or a shell as anything but a host, user or path,
+    and what no URL parser can read (every later step parses it again)."""
     if any(not c.isprintable() or c.isspace() for c in url):
         raise ConfigError(f"{where}: url {url!r} has a space or control character")
+    parsed = _parsed_url(url, where)
     if not url.startswith(SSH_SCHEMES):
         return
-    parsed = urllib.parse.urlsplit(url)
     user, _, host = parsed.netloc.rpartition("@")
     if ":" in host and not host.startswith("["):
         host, _, port = host.rpartition(":")
@@ -416,6 +417,20 @@ def _check_url(url: str, where: str) -> None:
                 f"{where}: url {url!r}: remote-program must be an absolute path to a "
                 "program, e.g. /nix/var/nix/profiles/default/bin/nix-daemon"
             )
+
+
+def _parsed_url(url: str, where: str) -> urllib.parse.SplitResult:
+    """The URL split as every module later splits it; ConfigError where Python's
+    parser refuses it (an unclosed IPv6 bracket, a port that is not a number or
+    past 65535), so that no command meets it as a ValueError."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port, parsed.hostname  # noqa: B018 - each raises ValueError on its own
+    except ValueError as e:
+        raise ConfigError(
+            f"{where}: url {url!r} is not a URL Nix or nixspool can read: {e}"
+        ) from None
+    return parsed
 
 
 def _check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[str, str]) -> None:
