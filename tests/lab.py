@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -298,10 +298,18 @@ class LanHost:
     """
 
     def __init__(
-        self, root: Path, index: int, trusted_key: str, nix_root: Path | None = None
+        self,
+        root: Path,
+        index: int,
+        trusted_key: str,
+        nix_root: Path | None = None,
+        behind: LanHost | None = None,
     ) -> None:
         self.root = root
         self.nix_root = nix_root
+        # A host reached only through `behind` (a bastion): its link is to that
+        # host's namespace, and this machine has no route to it.
+        self.behind = behind
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)
         tag = f"{os.getpid() % 10000}{index}"
@@ -331,8 +339,12 @@ class LanHost:
         sh("ip", "netns", "add", self.netns)
         sh("ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_lan)
         sh("ip", "link", "set", self.veth_lan, "netns", self.netns)
-        sh("ip", "addr", "add", f"{self.host_address}/30", "dev", self.veth_host)
-        sh("ip", "link", "set", self.veth_host, "up")
+        outside: Callable[..., subprocess.CompletedProcess[str]] = sh
+        if self.behind is not None:
+            sh("ip", "link", "set", self.veth_host, "netns", self.behind.netns)
+            outside = self.behind.in_ns
+        outside("ip", "addr", "add", f"{self.host_address}/30", "dev", self.veth_host)
+        outside("ip", "link", "set", self.veth_host, "up")
         self.in_ns("ip", "addr", "add", f"{self.address}/30", "dev", self.veth_lan)
         self.in_ns("ip", "link", "set", self.veth_lan, "up")
         self.in_ns("ip", "link", "set", "lo", "up")
@@ -446,6 +458,14 @@ class LanHost:
             time.sleep(0.05)
         if self.nix_root is not None:  # a new sshd, a new mount namespace
             self._run_other_nix(self.nix_root)
+
+    def configure_sshd(self, extra: str) -> None:
+        """Add lines to this host's sshd_config (before its Match block) and restart it."""
+        config = self.root / "sshd_config"
+        main, match, rest = config.read_text().partition("# The static cache's account")
+        config.write_text(main + extra.rstrip("\n") + "\n" + match + rest)
+        self.stop_sshd()
+        self.start_sshd()
 
     def stop_sshd(self) -> None:
         if self.sshd is not None:
@@ -594,9 +614,11 @@ class KeyOwner:
         self.uid_log.chmod(0o666)
         self.hosts: list[LanHost] = []
 
-    def know(self, host: LanHost) -> None:
-        """Add the host to alice's ~/.ssh/config (alias) and known_hosts."""
-        self.hosts.append(host)
+    def know(self, host: LanHost | None = None) -> None:
+        """Add the host to alice's ~/.ssh/config (alias) and known_hosts; None: write
+        both anew from the hosts she knows (after a test changed them)."""
+        if host is not None:
+            self.hosts.append(host)
         config = []
         for h in self.hosts:
             # KnownHostsCommand runs on this machine, as whoever runs ssh, on every
@@ -611,6 +633,12 @@ class KeyOwner:
             "".join(f"{h.address} {' '.join(h.host_key)}\n" for h in self.hosts)
         )
         sh("chown", "-R", ALICE, str(self.ssh_dir))
+
+    def ssh(self, destination: str, *command: str) -> subprocess.CompletedProcess[str]:
+        """alice's own `ssh -o BatchMode=yes DESTINATION true`: what nixspool says of a
+        host must agree with it (255: ssh's own failure; any other exit: logged in)."""
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", destination]
+        return run_as(ALICE, [*argv, *(command or ["true"])], {}, timeout=60)
 
     def ssh_uids(self) -> list[int]:
         return [int(line) for line in self.uid_log.read_text().split()]

@@ -15,12 +15,11 @@ from nixspool.flush import (
     EX_OK,
     EX_TEMPFAIL,
     FlushReport,
-    Outcome,
     RemoteReport,
     backoff,
-    classify,
     exit_code,
 )
+from nixspool.outcome import Outcome, classify
 from nixspool.probe import SshTarget, ssh_options
 
 
@@ -56,6 +55,9 @@ from nixspool.probe import SshTarget, ssh_options
         ),
         ("error: writing to file: Disk quota exceeded", Outcome.TRANSIENT),
         ("error: some protocol hiccup", Outcome.TRANSIENT),
+        # This machine's Nix has no such store (Debian's has no S3): 2.8-2.19, then 2.20+.
+        ("error: don't know how to open Nix store 's3://cache?region=x'", Outcome.UNSUPPORTED),
+        ("error: don't know how to open Nix store with scheme 's3'", Outcome.UNSUPPORTED),
         ("", Outcome.TRANSIENT),
     ],
 )

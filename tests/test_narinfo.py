@@ -72,10 +72,11 @@ def test_an_upload_request_crosses_to_the_writer_whole() -> None:
     import json
     from dataclasses import asdict
 
-    from nixspool.probe import ProbeRequest
+    from nixspool.probe import SshCommand
     from nixspool.static_cache import UploadRequest
 
     entry = Entry.of(info(p(1, "app"), p(2, "lib")), ["ours:c2ln"])
-    for login in (ProbeRequest("sftp://pi/c", "/home/a", "a", 3.0), None):
+    ssh = SshCommand(("-o", "BatchMode=yes"), "ssh://u@pi:2222", 3.0)
+    for login in (ssh, None):
         request = UploadRequest(login, "/c", "xz", STORE, [entry], check_only=login is None)
         assert UploadRequest.from_json(json.dumps(asdict(request))) == request

@@ -2,11 +2,12 @@
 
 Checks, in the order a setup goes wrong: the config; the post-build-hook in
 Nix's effective settings; the spool's owner and modes; the GC roots
-directory; the user; then for each remote: name resolution, TCP, SSH login
-as the user (the flusher's own probe), Nix on the remote, and whether the
-remote will accept uploads (a trusted user there, or a signature by a key
-it trusts), and, if this machine substitutes from it, with fallback and a
-connect-timeout; and the key files' permissions. Secret keys are opened only to
+directory; the user; then for each remote: how the user's ssh reaches it
+(`ssh -G`), the SSH login as the user (the flusher's own probe: their ssh),
+Nix on the remote, and whether the remote will accept uploads (a trusted
+user there, or a signature by a key it trusts), and, if this machine
+substitutes from it, with fallback and a connect-timeout; and the key files'
+permissions. Secret keys are opened only to
 read their name, and never shown.
 """
 
@@ -24,8 +25,17 @@ from . import gcroots, nix, privileges
 from .config import Config, Remote
 from .errors import CommandError, NixspoolError
 from .hook import files
-from .probe import ProbeResult, SshTarget, Verdict, nix_ssh_env, ssh_options, start_probe, verdict
-from .run import Account, run
+from .outcome import Outcome, classify, unsupported_store
+from .probe import (
+    ProbeResult,
+    SshCommand,
+    Verdict,
+    nix_ssh_env,
+    resolve,
+    start_probe,
+    verdict,
+)
+from .run import Account, last_line
 from .setup import program
 from .spool import Owner, trusted_uids
 
@@ -200,39 +210,18 @@ def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[C
     name = f"remote {remote.name}"
     if not remote.uses_ssh:
         return [_ping(remote, account, name)]
+    resolved = _resolution(remote, account, name)
+    if not resolved.ok:
+        return [resolved]
     result = _probe(remote, account)
-    if result.verdict is Verdict.ERROR:  # not a stage of the login: our own failure
+    login = f"SSH login as {account.name}"
+    if result.verdict is not Verdict.OK:
+        what = "could not run ssh" if result.verdict is Verdict.ERROR else result.verdict.value
         return [
-            Check(
-                name,
-                False,
-                f"the SSH probe failed: {result.message}",
-                "a bug in nixspool: please report it with `nixspool --debug flush` output",
-            )
+            resolved,
+            Check(name, False, f"{login}: {what}: {result.message}", _probe_fix(result, account)),
         ]
-    stages = ["resolve", "tcp", "banner", "hostkey", "auth"]
-    labels = {
-        "resolve": "name resolution",
-        "tcp": "TCP",
-        "banner": "SSH handshake",
-        "hostkey": "host key",
-        "auth": f"SSH login as {account.name}",
-    }
-    checks = []
-    failed_at = stages.index(result.stage) if result.stage in stages else len(stages)
-    for i, stage in enumerate(stages):
-        if result.verdict is Verdict.OK or i < failed_at:
-            checks.append(Check(name, True, labels[stage]))
-        else:
-            checks.append(
-                Check(
-                    name,
-                    False,
-                    f"{labels[stage]}: {result.message}",
-                    _probe_fix(stage, remote, account),
-                )
-            )
-            return checks
+    checks = [resolved, Check(name, True, login)]
     if remote.nixspool_writes:
         checks.append(_cache_directory(remote, account, name))
         return checks
@@ -240,6 +229,24 @@ def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[C
     if checks[-1].ok:
         checks.append(_trust(remote, account, our_keys, name))
     return checks
+
+
+def _resolution(remote: Remote, account: Account, name: str) -> Check:
+    """How the user's OpenSSH reaches the remote (`ssh -G`), in one line."""
+    try:
+        found = resolve(remote, account)
+    except CommandError as e:
+        return Check(
+            name,
+            False,
+            f"{account.name}'s ssh cannot read its config for this host: {e}",
+            f"fix {account.name}'s ~/.ssh/config (or /etc/ssh/ssh_config); see `man nixspool`, SSH",
+        )
+    via = [f"{key} {found[key]}" for key in ("proxyjump", "proxycommand") if key in found]
+    where = f"{found.get('user', '?')}@{found.get('hostname', '?')}:{found.get('port', '22')}"
+    return Check(
+        name, True, f"ssh reaches it as {where}" + (f" via {', '.join(via)}" if via else "")
+    )
 
 
 def _cache_directory(remote: Remote, account: Account, name: str) -> Check:
@@ -277,16 +284,22 @@ def _probe(remote: Remote, account: Account) -> ProbeResult:
     return verdict(start_probe(remote, account, accept_new_host_keys=False))
 
 
-def _probe_fix(stage: str, remote: Remote, account: Account) -> str:
-    target = SshTarget.from_url(remote.url).host
+def _probe_fix(result: ProbeResult, account: Account) -> str:
+    """What to do, by the step of the login ssh failed at."""
+    as_user = f"as {account.name}, `ssh -o BatchMode=yes HOST true` says the same"
     return {
-        "resolve": f"check the host name in {remote.url} and {account.name}'s ~/.ssh/config",
-        "tcp": f"is {target} on and on this network? is sshd running there?",
-        "banner": f"is it sshd that listens on {target}?",
-        "hostkey": f"as {account.name}, run `ssh {target}` once and check the host key",
-        "auth": f"add {account.name}'s public key to ~/.ssh/authorized_keys on {target}, "
+        "resolve": f"check the host name in the url and in {account.name}'s ~/.ssh/config",
+        "tcp": "is the host on and on this network? is sshd running there?",
+        "banner": "is it sshd that listens there, and is the host (or its proxy) up?",
+        "login": "the host stopped answering during the login; is it overloaded?",
+        "proxy": f"check the ProxyJump/ProxyCommand in {account.name}'s ~/.ssh/config",
+        "hostkey": f"as {account.name}, run `ssh HOST` once and check the host key",
+        "auth": f"add {account.name}'s public key to ~/.ssh/authorized_keys on the host, "
         "or set ssh_key for this remote",
-    }.get(stage, "see README#ssh")
+        "sftp": "enable the sftp subsystem in the host's sshd_config",
+        "config": f"fix {account.name}'s ~/.ssh/config",
+        "error": "install OpenSSH's client (ssh) on this machine",
+    }.get(result.stage, as_user)
 
 
 def _ping(remote: Remote, account: Account, name: str) -> Check:
@@ -298,6 +311,13 @@ def _ping(remote: Remote, account: Account, name: str) -> Check:
             timeout=4 * remote.connect_timeout + 10,
         )
     except CommandError as e:
+        if classify(e.stderr or str(e)) is Outcome.UNSUPPORTED:
+            return Check(
+                name,
+                False,
+                unsupported_store(remote.url, last_line(e.stderr or str(e))),
+                "every flush will stop at this remote until its url or this Nix changes",
+            )
         return Check(
             name,
             False,
@@ -317,9 +337,7 @@ def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> C
             True,
             "accepts uploads: over ssh:// Nix checks no signature (any SSH login may write)",
         )
-    target = SshTarget.from_url(remote.url)
-    host = f"{target.user}@{target.host}" if target.user else target.host
-    ssh = ["ssh", *ssh_options(remote, False).split(), host, "--"]
+    ssh = [*SshCommand.of(remote, False).running(), "--"]
     try:
         remote_settings = nix.remote_settings(
             ssh,
@@ -327,14 +345,9 @@ def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> C
             env=privileges.child_env(account),
             timeout=4 * remote.connect_timeout + 10,
         )
-        login = run(
-            ["ssh", "-G", host], account=account, env=privileges.child_env(account), timeout=10
-        ).stdout
+        remote_user = resolve(remote, account).get("user", account.name)
     except CommandError as e:
         return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
-    remote_user = next(
-        (line.split()[1] for line in login.splitlines() if line.startswith("user ")), account.name
-    )
     trusted_users = remote_settings.get("trusted-users", "").split()
     trusted_keys = set(remote_settings.get("trusted-public-keys", "").split())
     if remote_settings.get("require-sigs", "true") == "false":

@@ -18,7 +18,6 @@ failure ends up in its own report (see flush_remote).
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import logging
 import os
@@ -46,7 +45,17 @@ from .errors import (
     UnreachableError,
 )
 from .hook import files, storepath
-from .probe import ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
+from .outcome import (
+    Outcome,
+    classify,
+    reason_of,
+    refusal_of,
+    remote_message,
+    said_by_the_network,
+    same_refusal,
+    unsupported_store,
+)
+from .probe import Probe, ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
 from .run import Account, Running, last_line
 from .spool import Spool
 
@@ -61,85 +70,6 @@ RETRY_WAIT = (1.0, 10.0)
 # alone from then on, and fails once it has timed out this often in all.
 TIMED_OUT = "nix copy did not finish within copy_timeout"
 TIMEOUTS_ALONE = 3
-
-
-class Outcome(enum.Enum):
-    """How a failed `nix copy` is handled, from what it printed."""
-
-    UNREACHABLE = "unreachable"  # the host went away: stop this remote, rows untouched
-    TRANSIENT = "transient"  # try again, then later, with backoff
-    PERMANENT = "permanent"  # the remote or the path says no: fail the row
-
-
-# Lower-cased fragments of Nix's and ssh's error messages.
-# What only the network makes ssh say (not a remote Nix that is missing or broken,
-# which ends the connection early instead): the host was away when the copy ran,
-# even if it answers again by the time the probe asks (a flapping link).
-_NETWORK = (
-    "connection refused",
-    "connection timed out",
-    "no route to host",
-    "network is unreachable",
-    "could not resolve hostname",
-    "name or service not known",
-    "temporary failure in name",
-    "host is down",
-    "timeout, server",
-    "connection reset",
-)
-_UNREACHABLE = (
-    *_NETWORK,
-    "operation timed out",
-    "cannot connect",
-    # The connection ended early: the link dropped, or the remote's Nix is missing
-    # or broken. For ssh remotes a probe tells which (see Flusher._copy_once).
-    "broken pipe",
-    "connection closed",
-    "unexpected end-of-file",
-    "cannot open connection to remote store",
-    "disconnected unexpectedly",
-)
-_PERMANENT = (
-    "lacks a valid signature",  # Nix 2.8-2.19
-    "lacks a signature by a trusted key",  # later Nix
-    "is not valid",
-    "does not exist",
-    "permission denied",
-    "not allowed",
-    "refusing",
-    "there is no substituter that can build it",  # a path gone from the local store
-    "no such file or directory",
-    "is not a valid store path",
-    "read-only file system",
-    "cannot add path",
-    "host key verification failed",
-)
-# Checked first: a full disk also prints "cannot add path", but space comes back.
-_TRANSIENT = (
-    "no space left on device",
-    "disk quota exceeded",
-    "database or disk is full",  # the remote store's SQLite
-)
-
-
-def classify(stderr: str) -> Outcome:
-    text = stderr.lower()
-    if any(fragment in text for fragment in _TRANSIENT):
-        return Outcome.TRANSIENT
-    if any(fragment in text for fragment in _UNREACHABLE):
-        return Outcome.UNREACHABLE
-    if any(fragment in text for fragment in _PERMANENT):
-        return Outcome.PERMANENT
-    return Outcome.TRANSIENT
-
-
-def reason_of(stderr: str) -> str:
-    """The line of nix copy's output to keep as a row's last error: the one that
-    names a transient cause if there is one (a full disk), else the last."""
-    for line in stderr.splitlines():
-        if any(fragment in line.lower() for fragment in _TRANSIENT):
-            return line.strip()
-    return last_line(stderr)
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -240,19 +170,9 @@ class _RemoteFailed(_CopyFailed):
     cache directory it will not let us write): a person must look."""
 
 
-def remote_message(error: CommandError) -> str:
-    """The most telling line of a failed nix copy: the remote shell's or Nix's own
-    complaint, rather than the generic last line ("unexpected end-of-file")."""
-    lines = [line.strip() for line in (error.stderr or "").splitlines() if line.strip()]
-    telling = [
-        line
-        for line in lines
-        if any(
-            k in line.lower()
-            for k in ("not found", "no such file", "permission denied", "cannot", "error:")
-        )
-    ]
-    return "; ".join(dict.fromkeys(telling[-3:] or lines[-1:])) or str(error)
+class _RemoteRefuses(_CopyFailed):
+    """Bisection found every path refused in the same words: the remote refuses us
+    (its trust, its store), not the paths. The rows wait for a person."""
 
 
 class _Transient(_CopyFailed):
@@ -298,7 +218,7 @@ class Flusher:
         # waits for the next flush, however short its backoff.
         self.due_by = time.time()
         # Probes started but not yet asked for their verdict, by remote name.
-        self._probes: dict[str, Running] = {}
+        self._probes: dict[str, Probe] = {}
         self._keys: dict[str, sign.SecretKey] = {}
         # Per binary-cache remote, over the whole flush (retries write nothing twice):
         # closure paths left to upstream, paths written, compressed bytes written.
@@ -406,18 +326,18 @@ class Flusher:
 
     # -- reachability --------------------------------------------------------------
 
-    def _start_probe(self, remote: Remote) -> Running:
+    def _start_probe(self, remote: Remote) -> Probe:
         return start_probe(
             remote,
             self.account,
             accept_new_host_keys=self.cfg.accept_new_host_keys,
         )
 
-    def _verdict(self, remote: Remote, running: Running) -> ProbeResult:
+    def _verdict(self, remote: Remote, running: Probe) -> ProbeResult:
         result = verdict(running)
-        log.debug("%s: probe: %s (%s)", remote.name, result.verdict, result.message)
-        if result.detail:
-            log.debug("%s: the probe said:\n%s", remote.name, result.detail.rstrip())
+        log.debug(
+            "%s: probe: %s at %s (%s)", remote.name, result.verdict, result.stage, result.message
+        )
         return result
 
     @staticmethod
@@ -427,10 +347,7 @@ class Flusher:
         if result.verdict is Verdict.MISCONFIGURED:
             raise RemoteConfigError(result.message)
         if result.verdict is Verdict.ERROR:
-            raise ProbeError(
-                f"the SSH probe failed: {result.message}; this is a bug in nixspool "
-                "(`nixspool --debug flush` shows the probe's traceback)"
-            )
+            raise ProbeError(f"the SSH probe could not run: {result.message}")
 
     def check_reachable(self, remote: Remote) -> None:
         """Raise UnreachableError or RemoteConfigError unless the remote lets us in."""
@@ -559,12 +476,30 @@ class Flusher:
         last = self.spool.queue.last_errors(remote.name, [i for i, _ in batch])
         slow = [row for row in batch if (last.get(row[0]) or "").startswith(TIMED_OUT)]
         rest = [row for row in batch if row not in slow]
-        for part in ([rest] if rest else []) + [[row] for row in slow]:
-            self._copy_part(remote, part, report)
+        try:
+            for part in ([rest] if rest else []) + [[row] for row in slow]:
+                self._copy_part(remote, part, report)
+        except _RemoteRefuses as e:
+            # One attempt for each row still waiting, with the reason `status` shows.
+            self._defer(remote, [i for i, _ in batch], e.reason, report)
+            raise RemoteConfigError(
+                f"{remote.url} refuses every path alike, so the remote's settings refuse "
+                f"us, not the paths: {e.reason}; the rows stay queued and are tried "
+                "again after their backoff"
+            ) from None
 
     def _copy_part(
         self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport
     ) -> None:
+        refusal = self._attempt(remote, batch, report)
+        if refusal is not None:
+            self._refused(remote, batch, refusal, report)
+
+    def _attempt(
+        self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport
+    ) -> CommandError | None:
+        """Copy `batch` once (with this flush's retries) and settle its rows, unless
+        the remote refused it: that refusal is returned, the rows still leased."""
         ids = [i for i, _ in batch]
         try:
             self._sign(remote, [p for _, p in batch])
@@ -576,24 +511,23 @@ class Flusher:
             except CommandError:
                 raise signing from None
             if gone_handled:
-                return
+                return None
             raise
         try:
             self._copy_with_retries(remote, [p for _, p in batch])
         except _TimedOut as e:
             self._timed_out(remote, batch, e.reason, report)
-            return
+            return None
         except _Transient as e:
             self._defer(remote, ids, e.reason, report)
-            return
+            return None
         except _RemoteFailed as e:
             # Counts as an attempt, with its reason where `status` shows it; the
             # remote stops here and the flush exits 1: a person must look.
             self._defer(remote, ids, e.reason, report)
             raise RemoteConfigError(f"{remote.url}: {e.reason}") from None
         except CommandError as e:  # the remote or a path says no
-            self._refused(remote, batch, e, report)
-            return
+            return e
         report.delivered += self.spool.queue.delivered(remote.name, self.owner, ids)
         if remote.verifies:
             try:
@@ -605,6 +539,7 @@ class Flusher:
                 raise RemoteConfigError(f"{why}; `nixspool verify` checks again") from None
             report.unverified += len(verdicts.bad)
             report.resigned += len(verdicts.resigned)
+        return None
 
     def _fail_gone(
         self, remote: Remote, batch: Sequence[tuple[int, str]], report: RemoteReport
@@ -653,21 +588,38 @@ class Flusher:
         batch: Sequence[tuple[int, str]],
         error: CommandError,
         report: RemoteReport,
+        *,
+        chain: bool = True,
     ) -> None:
-        """Find which paths of a refused batch are bad; deliver the others."""
+        """Find which paths of a refused batch are bad; deliver the others.
+
+        Bisection: each half is copied on its own. A remote that refuses every
+        path (it trusts none of our keys, its store is read-only) would cost
+        2N-1 copies and fail every row; so while both halves keep being refused
+        in the same words as their parent (`chain`), only the first half is
+        split further, and refusals alike all the way down to single paths are
+        the remote's, not the paths': _RemoteRefuses (about 2·log2 N copies).
+        One half that goes through ends the chain: the rest is bisected as usual.
+        """
         # Paths garbage-collected since they were queued are the usual suspects,
         # and cheap to find: asked only now, never for a batch that went through.
         if self._fail_gone(remote, batch, report):
             return
-        if len(batch) > 1:
-            middle = len(batch) // 2  # bisect: the good halves go through
-            self._copy_part(remote, batch[:middle], report)
-            self._copy_part(remote, batch[middle:], report)
+        if len(batch) == 1:
+            reason = refusal_of(error)
+            report.failed += self.spool.queue.failed(remote.name, self.owner, [batch[0][0]], reason)
+            report.fail(batch[0][1], reason)
+            log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
             return
-        reason = last_line(error.stderr) if error.stderr else str(error)
-        report.failed += self.spool.queue.failed(remote.name, self.owner, [batch[0][0]], reason)
-        report.fail(batch[0][1], reason)
-        log.error("%s: %s failed: %s", remote.name, batch[0][1], reason)
+        middle = len(batch) // 2
+        halves = (batch[:middle], batch[middle:])
+        refusals = [self._attempt(remote, half, report) for half in halves]
+        alike = chain and all(r is not None and same_refusal(r, error) for r in refusals)
+        if alike and len(batch) == 2:
+            raise _RemoteRefuses(refusal_of(error))
+        for i, (half, refusal) in enumerate(zip(halves, refusals, strict=True)):
+            if refusal is not None:
+                self._refused(remote, half, refusal, report, chain=alike and i == 0)
 
     def _copy_with_retries(self, remote: Remote, paths: list[str]) -> None:
         """nix copy; retried here for unclear failures, re-probing the remote first."""
@@ -746,6 +698,8 @@ class Flusher:
                 raise self._past_copy_timeout(remote) from None
             outcome = classify(e.stderr or str(e))
             reason = reason_of(e.stderr) if e.stderr else str(e)
+            if outcome is Outcome.UNSUPPORTED:
+                raise _RemoteFailed(unsupported_store(remote.url, reason)) from None
             if outcome is Outcome.UNREACHABLE:
                 if remote.uses_ssh:
                     # What nix copy prints when the link drops is also what it
@@ -753,7 +707,7 @@ class Flusher:
                     # connection ends early). The probe tells them apart: "away"
                     # only if the host does not answer SSH now.
                     self.check_reachable(remote)
-                    if any(f in (e.stderr or "").lower() for f in _NETWORK):
+                    if said_by_the_network(e.stderr or ""):
                         raise _Transient(f"{reason} (the host answers again)") from None
                     raise _RemoteFailed(
                         f"the host answers SSH, but Nix there did not: {remote_message(e)}"

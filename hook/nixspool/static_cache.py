@@ -8,10 +8,10 @@ sftp://[user@]host/dir. A file:// cache that leaves paths to upstream
 (skip_signed_by) is written the same way into a local directory: Nix's own
 writer refuses a path whose references the cache lacks, which is the point.
 
-The writing runs in a child process as the configured user, like the probe
-(`python -m nixspool.static_cache`): over SFTP it logs in with the user's keys and
-known_hosts, and is bounded by copy_timeout as a whole and by connect_timeout
-for each step, so a link that goes away mid-transfer ends it. The parent
+The writing runs in a child process as the configured user
+(`python -m nixspool.static_cache`): over SFTP through the user's own ssh (sftp.py),
+as nix copy and the probe reach a host, bounded by copy_timeout as a whole and
+by connect_timeout for each step, so a link that goes away mid-transfer ends it. The parent
 signs (it may read the key; the child never sees it) and hands over each
 path's narinfo fields as JSON; the child answers with what it wrote, or why
 it stopped, as JSON.
@@ -52,8 +52,9 @@ from .config import Remote
 from .errors import CommandError
 from .hook.storepath import nix_base32
 from .narinfo import Entry
-from .probe import LoginFailed, ProbeRequest, logged_in
+from .probe import SshCommand
 from .run import Account, Running, spawn
+from .sftp import LoginFailed, SshLink
 
 PARTIAL_DIR = ".nixspool-partial"
 PARTIAL_MAX_AGE = 24 * 3600  # a partial file this old has no writer any more
@@ -110,7 +111,7 @@ class Kind:
 
 @dataclass
 class UploadRequest:
-    login: ProbeRequest | None  # None: a local directory (file://)
+    login: SshCommand | None  # None: a local directory (file://)
     directory: str  # on the host, absolute
     compression: str
     store_dir: str
@@ -125,7 +126,9 @@ class UploadRequest:
         return cls(
             **data
             | {
-                "login": ProbeRequest(**login) if login else None,
+                "login": (
+                    SshCommand(**login | {"options": tuple(login["options"])}) if login else None
+                ),
                 "entries": [Entry.from_json(e) for e in data["entries"]],
             }
         )
@@ -161,9 +164,7 @@ def start_upload(
 ) -> Running:
     """Write `entries` (references first) to `remote`, as `account`, in a child."""
     request = UploadRequest(
-        login=(
-            ProbeRequest.of(remote, account, accept_new_host_keys) if remote.is_sftp_cache else None
-        ),
+        login=(SshCommand.of(remote, accept_new_host_keys) if remote.is_sftp_cache else None),
         directory=directory_of(remote.url),
         compression=remote.compression,
         store_dir=store_dir,
@@ -421,33 +422,17 @@ class _Writer:
 
 @contextlib.contextmanager
 def _connection(request: UploadRequest) -> Iterator[tuple[Callable[[], Any], Any]]:
-    """(a way to open a session, the transport) to the cache: an SFTP login as the
-    user, or this machine's filesystem for a file:// cache. LoginFailed if no login."""
+    """(a way to open a session, the link) to the cache: SFTP over the user's ssh
+    (sftp.py), or this machine's filesystem for a file:// cache. LoginFailed if no
+    login."""
     if request.login is None:
         yield _LocalFiles, _Here()
         return
-    import paramiko
-
-    # Every SFTP request waits at most this long for its answer (and the login's
-    # socket gives up on unacknowledged data as soon): a link that went away
-    # mid-transfer (no RST, packets lost) ends the upload here.
-    stall = request.login.stall_seconds
-    with logged_in(request.login) as login:
-
-        def open_session() -> Any:
-            try:
-                sftp = paramiko.SFTPClient.from_transport(login.transport)
-            except paramiko.SSHException as e:
-                if not login.transport.is_active():
-                    raise
-                raise _Stop(
-                    Kind.CACHE,
-                    f"no SFTP session on {login.where}: {e} (is the sftp subsystem on?)",
-                ) from None
-            sftp.get_channel().settimeout(stall)
-            return sftp
-
-        yield open_session, login.transport
+    link = SshLink(request.login)
+    try:
+        yield link.open_session, link
+    finally:
+        link.close()
 
 
 def upload(request: UploadRequest) -> UploadResult:
