@@ -311,6 +311,22 @@ def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab: lab
     rows = queued_rows(config, "pi")
     assert len(rows) == len(outputs)  # kept, and told why
     assert all(r["attempts"] == 1 and "Nix there did not" in r["last_error"] for r in rows)
+    # The rows now wait on backoff. The next flush tries nothing, and still says the
+    # remote needs a person (it used to exit 0, "none due", until the backoff ended);
+    # monitoring fails at once.
+    again = ssh_lab.nixspool(config, "flush", "--json")
+    assert again.returncode == 1, again.stderr
+    assert json.loads(again.stdout)["remotes"]["pi"]["error"] == report["error"]
+    assert {r["attempts"] for r in queued_rows(config, "pi")} == {1}  # nothing tried
+    check = ssh_lab.nixspool(config, "status", "--check", "--json")
+    assert check.returncode == 1, check.stdout
+    assert json.loads(check.stdout)["problems"] == [f"pi: needs a person: {report['error']}"]
+    # Fixed by a person, retried: delivered, and no longer flagged.
+    config.write_text(config.read_text().replace("?remote-program=/nonexistent/nix-daemon", ""))
+    assert ssh_lab.nixspool(config, "retry", "--remote", "pi", *outputs).returncode == 0
+    fixed = ssh_lab.nixspool(config, "flush")
+    assert fixed.returncode == 0, fixed.stderr
+    assert ssh_lab.nixspool(config, "status", "--check").returncode == 0
 
 
 def test_a_remote_with_a_full_disk_keeps_rows_queued_with_the_reason(ssh_lab: lab.SshLab) -> None:

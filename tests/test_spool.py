@@ -174,6 +174,26 @@ def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     assert spool.reports.status().totals["queued"] == 4
 
 
+def test_retry_all_takes_every_row_not_delivered_and_a_named_row_even_delivered(
+    spool: Spool,
+) -> None:
+    add(spool, "a", "b", "c", "d")
+    spool.queue.sync_remotes(["pi"])
+    (a, _), (b, _), (c, _), (d, _) = spool.queue.claim("pi", "me", 10, 60, now=0)
+    spool.queue.delivered("pi", "me", [a], now=1)
+    spool.queue.failed("pi", "me", [b], "lacks a valid signature", now=1)
+    spool.queue.skipped("pi", "me", {c: "left out"}, now=1)
+    spool.queue.deferred("pi", "me", [d], "disk full", retry_at=3600, now=1)
+    assert spool.queue.due_count("pi", now=2) == 0
+    assert spool.admin.retry(Selector(all_pending=True), now=2) == 3  # b, c and d
+    assert spool.queue.due_count("pi", now=2) == 3
+    assert spool.reports.status().totals["delivered"] == 1
+    # Named, a delivered row goes back too (the remote lost it): attempts reset.
+    assert spool.admin.retry(Selector(paths=(p("a"),)), now=3) == 1
+    [row] = [r for r in spool.reports.rows() if r.path == p("a")]
+    assert (row.state, row.attempts, row.delivered_at) == (State.QUEUED, 0, None)
+
+
 def test_skipped_rows_keep_their_reason_until_retried(spool: Spool) -> None:
     add(spool, "a", "b")
     spool.queue.sync_remotes(["pi"])
@@ -226,6 +246,11 @@ def test_a_spool_of_schema_1_keeps_every_row_through_the_migration(tmp_path: Pat
         s.queue.flush_finished("pi", 75, now=5.0)
         pi = s.reports.status().remotes["pi"]
         assert (pi.failed, pi.last_flush_at, pi.last_flush_exit) == (1, 5.0, 75)
+        s.queue.flush_finished("pi", 1, now=6.0, needs_a_person="pi: no Nix there")
+        assert s.reports.status().remotes["pi"].needs_a_person == "pi: no Nix there"
+        assert s.queue.needs_a_person("pi") == "pi: no Nix there"
+        s.queue.flush_finished("pi", 0, now=7.0)  # a flush that ends otherwise clears it
+        assert s.queue.needs_a_person("pi") is None
 
 
 def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
@@ -314,6 +339,7 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "last_delivered_at": None,
         "last_flush_at": None,
         "last_flush_exit": None,
+        "needs_a_person": None,
         "left_to_upstream": None,
         "configured": True,
     }

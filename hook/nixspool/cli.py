@@ -10,6 +10,7 @@ import or fan out, and then change nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -196,6 +197,8 @@ def problems(data: Status, configured: set[str], max_age: float) -> list[str]:
     for name, r in data.remotes.items():
         if name not in configured:
             continue  # its rows wait for nothing: `drop --remote` them
+        if r.needs_a_person:
+            found.append(f"{name}: needs a person: {r.needs_a_person}")
         if r.failed:
             found.append(f"{name}: {r.failed} rows failed (`nixspool list --state failed`)")
         if r.not_verified:
@@ -216,8 +219,8 @@ def status(
         bool,
         typer.Option(
             "--check",
-            help="For monitoring: exit 1 if rows failed or are not verified, or the oldest "
-            "queued row is older than --max-age.",
+            help="For monitoring: exit 1 if a remote's last flush needs a person, rows "
+            "failed or are not verified, or the oldest queued row is older than --max-age.",
         ),
     ] = False,
     max_age: Annotated[
@@ -384,15 +387,26 @@ def retry(
     targets: Targets = None,
     all_failed: AllFailed = False,
     all_skipped: AllSkipped = False,
+    all_pending: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Every row not delivered: waiting on backoff, failed or skipped "
+            "(e.g. after freeing the remote's full disk).",
+        ),
+    ] = False,
     remote: RemoteOption = None,
 ) -> None:
-    """Requeue failed, skipped or waiting rows so that the next flush tries them at once.
+    """Requeue rows so that the next flush tries them at once, attempts reset.
 
-    Skipped rows meet the remote's filters again: retry them after changing the filters.
+    Failed, skipped and waiting rows; a delivered row named by id or path is queued
+    again too (the copy skips what the remote has). Skipped rows meet the remote's
+    filters again: retry them after changing the filters.
     """
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
-        count = spool.admin.retry(selector(targets, all_failed, all_skipped, remote))
+        chosen = selector(targets, all_failed, all_skipped, remote)
+        count = spool.admin.retry(dataclasses.replace(chosen, all_pending=all_pending))
     typer.echo(f"requeued {count} rows")
 
 

@@ -299,6 +299,8 @@ class Flusher:
             pending = self._probes.pop(remote.name, None)
             if pending is not None:  # nothing was copied; still say if it is reachable
                 self._require(self._verdict(remote, pending))
+            elif not due:
+                self._still_needs_a_person(remote)
         except UnreachableError as e:
             report.unreachable, report.error = True, str(e)
             log.warning("%s: unreachable, rows stay queued: %s", remote.name, e)
@@ -317,12 +319,23 @@ class Flusher:
         report.uploaded_bytes = self._uploaded_bytes.get(remote.name, 0)
         report.queued = self.spool.queue.queued_count(remote.name)
         report.seconds = round(time.monotonic() - self.started, 3)
+        code = exit_code(FlushReport([report]))
         self.spool.queue.flush_finished(
             remote.name,
-            exit_code(FlushReport([report])),
+            code,
             left_to_upstream=report.left_to_upstream if remote.skip_signed_by else None,
+            needs_a_person=report.error if code == EX_FAILED and report.error else None,
         )
         return report
+
+    def _still_needs_a_person(self, remote: Remote) -> None:
+        """Nothing of `remote` is due: its rows wait on backoff. If its last flush
+        needed a person, say it again (exit 1), or a timer's next run would report
+        success until the backoff ends, and monitoring would see nothing wrong."""
+        previous = self.spool.queue.needs_a_person(remote.name)
+        if previous and self.spool.queue.queued_count(remote.name):
+            log.info("%s: its rows wait on backoff; its last flush needed a person", remote.name)
+            raise RemoteConfigError(previous)
 
     # -- reachability --------------------------------------------------------------
 

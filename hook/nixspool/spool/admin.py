@@ -35,10 +35,18 @@ class Admin:
 
     def _selected(self, selector: Selector) -> tuple[str, list[Any]]:
         """A WHERE clause on deliveries for `selector`; UsageError if it names nothing."""
-        if not (selector.ids or selector.paths or selector.all_failed or selector.all_skipped):
+        if not (
+            selector.ids
+            or selector.paths
+            or selector.all_failed
+            or selector.all_skipped
+            or selector.all_pending
+        ):
             raise UsageError("name rows by id or store path, or pass --all-failed or --all-skipped")
         named, params = self._named(selector)
         clauses = [f"path_id IN (SELECT id FROM paths WHERE {named})"] if named else []
+        if selector.all_pending:
+            clauses.append("state != 'delivered'")
         if selector.all_failed:
             clauses.append("state = 'failed'")
         if selector.all_skipped:
@@ -74,8 +82,9 @@ class Admin:
             raise UsageError(f"not in the spool: {', '.join(missing)}; see `nixspool list`")
 
     def retry(self, selector: Selector, now: float | None = None) -> int:
-        """Requeue the selected rows that are failed, skipped or waiting: due now,
-        attempts reset."""
+        """Requeue the selected rows: due now, attempts reset. A delivered row named
+        by id or path is queued again too (the remote lost it, or a person wants it
+        checked: the copy skips what the remote has)."""
         now = time.time() if now is None else now
         where, params = self._selected(selector)
         with self.transaction():
@@ -89,7 +98,7 @@ class Admin:
             )
             cursor = self.conn.execute(
                 "UPDATE deliveries SET state = 'queued', next_attempt_at = 0, attempts = 0,"
-                f" updated_at = ? WHERE ({where}) AND state != 'delivered'",
+                f" delivered_at = NULL, verified = NULL, updated_at = ? WHERE {where}",
                 [now, *params],
             )
         return cursor.rowcount

@@ -109,6 +109,12 @@ MIGRATIONS: list[str] = [
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     INSERT INTO meta VALUES ('spool_id', lower(hex(randomblob(16))));
     """,
+    # 5: the error of a remote's last flush when it needed a person (exit 1), kept
+    # until a flush of that remote ends otherwise: a flush that finds its rows
+    # still on backoff says it again, and `status --check` fails on it.
+    """
+    ALTER TABLE remotes ADD COLUMN last_flush_error TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -69,6 +69,7 @@ class Selector:
     all_failed: bool = False
     all_skipped: bool = False
     remote: str | None = None
+    all_pending: bool = False  # every row not delivered: waiting, failed, skipped
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ class RemoteStatus:
     last_delivered_at: float | None = None
     last_flush_at: float | None = None
     last_flush_exit: int | None = None  # 0, 75 or 1, as `flush` for this remote alone
+    # What a person must act on, from the last flush that ended in exit 1 for this
+    # remote (its rows may wait on backoff meanwhile); None once a flush ends otherwise.
+    needs_a_person: str | None = None
     # A binary cache with skip_signed_by: the closure paths its last flush left to
     # the upstream caches that signed them (not rows: dependencies nobody recorded).
     left_to_upstream: int | None = None

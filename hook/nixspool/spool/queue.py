@@ -193,16 +193,30 @@ class Queue:
         now: float | None = None,
         *,
         left_to_upstream: int | None = None,
+        needs_a_person: str | None = None,
     ) -> None:
         """How the last flush ended for `remote` (`metrics` and `status` show it);
         for a binary cache with skip_signed_by, how many closure paths it left to
-        upstream (None: not such a remote)."""
+        upstream (None: not such a remote); the error a person must act on, if any."""
         with self.transaction():
             self.conn.execute(
                 "UPDATE remotes SET last_flush_at = ?, last_flush_exit = ?,"
-                " left_to_upstream = ? WHERE name = ?",
-                (time.time() if now is None else now, exit_code, left_to_upstream, remote),
+                " left_to_upstream = ?, last_flush_error = ? WHERE name = ?",
+                (
+                    time.time() if now is None else now,
+                    exit_code,
+                    left_to_upstream,
+                    needs_a_person,
+                    remote,
+                ),
             )
+
+    def needs_a_person(self, remote: str) -> str | None:
+        """The error of `remote`'s last flush, if a person must act on it."""
+        row = self.conn.execute(
+            "SELECT last_flush_error FROM remotes WHERE name = ?", (remote,)
+        ).fetchone()
+        return row[0] if row else None
 
     def delivered_paths(self, remote: str) -> list[str]:
         return store_paths(
