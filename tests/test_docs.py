@@ -146,5 +146,10 @@ def test_readme_table_of_keys_is_the_loaders() -> None:
     for key, (_, default, _) in GLOBAL_KEYS.items():
         if default is None:
             continue  # spool: depends on who runs it; user: unset
-        written = str(default).lower() if isinstance(default, bool) else f"{default:g}"
+        if isinstance(default, bool):
+            written = str(default).lower()
+        elif float(default).is_integer():  # 7776000, not 7.776e+06
+            written = str(int(default))
+        else:
+            written = f"{default:g}"
         assert rows[key] == written, key

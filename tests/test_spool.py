@@ -404,3 +404,70 @@ def test_a_clock_stepped_back_makes_far_rows_due_and_leaves_near_ones(spool: Spo
     assert spool.queue.undo_clock_steps(3600, now=now) == 1
     assert [path for _, path in spool.queue.claim("pi", "me", 10, 60, now=now)] == [p("far")]
     assert spool.queue.undo_clock_steps(3600, now=now) == 0
+
+
+DAY = 86400.0
+
+
+def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
+    add(spool, "a", "b", "c")
+    spool.queue.sync_remotes(["pi"])
+    ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60, now=0)]
+    spool.queue.delivered("pi", "me", ids, now=1)
+    assert spool.queue.reconciled_at("pi") is None
+    # b is gone from pi; c from pi and from this machine.
+    assert spool.queue.reconciled("pi", [p("b")], [p("c")], now=5) == (1, 1)
+    assert spool.queue.reconciled_at("pi") == 5
+    rows = {r.path: r for r in spool.reports.rows()}
+    assert (rows[p("a")].state, rows[p("b")].state, rows[p("c")].state) == (
+        State.DELIVERED,
+        State.QUEUED,
+        State.FAILED,
+    )
+    assert "gone from pi" in (rows[p("b")].last_error or "")
+    assert rows[p("b")].delivered_at is None and rows[p("b")].attempts == 0
+    assert spool.queue.due_count("pi", now=6) == 1
+    assert spool.queue.reconciled("pi", [p("b")], [], now=7) == (0, 0)  # only delivered rows
+
+
+def test_prune_forgets_only_rows_past_their_retention(spool: Spool) -> None:
+    add(spool, "old-delivered", "new-delivered", "old-failed", "new-failed", "queued", "skipped")
+    spool.queue.sync_remotes(["pi"])
+    ids = dict((path, i) for i, path in spool.queue.claim("pi", "me", 10, 60, now=0))
+    spool.queue.delivered("pi", "me", [ids[p("old-delivered")]], now=0)
+    spool.queue.delivered("pi", "me", [ids[p("new-delivered")]], now=95 * DAY)
+    spool.queue.failed("pi", "me", [ids[p("old-failed")]], "refused", now=0)
+    spool.queue.failed("pi", "me", [ids[p("new-failed")]], "refused", now=95 * DAY)
+    spool.queue.skipped("pi", "me", {ids[p("skipped")]: "left out"}, now=0)
+    spool.queue.released("pi", "me", [ids[p("queued")]])
+    pruned = spool.admin.prune(retention=90 * DAY, failed_retention=10 * DAY, now=100 * DAY)
+    assert (pruned.delivered, pruned.failed, pruned.paths) == (1, 1, 2)
+    left = {r.path: r.state for r in spool.reports.rows()}
+    assert left == {
+        p("new-delivered"): State.DELIVERED,
+        p("new-failed"): State.FAILED,
+        p("queued"): State.QUEUED,
+        p("skipped"): State.SKIPPED,
+    }
+    # A flush prunes once a day at most.
+    assert spool.admin.prune_if_due(90 * DAY, 10 * DAY, every=DAY, now=200 * DAY) is not None
+    assert spool.admin.prune_if_due(90 * DAY, 10 * DAY, every=DAY, now=200.5 * DAY) is None
+    assert spool.admin.prune_if_due(90 * DAY, 10 * DAY, every=DAY, now=201 * DAY) is not None
+
+
+def test_a_pruned_spool_stops_growing(tmp_path: Path) -> None:
+    """Builds delivered and pruned, day after day: SQLite reuses the freed pages, so
+    the file reaches a size and stays there (it is never rewritten smaller)."""
+    path = tmp_path / "spool.sqlite"
+    sizes = []
+    for day in range(6):
+        with Spool.open(str(path)) as s:
+            names = [f"day{day}-{i}" for i in range(2000)]
+            add(s, *names)
+            s.queue.sync_remotes(["pi"])
+            while batch := s.queue.claim("pi", "me", 500, 60, now=day * DAY):
+                s.queue.delivered("pi", "me", [i for i, _ in batch], now=day * DAY)
+            s.admin.prune(retention=DAY / 2, failed_retention=DAY, now=day * DAY + DAY)
+            s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        sizes.append(path.stat().st_size)
+    assert sizes[-1] <= sizes[1], sizes  # flat once the first day's pages are free

@@ -27,7 +27,7 @@ from typer.core import TyperGroup
 
 from . import config as config_mod
 from . import privileges
-from .errors import ConfigError, NixspoolError, UsageError
+from .errors import CommandError, ConfigError, NixspoolError, UsageError
 from .hook import locate
 from .spool import Owner, Selector, Spool, State, Status
 
@@ -411,6 +411,26 @@ def retry(
 
 
 @app.command()
+def prune(json_output: JsonOption = False) -> None:
+    """Forget rows past their retention: delivered ones after `retention`, failed ones
+    and rejected records after `failed_retention` (a flush does this once a day).
+
+    Queued and skipped rows are never pruned. The spool file stops growing: SQLite
+    reuses the freed space.
+    """
+    cfg = load_config()
+    with open_spool(cfg) as spool:
+        pruned = spool.admin.prune(cfg.retention, cfg.failed_retention)
+    if json_output:
+        print_json(dataclasses.asdict(pruned))
+        return
+    typer.echo(
+        f"pruned {pruned.delivered} delivered and {pruned.failed} failed rows, "
+        f"{pruned.rejects} rejected records; {pruned.paths} paths left the spool"
+    )
+
+
+@app.command()
 def drop(
     targets: Targets = None,
     all_failed: AllFailed = False,
@@ -476,12 +496,16 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             if r.uploaded:
                 size = config_mod.ByteSize(r.uploaded_bytes)
                 skipped += f", {r.uploaded} paths written ({size})"
+            if r.requeued:
+                skipped += f", {r.requeued} gone from it since delivered (queued again)"
             line = (
                 f"{r.remote}: {r.delivered} delivered, {r.failed} failed{skipped}, "
                 f"{r.queued} still queued ({r.seconds:.1f} s)"
             )
             if r.error:
                 line += f"; {'unreachable' if r.unreachable else 'error'}: {r.error}"
+            elif r.reconcile_error:
+                line += f"; warning: {r.reconcile_error}"
             typer.echo(line, err=True)
             for failure in r.failures:
                 typer.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
@@ -668,21 +692,43 @@ def keygen(
 
 @app.command()
 def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
-    """Check the signatures of delivered paths on the remotes that sign (sign_key_file).
+    """Check that delivered paths are still on the remotes, and their signatures.
 
-    Reads each path's signatures from the remote itself and checks them with the public
-    half of the key. A path the remote had before without our signature is signed
-    there now (Nix adds none when copying a path the remote has). Exits 1 if a path
-    has no valid signature by the key there.
+    Asks each remote which delivered paths it still has (one query, or one listing of
+    a cache nixspool writes): what it lost is queued again, for the next flush; what
+    this machine has lost too fails. Then, where the remote signs (sign_key_file),
+    reads each path's signatures from it and checks them with the public half of the
+    key; a path the remote had before without our signature is signed there now.
+    Exits 1 if a remote cannot be asked, a path is gone on both sides, or a path has
+    no valid signature by the key there.
     """
     from . import probe, sign
+    from . import reconcile as reconcile_mod
     from . import verify as verify_mod
 
     cfg = load_config()
     account = privileges.remote_account(cfg)
     results: dict[str, verify_mod.Verdicts] = {}
+    checked: dict[str, dict[str, Any]] = {}
     with open_spool(cfg) as spool:
         for r in cfg.selected(remote):
+            env = probe.nix_ssh_env(r, account, cfg.accept_new_host_keys)
+            try:
+                done = reconcile_mod.reconcile(
+                    r,
+                    spool,
+                    account=account,
+                    env=env,
+                    accept_new_host_keys=cfg.accept_new_host_keys,
+                )
+            except CommandError as e:
+                checked[r.name] = {"error": f"could not ask which delivered paths it has: {e}"}
+                continue
+            checked[r.name] = {
+                "delivered": done.checked,
+                "requeued": done.requeued,
+                "failed": done.failed,
+            }
             # A cache nixspool writes has its narinfo files, signature and all, from it.
             if r.sign_key_file and not r.nixspool_writes:
                 results[r.name] = verify_mod.check(
@@ -691,28 +737,37 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
                     spool.queue.delivered_paths(r.name),
                     spool,
                     account=account,
-                    env=probe.nix_ssh_env(r, account, cfg.accept_new_host_keys),
+                    env=env,
                 )
+    for name, v in results.items():
+        checked[name] |= {
+            "verified": sum(v.ok.values()),
+            "not_verified": v.bad,
+            "signed_on_remote": v.resigned,
+        }
     if json_output:
-        print_json(
-            {
-                name: {
-                    "verified": sum(v.ok.values()),
-                    "not_verified": v.bad,
-                    "signed_on_remote": v.resigned,
-                }
-                for name, v in results.items()
-            }
+        print_json(checked)
+    for name, c in checked.items():
+        if json_output:
+            break
+        if "error" in c:
+            typer.echo(f"{name}: {c['error']}")
+            continue
+        there = c["delivered"] - c["requeued"] - len(c["failed"])
+        typer.echo(
+            f"{name}: {there} of {c['delivered']} delivered paths are there; "
+            f"{c['requeued']} gone: queued again; {len(c['failed'])} gone here too: failed"
         )
-    else:
-        if not results:
-            typer.echo("no remote has a sign_key_file: nothing to verify")
-        for name, v in results.items():
+        for path in c["failed"]:
+            typer.echo(f"  gone from the remote and from this machine: {path}")
+        if name in results:
+            v = results[name]
             resigned = f" ({len(v.resigned)} signed on the remote now)" if v.resigned else ""
             typer.echo(f"{name}: {sum(v.ok.values())} verified{resigned}, {len(v.bad)} not")
             for path in v.bad:
                 typer.echo(f"  no valid signature on the remote: {path}")
-    raise typer.Exit(1 if any(v.bad for v in results.values()) else 0)
+    bad = any("error" in c or c["failed"] or c.get("not_verified") for c in checked.values())
+    raise typer.Exit(1 if bad else 0)
 
 
 # -- setup and doctor ------------------------------------------------------------

@@ -55,6 +55,17 @@ GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
     "accept_new_host_keys": (bool, False, "trust an SSH host key not yet in known_hosts"),
     "gc_roots": (bool, True, "protect queued paths from garbage collection"),
     "metrics_file": (str, None, "write Prometheus metrics here after each flush (*.prom)"),
+    "reconcile_interval": (
+        float,
+        86400.0,
+        "seconds between checks that delivered paths are still on the remote (0: never)",
+    ),
+    "retention": (float, 90 * 86400.0, "seconds a delivered row is kept after delivery"),
+    "failed_retention": (
+        float,
+        365 * 86400.0,
+        "seconds a failed row or a rejected record is kept after its last change",
+    ),
 }
 # Per remote: url is required; the others default to the top-level value.
 REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
@@ -74,6 +85,7 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
 # Bounds on numbers: a timeout of more than 30 years, or a batch that large, is a
 # typo; past them SQLite's integers and time arithmetic would overflow.
 NUMBER_LIMIT = 10**9
+ZERO_MEANS_NEVER = {"reconcile_interval"}
 BYTES_LIMIT = 2**62
 
 # ssh:// and ssh-ng:// reach `ssh HOST` and, for remote-program, the remote's shell:
@@ -166,6 +178,9 @@ class Config:
     accept_new_host_keys: bool = _default("accept_new_host_keys")
     gc_roots: bool = _default("gc_roots")
     metrics_file: str | None = _default("metrics_file")
+    reconcile_interval: float = _default("reconcile_interval")
+    retention: float = _default("retention")
+    failed_retention: float = _default("failed_retention")
     remotes: tuple[Remote, ...] = ()
     path: str | None = None  # the file it came from, None for defaults only
     # "key" or "remotes.NAME.key" -> "file:line" or "default"
@@ -300,6 +315,8 @@ def _check(value: Any, kind: type, key: str, where: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: '{key}' must be {_kind_name(kind)}, not {value!r}")
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if key in ZERO_MEANS_NEVER and value == 0:
+            return value
         if not value > 0:  # nan too
             raise ConfigError(f"{where}: '{key}' must be greater than 0, not {value!r}")
         limit = BYTES_LIMIT if kind is ByteSize else NUMBER_LIMIT

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import tenacity
 
-from . import filters, gcroots, narinfo, nix, sign, static_cache, verify
+from . import filters, gcroots, narinfo, nix, reconcile, sign, static_cache, verify
 from .config import Config, Remote
 from .errors import (
     CommandError,
@@ -70,6 +70,7 @@ RETRY_WAIT = (1.0, 10.0)
 # alone from then on, and fails once it has timed out this often in all.
 TIMED_OUT = "nix copy did not finish within copy_timeout"
 TIMEOUTS_ALONE = 3
+PRUNE_EVERY = 24 * 3600.0  # seconds between a flush's prunes of rows past retention
 
 
 def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
@@ -96,6 +97,9 @@ class RemoteReport:
     # compressed bytes (a path whose narinfo was there already is not written).
     uploaded: int = 0
     uploaded_bytes: int = 0
+    # Delivered rows the remote no longer had (found by reconciling): queued again.
+    requeued: int = 0
+    reconcile_error: str | None = None
     unreachable: bool = False
     error: str | None = None
     seconds: float = 0.0
@@ -233,6 +237,20 @@ class Flusher:
             )
             log.debug("GC roots: %d added, %d removed", added, removed)
 
+    def prune(self) -> None:
+        """Rows past their retention go, once a day (Admin.prune)."""
+        pruned = self.spool.admin.prune_if_due(
+            self.cfg.retention, self.cfg.failed_retention, every=PRUNE_EVERY
+        )
+        if pruned and (pruned.delivered or pruned.failed or pruned.rejects):
+            log.info(
+                "pruned %d delivered and %d failed rows and %d rejected records past their "
+                "retention",
+                pruned.delivered,
+                pruned.failed,
+                pruned.rejects,
+            )
+
     def requeue_lost_rows(self) -> None:
         """Queue again what the GC roots say was queued, when they were made for
         another spool: this one was deleted, emptied or set aside as broken since
@@ -282,7 +300,9 @@ class Flusher:
             except NixspoolError as e:  # local: the rows already resolved still go
                 errors.append(f"resolving derivations: {e}")
                 log.error("cannot resolve derivations recorded without outputs: %s", e)
-            return FlushReport([self.flush_remote(remote) for remote in remotes], errors)
+            report = FlushReport([self.flush_remote(remote) for remote in remotes], errors)
+            self.prune()
+            return report
         finally:
             for running in self._probes.values():
                 running.kill()
@@ -293,6 +313,8 @@ class Flusher:
     def flush_remote(self, remote: Remote) -> RemoteReport:
         report = RemoteReport(remote.name)
         try:
+            if self._reconcile_due(remote):
+                self._reconcile(remote, report)
             due = self.spool.queue.due_count(remote.name, now=self.due_by)
             if due:
                 self._deliver(remote, report, due)
@@ -327,6 +349,40 @@ class Flusher:
             needs_a_person=report.error if code == EX_FAILED and report.error else None,
         )
         return report
+
+    def _reconcile_due(self, remote: Remote) -> bool:
+        """Once per reconcile_interval (0: never), before delivering."""
+        if not self.cfg.reconcile_interval:
+            return False
+        last = self.spool.queue.reconciled_at(remote.name)
+        return last is None or not 0 <= self.due_by - last < self.cfg.reconcile_interval
+
+    def _reconcile(self, remote: Remote, report: RemoteReport) -> None:
+        """Queue again what the remote lost of its delivered paths (reconcile.py), so
+        that this flush delivers them again."""
+        if remote.uses_ssh and self.spool.queue.delivered_paths(remote.name):
+            pending = self._probes.pop(remote.name, None)
+            self._require(self._verdict(remote, pending or self._start_probe(remote)))
+        try:
+            done = reconcile.reconcile(
+                remote,
+                self.spool,
+                account=self.account,
+                env=self.copy_env(remote),
+                accept_new_host_keys=self.cfg.accept_new_host_keys,
+            )
+        except CommandError as e:
+            why = f"could not ask which delivered paths it still has: {e}"
+            if classify(e.stderr or str(e)) is Outcome.UNREACHABLE:
+                raise UnreachableError(f"{remote.url}: {why}") from None
+            # Delivering still goes on; the next flush asks again.
+            report.reconcile_error = why
+            log.warning("%s: %s", remote.name, why)
+            return
+        report.requeued = done.requeued
+        report.failed += len(done.failed)
+        for path in done.failed:
+            report.fail(path, "gone from the remote and from the local store")
 
     def _still_needs_a_person(self, remote: Remote) -> None:
         """Nothing of `remote` is due: its rows wait on backoff. If its last flush

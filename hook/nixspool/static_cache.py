@@ -142,6 +142,8 @@ class UploadResult:
     present: list[str] = field(default_factory=list)  # their narinfo was there already
     bytes: int = 0  # compressed NAR bytes written
     narinfo_files: int = 0  # in the directory when it was listed
+    # check_only: the store path hashes whose narinfo is there (what reconciling asks)
+    narinfo_hashes: list[str] = field(default_factory=list)
     error: dict[str, str] | None = None
 
 
@@ -286,6 +288,10 @@ class _Writer:
         with self.remote_step(f"listing {self.root}"):
             names = set(self.sftp.listdir(self.root))
         self.result.narinfo_files = sum(n.endswith(".narinfo") for n in names)
+        if self.request.check_only:
+            self.result.narinfo_hashes = sorted(
+                n[: -len(".narinfo")] for n in names if n.endswith(".narinfo")
+            )
         if narinfo.CACHE_INFO in names:
             cache_info = posixpath.join(self.root, narinfo.CACHE_INFO)
             with self.remote_step(f"reading {cache_info}"), self.sftp.open(cache_info) as f:

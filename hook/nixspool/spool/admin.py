@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from .model import UNRESOLVABLE, Dropped, Selector
+from .model import UNRESOLVABLE, Dropped, Pruned, Selector
 
 if TYPE_CHECKING:
     from .database import Spool
@@ -134,3 +134,49 @@ class Admin:
             ]
             self.conn.executemany("DELETE FROM paths WHERE path = ?", [(p,) for p in orphans])
         return Dropped(deleted + recorded, orphans)
+
+    def prune(self, retention: float, failed_retention: float, now: float | None = None) -> Pruned:
+        """Forget delivered rows delivered more than `retention` seconds ago, failed rows
+        and rejected records untouched for `failed_retention`, and the paths no row
+        needs any more. Queued, skipped and leased rows are never touched. SQLite reuses
+        the freed pages: the file stops growing (it is not rewritten smaller; a VACUUM
+        would copy it whole, under the hooks' feet)."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            delivered = self.conn.execute(
+                "DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < ?",
+                (now - retention,),
+            ).rowcount
+            failed = self.conn.execute(
+                "DELETE FROM deliveries WHERE state = 'failed' AND coalesce(updated_at, 0) < ?"
+                " AND lease_owner IS NULL",
+                (now - failed_retention,),
+            ).rowcount
+            rejects = self.conn.execute(
+                "DELETE FROM rejects WHERE recorded_at < ?", (now - failed_retention,)
+            ).rowcount
+            # Only paths fanned out to every remote: a newer one may still be waiting
+            # for its delivery rows.
+            paths = self.conn.execute(
+                "DELETE FROM paths WHERE id NOT IN (SELECT path_id FROM deliveries)"
+                " AND id <= (SELECT coalesce(min(expanded_through), 0) FROM remotes)"
+                " AND (? - recorded_at) > ?",
+                (now, min(retention, failed_retention)),
+            ).rowcount
+        return Pruned(delivered, failed, rejects, paths)
+
+    def prune_if_due(
+        self, retention: float, failed_retention: float, every: float, now: float | None = None
+    ) -> Pruned | None:
+        """prune() if the last one was `every` seconds ago or more (the flush's way:
+        the deletes scan the whole table, so once a day, not on every flush)."""
+        now = time.time() if now is None else now
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'pruned_at'").fetchone()
+        if row is not None and 0 <= now - float(row[0]) < every:
+            return None
+        pruned = self.prune(retention, failed_retention, now)
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_at', ?)", (str(now),)
+            )
+        return pruned

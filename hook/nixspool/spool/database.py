@@ -111,9 +111,13 @@ MIGRATIONS: list[str] = [
     """,
     # 5: the error of a remote's last flush when it needed a person (exit 1), kept
     # until a flush of that remote ends otherwise: a flush that finds its rows
-    # still on backoff says it again, and `status --check` fails on it.
+    # still on backoff says it again, and `status --check` fails on it. When the
+    # remote was last asked which delivered paths it still has, and how many it
+    # had lost (queued again).
     """
     ALTER TABLE remotes ADD COLUMN last_flush_error TEXT;
+    ALTER TABLE remotes ADD COLUMN reconciled_at REAL;
+    ALTER TABLE remotes ADD COLUMN reconcile_requeued INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -81,6 +81,17 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """What `prune` removed: delivered and failed rows past their retention, rejected
+    records past theirs, and the paths no row needs any more."""
+
+    delivered: int = 0
+    failed: int = 0
+    rejects: int = 0
+    paths: int = 0
+
+
+@dataclass(frozen=True)
 class Reject:
     """A value the hook refused to record, and why."""
 

@@ -218,6 +218,59 @@ class Queue:
         ).fetchone()
         return row[0] if row else None
 
+    def reconciled_at(self, remote: str) -> float | None:
+        row = self.conn.execute(
+            "SELECT reconciled_at FROM remotes WHERE name = ?", (remote,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def reconciled(
+        self,
+        remote: str,
+        gone: Sequence[str],
+        gone_here_too: Sequence[str],
+        now: float | None = None,
+    ) -> tuple[int, int]:
+        """Delivered rows of `remote` whose path it no longer has: queued again, due
+        now (`gone`), or failed when this machine has lost the path too
+        (`gone_here_too`); the remote marked as checked. (requeued, failed)."""
+        now = time.time() if now is None else now
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(now))
+        with self.transaction():
+            requeued = self._undeliver(
+                remote,
+                gone,
+                "state = 'queued', attempts = 0, next_attempt_at = 0",
+                f"gone from {remote} since it was delivered (found {when}): queued again",
+                now,
+            )
+            failed = self._undeliver(
+                remote,
+                gone_here_too,
+                "state = 'failed'",
+                f"gone from {remote} since it was delivered (found {when}), and no longer "
+                "in the local store either: build it again, or `nixspool drop` it",
+                now,
+            )
+            self.conn.execute(
+                "UPDATE remotes SET reconciled_at = ?, reconcile_requeued = ? WHERE name = ?",
+                (now, requeued, remote),
+            )
+        return requeued, failed
+
+    def _undeliver(
+        self, remote: str, paths: Sequence[str], state_sql: str, reason: str, now: float
+    ) -> int:
+        return sum(
+            self.conn.execute(
+                f"UPDATE deliveries SET {state_sql}, delivered_at = NULL, verified = NULL,"
+                " last_error = ?, updated_at = ? WHERE remote = ? AND state = 'delivered'"
+                " AND path_id = (SELECT id FROM paths WHERE path = ?)",
+                (reason, now, remote, path),
+            ).rowcount
+            for path in paths
+        )
+
     def delivered_paths(self, remote: str) -> list[str]:
         return store_paths(
             self.conn.execute(
