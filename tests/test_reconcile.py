@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import lab
+from test_operate import parse_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,10 @@ def test_paths_a_remote_lost_are_queued_again_and_delivered(ssh_lab: lab.SshLab)
     }
     assert pi.remote_valid(outputs) == nas.remote_valid(outputs) == outputs
     assert all((cache / f"{Path(p).name[:32]}.narinfo").exists() for p in lost)
+    status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)["remotes"]
+    assert status["pi"]["reconcile_requeued"] == len(lost)
+    metrics = parse_metrics(ssh_lab.nixspool(config, "metrics").stdout)
+    assert metrics['nixspool_reconcile_requeued{remote="static"}'] == len(lost)
     # Within the interval nothing is asked again: nothing requeued, nothing copied.
     delete_on_host(pi, lost[:1])
     again = json.loads(ssh_lab.nixspool(config, "flush", "--json").stdout)["remotes"]

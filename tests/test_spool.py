@@ -340,6 +340,8 @@ def test_status_shape_is_stable(spool: Spool) -> None:
         "last_flush_at": None,
         "last_flush_exit": None,
         "needs_a_person": None,
+        "reconciled_at": None,
+        "reconcile_requeued": None,
         "left_to_upstream": None,
         "configured": True,
     }
@@ -418,6 +420,8 @@ def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
     # b is gone from pi; c from pi and from this machine.
     assert spool.queue.reconciled("pi", [p("b")], [p("c")], now=5) == (1, 1)
     assert spool.queue.reconciled_at("pi") == 5
+    pi = spool.reports.status().remotes["pi"]
+    assert (pi.reconciled_at, pi.reconcile_requeued) == (5, 1)
     rows = {r.path: r for r in spool.reports.rows()}
     assert (rows[p("a")].state, rows[p("b")].state, rows[p("c")].state) == (
         State.DELIVERED,

@@ -42,6 +42,14 @@ METRICS = {
         "gauge",
         "Closure paths a binary cache's last flush left to the upstream caches that signed them.",
     ),
+    "nixspool_last_reconcile_timestamp_seconds": (
+        "gauge",
+        "When a remote was last asked which delivered paths it still has.",
+    ),
+    "nixspool_reconcile_requeued": (
+        "gauge",
+        "Delivered rows the remote had lost at the last check, queued again.",
+    ),
     "nixspool_paths": ("gauge", "Store paths in the spool."),
     "nixspool_rejected": ("gauge", "Values the hook refused to record."),
     "nixspool_unresolved_derivations": ("gauge", "Derivations whose outputs wait to be resolved."),
@@ -78,6 +86,9 @@ def render(status: Status, configured: Iterable[str]) -> str:
             sample("nixspool_last_flush_exit_code", r.last_flush_exit, remote=name)
         if r.left_to_upstream is not None:
             sample("nixspool_left_to_upstream", r.left_to_upstream, remote=name)
+        if r.reconciled_at is not None:
+            sample("nixspool_last_reconcile_timestamp_seconds", r.reconciled_at, remote=name)
+            sample("nixspool_reconcile_requeued", r.reconcile_requeued or 0, remote=name)
     sample("nixspool_paths", status.paths)
     sample("nixspool_rejected", status.rejected)
     sample("nixspool_unresolved_derivations", status.unresolved_derivations)

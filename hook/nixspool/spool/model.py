@@ -125,6 +125,10 @@ class RemoteStatus:
     # What a person must act on, from the last flush that ended in exit 1 for this
     # remote (its rows may wait on backoff meanwhile); None once a flush ends otherwise.
     needs_a_person: str | None = None
+    # When the remote was last asked which delivered paths it still has, and how
+    # many it had lost (queued again then).
+    reconciled_at: float | None = None
+    reconcile_requeued: int | None = None
     # A binary cache with skip_signed_by: the closure paths its last flush left to
     # the upstream caches that signed them (not rows: dependencies nobody recorded).
     left_to_upstream: int | None = None

@@ -53,13 +53,14 @@ class Reports:
         ):
             remotes[name].delivered_bytes = delivered_bytes
             remotes[name].last_delivered_at = last_delivered_at
-        for name, flushed_at, flush_exit, left, person in self.conn.execute(
-            "SELECT name, last_flush_at, last_flush_exit, left_to_upstream, last_flush_error"
-            " FROM remotes"
+        for name, flushed_at, flush_exit, left, person, reconciled, requeued in self.conn.execute(
+            "SELECT name, last_flush_at, last_flush_exit, left_to_upstream, last_flush_error,"
+            " reconciled_at, reconcile_requeued FROM remotes"
         ):
-            remotes[name].last_flush_at, remotes[name].last_flush_exit = flushed_at, flush_exit
-            remotes[name].left_to_upstream = left
-            remotes[name].needs_a_person = person
+            r = remotes[name]
+            r.last_flush_at, r.last_flush_exit, r.left_to_upstream = flushed_at, flush_exit, left
+            r.needs_a_person = person
+            r.reconciled_at, r.reconcile_requeued = reconciled, requeued
         for name, remote in remotes.items():
             last = self.conn.execute(
                 "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"
