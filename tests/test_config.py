@@ -160,3 +160,20 @@ def test_filters_read_patterns_and_sizes_with_units(tmp_path: Path) -> None:
         "10.0 KiB",
         "100 bytes",
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "noted"),
+    [
+        ("s3://cache?region=eu-west-1", True),
+        ("gs://bucket", True),
+        ("ssh-ng://pi", False),
+        ("file:///srv/cache", False),
+        ("https://cache.example", False),
+        ("sftp://pi/c", False),
+    ],
+)
+def test_config_says_which_stores_only_some_nix_can_open(url: str, noted: bool) -> None:
+    from nixspool.config import Remote, store_note
+
+    assert (store_note(Remote("r", url)) is not None) is noted

@@ -505,3 +505,33 @@ def test_a_known_hosts_line_ssh_skips_does_not_stop_a_flush(ssh_lab: lab.SshLab)
     assert flushed.returncode == 0, flushed.stderr
     assert json.loads(flushed.stdout)["remotes"]["pi"]["delivered"] == len(outputs)
     assert [c for c in json.loads(doctor.stdout) if c["name"] == "remote pi" and not c["ok"]] == []
+
+
+def test_a_copy_that_moves_nothing_is_stopped_by_the_stall_bound(ssh_lab: lab.SshLab) -> None:
+    """The host answers SSH (and ssh's keep-alives), but what should be its Nix hangs
+    without a word, as a Nix holding its store lock does: the flush stops it after
+    stall_timeout, not after copy_timeout (an hour), and the rows wait with backoff."""
+    host = ssh_lab.hosts[0]
+    hanging = ssh_lab.root / "hanging-nix-daemon"
+    hanging.write_text("#!/bin/sh\nexec sleep 600\n")
+    hanging.chmod(0o755)
+    body = f'\n[remotes.pi]\nurl = "ssh-ng://{host.alias}?remote-program={hanging}"\n'
+    config = ssh_lab.config(ssh_lab.root / "stalled", body, stall_timeout=4)
+    outputs = ssh_lab.build(1)
+    ssh_lab.spool_in(config, outputs)
+    started = time.monotonic()
+    result = ssh_lab.nixspool(config, "flush", "--json", timeout=300)
+    took = time.monotonic() - started
+    assert result.returncode == 75, result.stderr  # the host is there: try later
+    assert took < 4 + 15, f"the flush took {took:.1f} s"
+    report = json.loads(result.stdout)["remotes"]["pi"]
+    assert (report["deferred"], report["delivered"], report["unreachable"]) == (
+        len(outputs),
+        0,
+        False,
+    )
+    rows = queued_rows(config, "pi")
+    assert all(r["attempts"] == 1 for r in rows)
+    assert all(
+        r["last_error"].startswith("nix copy moved nothing for 4 s (stall_timeout)") for r in rows
+    ), rows

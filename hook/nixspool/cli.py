@@ -908,6 +908,8 @@ def show_config(json_output: JsonOption = False) -> None:
                 continue  # unset, or a key this kind of remote has no use for
             source = cfg.sources.get(f"remotes.{r.name}.{key}", "default")
             typer.echo(f"{key} = {_toml(value)}  # {source}")
+        if note := config_mod.store_note(r):
+            typer.echo(f"# note: {note}")
 
 
 def _toml(value: Any) -> str:

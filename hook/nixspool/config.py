@@ -49,6 +49,7 @@ GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
     "run_as_root": (bool, False, "allow ssh and nix copy as root when no user is set"),
     "connect_timeout": (float, 10.0, "seconds for each network connect (probe, ssh)"),
     "copy_timeout": (float, 3600.0, "seconds one nix copy may take in all"),
+    "stall_timeout": (float, 300.0, "seconds one nix copy may go without moving a byte"),
     "batch_size": (int, 500, "store paths per nix copy"),
     "retry_min": (float, 30.0, "seconds before the first retry of a failed upload"),
     "retry_max": (float, 3600.0, "longest wait between retries of a row"),
@@ -80,6 +81,7 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "compression": (str, "xz", "sftp:// caches: how NARs are compressed (xz, zstd, none)"),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
+    "stall_timeout": GLOBAL_KEYS["stall_timeout"],
     "batch_size": GLOBAL_KEYS["batch_size"],
 }
 # Bounds on numbers: a timeout of more than 30 years, or a batch that large, is a
@@ -133,6 +135,7 @@ class Remote:
     compression: str = "xz"
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
+    stall_timeout: float = _default("stall_timeout")
     batch_size: int = _default("batch_size")
 
     @property
@@ -165,6 +168,22 @@ class Remote:
         return bool(self.sign_key_file) if self.verify is None else self.verify
 
 
+# Store URL schemes every Nix since 2.8 opens; others (s3://, gs://, ...) exist only
+# in a Nix built with them, which Debian's is not.
+SCHEMES_EVERY_NIX = ("ssh", "ssh-ng", "file", "http", "https", "daemon", "local", "unix", "auto")
+
+
+def store_note(remote: Remote) -> str | None:
+    """What `nixspool config` says of a remote nix copy may not be able to open."""
+    scheme = remote.url.partition("://")[0] if "://" in remote.url else remote.url
+    if remote.nixspool_writes or scheme in SCHEMES_EVERY_NIX:
+        return None
+    return (
+        f"{scheme}:// is opened by nix copy only where Nix was built with it (Debian's "
+        "Nix has no S3); `nixspool doctor` asks this machine's Nix"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     spool: str
@@ -172,6 +191,7 @@ class Config:
     run_as_root: bool = _default("run_as_root")
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
+    stall_timeout: float = _default("stall_timeout")
     batch_size: int = _default("batch_size")
     retry_min: float = _default("retry_min")
     retry_max: float = _default("retry_max")
@@ -393,7 +413,7 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
                 f"{sources[f'remotes.{name}.url']}: url {remote['url']!r} is not a "
                 "store URL; examples: ssh-ng://pi, ssh://user@nas, file:///srv/cache"
             )
-        for key in ("connect_timeout", "copy_timeout", "batch_size"):
+        for key in ("connect_timeout", "copy_timeout", "stall_timeout", "batch_size"):
             if key not in remote:
                 remote[key] = values[key]
                 sources[f"remotes.{name}.{key}"] = f"{sources[key]} (top level)"

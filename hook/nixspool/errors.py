@@ -23,12 +23,16 @@ class SpoolError(NixspoolError):
 
 
 class CommandError(NixspoolError):
-    """An external command failed, or ran past nixspool's own time bound (timed_out)."""
+    """An external command failed, ran past nixspool's own time bound (timed_out), or
+    said nothing for its stall bound (stalled, which is timed_out too)."""
 
-    def __init__(self, message: str, *, stderr: str = "", timed_out: bool = False) -> None:
+    def __init__(
+        self, message: str, *, stderr: str = "", timed_out: bool = False, stalled: bool = False
+    ) -> None:
         super().__init__(message)
         self.stderr = stderr
-        self.timed_out = timed_out
+        self.timed_out = timed_out or stalled
+        self.stalled = stalled
 
 
 class NixOutputError(NixspoolError):

@@ -179,6 +179,11 @@ class _RemoteRefuses(_CopyFailed):
     (its trust, its store), not the paths. The rows wait for a person."""
 
 
+class _Stalled(_CopyFailed):
+    """A copy moved nothing for stall_timeout: an attempt, deferred with backoff, not
+    tried again within this flush."""
+
+
 class _Transient(_CopyFailed):
     """A copy failed for a reason that may go away: tenacity retries it."""
 
@@ -587,7 +592,8 @@ class Flusher:
         except _TimedOut as e:
             self._timed_out(remote, batch, e.reason, report)
             return None
-        except _Transient as e:
+        except (_Transient, _Stalled) as e:
+            log.warning("%s: %s; %d rows deferred", remote.name, e.reason, len(ids))
             self._defer(remote, ids, e.reason, report)
             return None
         except _RemoteFailed as e:
@@ -756,6 +762,7 @@ class Flusher:
                 remote.url,
                 paths,
                 timeout=remote.copy_timeout,
+                stall=remote.stall_timeout,
                 env=self.copy_env(remote),
                 account=self.account,
             ),
@@ -763,6 +770,14 @@ class Flusher:
         try:
             running.wait()
         except CommandError as e:
+            if e.stalled:
+                # A remote Nix that hangs (holding its store lock, say) while sshd
+                # still answers keep-alives: not worth the rest of copy_timeout.
+                self.check_reachable(remote)  # away now: UnreachableError
+                said = f": {last_line(e.stderr)}" if e.stderr.strip() else ""
+                raise _Stalled(
+                    f"nix copy moved nothing for {remote.stall_timeout:g} s (stall_timeout){said}"
+                ) from None
             if e.timed_out:
                 raise self._past_copy_timeout(remote) from None
             outcome = classify(e.stderr or str(e))

@@ -272,13 +272,38 @@ def start_copy(
     paths: Sequence[str],
     *,
     timeout: float,
+    stall: float | None = None,
     env: Mapping[str, str] | None = None,
     account: Account | None = None,
 ) -> Running:
-    """Start `nix copy --to url paths`: their closures too; what the remote has is skipped."""
-    return spawn(
-        [*NIX, "copy", "--to", url, "--", *paths], timeout=timeout, env=env, account=account
-    )
+    """Start `nix copy --to url paths`: their closures too; what the remote has is
+    skipped. With its log as JSON events, whose progress results (bytes copied) tell
+    a copy that moves from one that has stalled: stopped after `stall` seconds of
+    silence. Its stderr reads as Nix's plain messages (plain_log)."""
+    argv = [*NIX, "copy", "--to", url, "--log-format", "internal-json", "--", *paths]
+    return spawn(argv, timeout=timeout, stall=stall, decode=plain_log, env=env, account=account)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain_log(stderr: str) -> str:
+    """Nix's `--log-format internal-json` stderr as text: each message as Nix would
+    print it (colours stripped), progress events left out, other lines (ssh's own,
+    which Nix passes through) as they were."""
+    lines = []
+    for line in stderr.splitlines():
+        if not line.startswith("@nix "):
+            lines.append(line)
+            continue
+        try:
+            event = json.loads(line[len("@nix ") :])
+        except ValueError:
+            lines.append(line)
+            continue
+        if isinstance(event, dict) and event.get("action") == "msg":
+            lines.append(_ANSI.sub("", str(event.get("msg", ""))))
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def dump(path: str) -> Streaming:

@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import os
+import selectors
 import shlex
 import signal
 import subprocess
@@ -50,6 +51,8 @@ class Running:
         input: str | None,
         timeout: float | None,
         check: bool,
+        stall: float | None = None,
+        decode: Callable[[str], str] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.proc = proc
@@ -57,24 +60,37 @@ class Running:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
         self.check = check
+        self.stall = stall  # seconds the program may write nothing to stderr
+        self.decode = decode or (lambda text: text)  # its stderr, as people read it
 
     def wait(self) -> subprocess.CompletedProcess[str]:
-        """The program's result; CommandError if it failed or ran past its bound."""
-        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        """The program's result; CommandError if it failed, ran past its bound, or
+        wrote nothing to stderr for its stall bound."""
         try:
-            stdout, stderr = self.proc.communicate(self.input, timeout=remaining)
-        except subprocess.TimeoutExpired:
+            stdout, stderr = self._outputs()
+        except _Stalled as e:
             self.kill()
-            stdout, stderr = self.proc.communicate()
+            raise CommandError(
+                f"`{command_name(self.argv)}` moved nothing for {self.stall:g} s and was stopped",
+                stderr=self.decode(e.stderr),
+                stalled=True,
+            ) from None
+        except subprocess.TimeoutExpired as e:
+            self.kill()
+            if self.stall is None:
+                _, stderr = self.proc.communicate()
+            else:  # what _outputs() read, handed over in the exception
+                stderr = e.stderr if isinstance(e.stderr, str) else ""
             raise CommandError(
                 f"`{command_name(self.argv)}` did not finish within {self.timeout:g} s "
                 "and was stopped",
-                stderr=stderr,
+                stderr=self.decode(stderr or ""),
                 timed_out=True,
             ) from None
         except BaseException:
             self.kill()  # interrupted: leave no child behind
             raise
+        stderr = self.decode(stderr)
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
         if self.check and self.proc.returncode != 0:
             raise CommandError(
@@ -83,6 +99,41 @@ class Running:
                 stderr=stderr,
             )
         return result
+
+    def _outputs(self) -> tuple[str, str]:
+        """communicate(), watching stderr for the stall bound when there is one."""
+        remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        if self.stall is None:
+            return self.proc.communicate(self.input, timeout=remaining)
+        assert self.input is None, "a watched program reads no input"
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        streams = {self.proc.stdout.fileno(): bytearray(), self.proc.stderr.fileno(): bytearray()}
+        err = self.proc.stderr.fileno()
+        with selectors.DefaultSelector() as selector:
+            for fd in streams:
+                selector.register(fd, selectors.EVENT_READ)
+            heard = time.monotonic()
+            while selector.get_map():
+                now = time.monotonic()
+                text = streams[err].decode(errors="replace")
+                if self.deadline is not None and now >= self.deadline:
+                    raise subprocess.TimeoutExpired(self.argv, self.timeout or 0, stderr=text)
+                if now - heard >= self.stall:
+                    raise _Stalled(text)
+                bound = heard + self.stall - now
+                if self.deadline is not None:
+                    bound = min(bound, self.deadline - now)
+                for key, _ in selector.select(bound):
+                    data = os.read(key.fd, 1 << 16)
+                    if not data:
+                        selector.unregister(key.fd)
+                        continue
+                    streams[key.fd] += data
+                    if key.fd == err:
+                        heard = time.monotonic()
+        self.proc.wait()
+        out = streams[self.proc.stdout.fileno()].decode(errors="replace")
+        return out, streams[err].decode(errors="replace")
 
     def kill(self) -> None:
         """Stop the program and everything it started; reap it."""
@@ -93,6 +144,12 @@ class Running:
         self.proc.wait()
 
 
+class _Stalled(Exception):
+    def __init__(self, stderr: str) -> None:
+        super().__init__(stderr)
+        self.stderr = stderr
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -101,8 +158,12 @@ def spawn(
     env: Mapping[str, str] | None = None,
     account: Account | None = None,
     input: str | None = None,
+    stall: float | None = None,
+    decode: Callable[[str], str] | None = None,
 ) -> Running:
-    """Start argv (as `account` if given) and return without waiting."""
+    """Start argv (as `account` if given) and return without waiting. `stall`: stop
+    it once it has written nothing to stderr for that long (its progress); `decode`:
+    its stderr as people read it."""
     log.debug("$ %s", shlex.join(argv))
     user_args: dict[str, object] = {}
     if account is not None and os.geteuid() != account.uid:
@@ -130,7 +191,7 @@ def spawn(
         raise CommandError(
             f"cannot run {argv[0]}: {e.strerror}; is it installed and on PATH?"
         ) from None
-    return Running(argv, proc, input, timeout, check)
+    return Running(argv, proc, input, timeout, check, stall, decode)
 
 
 def run(
