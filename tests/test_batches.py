@@ -1,0 +1,174 @@
+"""The batch loop (flush/batches.py) with a fake transport, on a real SQLite spool:
+how each way a copy can end settles the rows. No Nix, no network, no root: the
+lab tests run the same loop with `nix copy` and the cache writer for real."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from nixspool import nix
+from nixspool.config import Remote
+from nixspool.errors import CommandError, RemoteConfigError, UnreachableError
+from nixspool.flush import Batches, RemoteReport
+from nixspool.flush.transport import RemoteFailed, Stalled, TimedOut, Transient
+from nixspool.hook import rows
+from nixspool.spool import Spool, State
+
+H = "0" * 31
+
+
+def p(i: int) -> str:
+    return f"/nix/store/{H}{i % 10}-path-{i:03d}"
+
+
+class FakeTransport:
+    """A remote that answers each copy with what `answer(paths)` says: None for
+    delivered, or an exception to raise."""
+
+    def __init__(self, answer: Callable[[list[str]], Exception | None]) -> None:
+        self.remote = Remote("pi", "ssh-ng://pi", batch_size=16)
+        self.answer = answer
+        self.copies: list[list[str]] = []
+        self.delivered_paths: list[str] = []
+
+    def prepare(self, paths: list[str]) -> None:
+        pass
+
+    def copy(self, paths: list[str]) -> None:
+        self.copies.append(paths)
+        error = self.answer(paths)
+        if error is not None:
+            raise error
+
+    def delivered(self, paths: list[str], report: RemoteReport) -> None:
+        self.delivered_paths += paths
+
+    def account_for(self, report: RemoteReport) -> None:
+        pass
+
+
+class Reach:
+    def __init__(self, away: bool = False) -> None:
+        self.away = away
+        self.asked = 0
+
+    def check_reachable(self, remote: Remote) -> None:
+        self.asked += 1
+        if self.away:
+            raise UnreachableError("gone")
+
+
+@pytest.fixture
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Spool]:
+    # Every path is in the local store: the loop asks Nix only about gone and sizes.
+    monkeypatch.setattr(nix, "invalid_paths", lambda paths, timeout=60: set())
+    monkeypatch.setattr(nix, "path_infos", lambda paths, **kw: {})
+    s = Spool.open(str(tmp_path / "spool.sqlite"))
+    with s.transaction():
+        rows.store(s.conn, [rows.Record("", [p(i) for i in range(16)], [], 1.0)])
+    s.queue.sync_remotes(["pi"])
+    yield s
+    s.close()
+
+
+def run(
+    spool: Spool, transport: FakeTransport, reach: Reach | None = None
+) -> tuple[RemoteReport, dict[str, tuple[State, int, str | None]]]:
+    report = RemoteReport("pi")
+    loop = Batches(
+        transport,
+        spool,
+        "test",
+        report,
+        reach or Reach(),
+        retry=(30.0, 3600.0),
+        retry_wait=(0.0, 0.0),
+    )
+    now = time.time()  # as a flush: the rows due when it began, each once
+    loop.deliver(spool.queue.due_count("pi", now=now), due_by=now)
+    states = {r.path: (r.state, r.attempts, r.last_error) for r in spool.reports.rows()}
+    return report, states
+
+
+def refusal(path: str) -> CommandError:
+    return CommandError(
+        "nix copy failed",
+        stderr=f"error: cannot add path '{path}' because it lacks a signature by a trusted key",
+    )
+
+
+def test_delivered_in_one_copy(spool: Spool) -> None:
+    transport = FakeTransport(lambda paths: None)
+    report, states = run(spool, transport)
+    assert len(transport.copies) == 1 and report.delivered == 16
+    assert {s for s, _, _ in states.values()} == {State.DELIVERED}
+    assert sorted(transport.delivered_paths) == sorted(p(i) for i in range(16))
+
+
+def test_one_bad_path_fails_only_its_row(spool: Spool) -> None:
+    bad = p(5)
+    transport = FakeTransport(lambda paths: refusal(bad) if bad in paths else None)
+    report, states = run(spool, transport)
+    assert (report.delivered, report.failed) == (15, 1)
+    assert states[bad][0] is State.FAILED and "lacks a signature" in (states[bad][2] or "")
+    assert len(transport.copies) <= 2 * 4 + 1  # the halves that hold it, and their twins
+
+
+def test_two_bad_paths_are_found_though_both_halves_are_refused(spool: Spool) -> None:
+    """Both halves refused alike at the top is not yet the remote's fault: one path
+    in each. The chain breaks where a half goes through."""
+    bad = {p(3), p(12)}
+    transport = FakeTransport(
+        lambda paths: refusal(min(bad & set(paths))) if bad & set(paths) else None
+    )
+    report, states = run(spool, transport)
+    assert (report.delivered, report.failed) == (14, 2)
+    assert {path for path, (s, _, _) in states.items() if s is State.FAILED} == bad
+
+
+def test_a_remote_that_refuses_everything_is_one_error(spool: Spool) -> None:
+    transport = FakeTransport(lambda paths: refusal(paths[0]))
+    with pytest.raises(RemoteConfigError, match="refuses every path alike"):
+        run(spool, transport)
+    states = {r.path: (r.state, r.attempts) for r in spool.reports.rows()}
+    assert set(states.values()) == {(State.QUEUED, 1)}  # one attempt, none failed
+    assert len(transport.copies) == 1 + 2 * 4  # both halves at 8, 4, 2 and 1: log2(16) levels
+
+
+def test_a_transient_failure_is_tried_three_times_then_deferred(spool: Spool) -> None:
+    reach = Reach()
+    transport = FakeTransport(lambda paths: Transient("protocol hiccup"))
+    report, states = run(spool, transport, reach)
+    assert len(transport.copies) == 3 and reach.asked == 2  # a probe before each retry
+    assert report.deferred == 16
+    assert set(states.values()) == {(State.QUEUED, 1, "protocol hiccup")}
+
+
+def test_a_host_gone_between_tries_leaves_the_rows_untouched(spool: Spool) -> None:
+    transport = FakeTransport(lambda paths: Transient("connection reset"))
+    with pytest.raises(UnreachableError):
+        run(spool, transport, Reach(away=True))
+    rows_ = spool.reports.rows()
+    assert {(r.state, r.attempts) for r in rows_} == {(State.QUEUED, 0)}
+    assert spool.queue.due_count("pi") == 16  # the lease was given back
+
+
+@pytest.mark.parametrize("kind", [Stalled, TimedOut])
+def test_a_stall_or_a_timeout_is_one_attempt_not_retried_here(
+    spool: Spool, kind: type[Exception]
+) -> None:
+    transport = FakeTransport(lambda paths: kind("nix copy moved nothing"))
+    report, states = run(spool, transport)
+    assert len(transport.copies) == 1 and report.deferred == 16
+    assert {a for _, a, _ in states.values()} == {1}
+
+
+def test_a_remote_whose_nix_fails_is_a_persons_job(spool: Spool) -> None:
+    transport = FakeTransport(lambda paths: RemoteFailed("nix-daemon: command not found"))
+    with pytest.raises(RemoteConfigError, match="command not found"):
+        run(spool, transport)
+    assert {(r.state, r.attempts) for r in spool.reports.rows()} == {(State.QUEUED, 1)}
