@@ -252,19 +252,10 @@ def _resolution(remote: Remote, account: Account, name: str) -> Check:
 def _cache_directory(remote: Remote, account: Account, name: str) -> Check:
     """The directory of a cache nixspool writes (sftp://): there, and for this store."""
     from . import static_cache
-    from .hook import storepath
 
     directory = static_cache.directory_of(remote.url)
     try:
-        running = static_cache.start_upload(
-            remote,
-            [],
-            account,
-            accept_new_host_keys=False,
-            store_dir=storepath.store_dir(),
-            check_only=True,
-        )
-        result = static_cache.result_of(running)
+        result = static_cache.read_cache(remote, account, accept_new_host_keys=False)
     except CommandError as e:
         return Check(name, False, f"reading {directory} failed: {e}", "see README#static-caches")
     if result.error is not None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from . import narinfo, nix, static_cache
 from .config import Remote
 from .errors import CommandError
-from .hook import storepath
 from .run import Account
 from .spool import Spool
 
@@ -45,15 +44,7 @@ def still_there(
     if not paths:
         return set()
     if remote.nixspool_writes:
-        running = static_cache.start_upload(
-            remote,
-            [],
-            account,
-            accept_new_host_keys=accept_new_host_keys,
-            store_dir=storepath.store_dir(),
-            check_only=True,
-        )
-        result = static_cache.result_of(running)
+        result = static_cache.read_cache(remote, account, accept_new_host_keys=accept_new_host_keys)
         if result.error is not None:
             raise CommandError(f"{remote.url}: {result.error['message']}")
         hashes = set(result.narinfo_hashes)

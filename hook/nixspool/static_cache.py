@@ -182,6 +182,22 @@ def start_upload(
     )
 
 
+def read_cache(remote: Remote, account: Account, *, accept_new_host_keys: bool) -> UploadResult:
+    """The cache directory read as `account`, nothing written: its narinfo names
+    (`nixspool doctor`, reconciling). CommandError as result_of() raises it."""
+    from .hook.storepath import store_dir
+
+    running = start_upload(
+        remote,
+        [],
+        account,
+        accept_new_host_keys=accept_new_host_keys,
+        store_dir=store_dir(),
+        check_only=True,
+    )
+    return result_of(running)
+
+
 def result_of(running: Running) -> UploadResult:
     """The child's answer. CommandError if it ran past copy_timeout (timed_out) or
     crashed or printed nonsense (a bug: its traceback is in the error's stderr)."""
