@@ -58,6 +58,16 @@ from nixspool.probe import SshTarget, ssh_options
         # This machine's Nix has no such store (Debian's has no S3): 2.8-2.19, then 2.20+.
         ("error: don't know how to open Nix store 's3://cache?region=x'", Outcome.UNSUPPORTED),
         ("error: don't know how to open Nix store with scheme 's3'", Outcome.UNSUPPORTED),
+        # curl's words, for an http(s):// or s3:// store whose server is not there
+        (
+            "error: unable to download 'http://127.0.0.1:9/c/nix-cache-info': Could not "
+            "connect to server (7) Failed to connect to 127.0.0.1:9 after 0 ms",
+            Outcome.UNREACHABLE,
+        ),
+        (
+            "error: unable to download 'https://c/x': Couldn't resolve host name (6)",
+            Outcome.UNREACHABLE,
+        ),
         ("", Outcome.TRANSIENT),
     ],
 )

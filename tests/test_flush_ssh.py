@@ -300,6 +300,8 @@ def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab: lab
     config = ssh_lab.config(
         ssh_lab.root / "no-remote-nix",
         f'\n[remotes.pi]\nurl = "ssh-ng://{host.alias}?remote-program=/nonexistent/nix-daemon"\n',
+        retry_min=600,  # the second flush below must find the rows still on backoff
+        retry_max=1200,
     )
     outputs = ssh_lab.build(1)
     ssh_lab.spool_in(config, outputs)

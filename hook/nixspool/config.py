@@ -169,7 +169,7 @@ class Remote:
 
 
 # Store URL schemes every Nix since 2.8 opens; others (s3://, gs://, ...) exist only
-# in a Nix built with them, which Debian's is not.
+# in some Nix builds and versions.
 SCHEMES_EVERY_NIX = ("ssh", "ssh-ng", "file", "http", "https", "daemon", "local", "unix", "auto")
 
 
@@ -179,8 +179,9 @@ def store_note(remote: Remote) -> str | None:
     if remote.nixspool_writes or scheme in SCHEMES_EVERY_NIX:
         return None
     return (
-        f"{scheme}:// is opened by nix copy only where Nix was built with it (Debian's "
-        "Nix has no S3); `nixspool doctor` asks this machine's Nix"
+        f"{scheme}:// is opened by nix copy only where this Nix has it (S3: Nix 2.33+ "
+        "for public buckets, or a build with the AWS SDK; Debian's 2.8 and 2.26 have "
+        "none); `nixspool doctor` asks this machine's Nix"
     )
 
 

@@ -47,8 +47,13 @@ _UNREACHABLE = (
     *_NETWORK,
     "operation timed out",
     "cannot connect",
+    # curl, for http(s):// and s3:// stores: the server is not there.
+    "could not connect to server",
+    "couldn't connect to server",
+    "could not resolve host",
+    "couldn't resolve host",
     # The connection ended early: the link dropped, or the remote's Nix is missing
-    # or broken. For ssh remotes a probe tells which (see Flusher._copy_once).
+    # or broken. For ssh remotes a probe tells which (see flush.transport.NixCopy).
     "broken pipe",
     "connection closed",
     "unexpected end-of-file",
@@ -114,8 +119,8 @@ def unsupported_store(url: str, reason: str) -> str:
     scheme = url.partition("://")[0]
     return (
         f"this machine's Nix cannot open {scheme}:// stores ({reason}); it was built "
-        f"without them (Debian's Nix has no S3): use a Nix that has {scheme}://, or "
-        "a remote nixspool writes itself (sftp://)"
+        f"without them (Debian's Nix 2.8 and 2.26 have no S3): use a Nix that has "
+        f"{scheme}://, or a remote nixspool writes itself (sftp://)"
     )
 
 
