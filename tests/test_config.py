@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nixspool import config
+from nixspool import config, remote_rules
 from nixspool.config import ByteSize
 from nixspool.errors import ConfigError, UsageError
 
@@ -136,7 +136,7 @@ def test_static_caches_take_their_own_keys(tmp_path: Path) -> None:
     assert (d.uses_ssh, d.nixspool_writes, d.compression) == (False, True, "xz")
     assert (plain.nixspool_writes, plain.is_binary_cache) == (False, True)  # Nix writes it
     zstd = '[remotes.pi]\nurl = "sftp://pi/c"\ncompression = "zstd"\n'
-    if config.zstd_available():
+    if remote_rules.zstd_available():
         assert load(tmp_path, zstd).remotes[0].compression == "zstd"
     else:
         with pytest.raises(ConfigError, match=r":3: zstd needs Python 3.14 or later"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from nixspool import config as nixspool_config
+from nixspool import remote_rules
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +243,7 @@ def test_other_compressions_are_read_by_nix_too(ssh_lab: lab.SshLab, compression
     )
     config = ssh_lab.config(ssh_lab.root / f"sftp-{compression}", body)
     result = ssh_lab.nixspool(config, "flush")
-    if compression == "zstd" and not nixspool_config.zstd_available():
+    if compression == "zstd" and not remote_rules.zstd_available():
         # Python before 3.14 has no zstd: said at once, naming the line, before any work.
         assert result.returncode == 1
         assert "config.toml:8: zstd needs Python 3.14 or later" in result.stderr

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, UsageError
 from .hook import locate
+from .remote_rules import (
+    SFTP_SCHEME,
+    SSH_SCHEMES,
+    check_binary_cache_keys,
+    check_url,
+)
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -90,13 +94,6 @@ NUMBER_LIMIT = 10**9
 ZERO_MEANS_NEVER = {"reconcile_interval"}
 BYTES_LIMIT = 2**62
 
-# ssh:// and ssh-ng:// reach `ssh HOST` and, for remote-program, the remote's shell:
-# a host or user starting with '-' is an ssh option (-oProxyCommand=...), and a
-# remote program is one absolute path, never a command line.
-SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-SSH_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")
-SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
-
 REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -104,21 +101,6 @@ def _default(key: str) -> Any:
     """The default above: the dataclasses below take theirs from here, never a copy
     (README's table of keys is checked against GLOBAL_KEYS by a test)."""
     return GLOBAL_KEYS[key][1]
-
-
-SSH_SCHEMES = ("ssh://", "ssh-ng://")  # a Nix store at the end of an ssh login
-SFTP_SCHEME = "sftp://"  # a static binary cache (a directory) written over SFTP
-COMPRESSIONS = ("xz", "zstd", "none")
-
-
-def zstd_available() -> bool:
-    """zstd needs Python's compression.zstd (3.14+); xz (lzma) is always there."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("compression.zstd") is not None
-    except ModuleNotFoundError:  # no `compression` package at all (before 3.14)
-        return False
 
 
 @dataclass(frozen=True)
@@ -418,8 +400,8 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
             if key not in remote:
                 remote[key] = values[key]
                 sources[f"remotes.{name}.{key}"] = f"{sources[key]} (top level)"
-        _check_url(remote["url"], sources[f"remotes.{name}.url"])
-        _check_binary_cache_keys(remote, name, sources)
+        check_url(remote["url"], sources[f"remotes.{name}.url"])
+        check_binary_cache_keys(remote, name, sources)
         for key in ("ssh_key", "sign_key_file"):
             if remote.get(key):
                 remote[key] = os.path.expanduser(remote[key])
@@ -429,94 +411,3 @@ def _build(data: dict[str, Any], path: str | None, text: str, env: Mapping[str, 
                     raise ConfigError(f"{kwhere}: '{key}' must be an absolute path without spaces")
         remotes.append(Remote(name=name, **remote))
     return Config(remotes=tuple(remotes), path=path, sources=sources, **values)
-
-
-def _check_url(url: str, where: str) -> None:
-    """Refuse what would reach ssh or a shell as anything but a host, user or path,
-    and what no URL parser can read (every later step parses it again)."""
-    if any(not c.isprintable() or c.isspace() for c in url):
-        raise ConfigError(f"{where}: url {url!r} has a space or control character")
-    parsed = _parsed_url(url, where)
-    if not url.startswith(SSH_SCHEMES):
-        return
-    user, _, host = parsed.netloc.rpartition("@")
-    if ":" in host and not host.startswith("["):
-        host, _, port = host.rpartition(":")
-        if not port.isdigit():
-            raise ConfigError(f"{where}: url {url!r}: the port must be a number")
-    if not SSH_HOST.fullmatch(host) or (user and not SSH_USER.fullmatch(user)):
-        raise ConfigError(
-            f"{where}: url {url!r}: the host (and user) must be names like pi, nas.lan, "
-            "user@10.0.0.2, starting with a letter or digit"
-        )
-    for key, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
-        if key == "remote-program" and not SAFE_PATH.fullmatch(value):
-            raise ConfigError(
-                f"{where}: url {url!r}: remote-program must be an absolute path to a "
-                "program, e.g. /nix/var/nix/profiles/default/bin/nix-daemon"
-            )
-
-
-def _parsed_url(url: str, where: str) -> urllib.parse.SplitResult:
-    """The URL split as every module later splits it; ConfigError where Python's
-    parser refuses it (an unclosed IPv6 bracket, a port that is not a number or
-    past 65535), so that no command meets it as a ValueError."""
-    try:
-        parsed = urllib.parse.urlsplit(url)
-        parsed.port, parsed.hostname  # noqa: B018 - each raises ValueError on its own
-    except ValueError as e:
-        raise ConfigError(
-            f"{where}: url {url!r} is not a URL Nix or nixspool can read: {e}"
-        ) from None
-    return parsed
-
-
-def _check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[str, str]) -> None:
-    """The keys that only a binary cache, or only an sftp:// one, can honour."""
-    url = remote["url"]
-    parsed = urllib.parse.urlsplit(url)
-    if url.startswith(SFTP_SCHEME) and (
-        not parsed.hostname or not parsed.path.startswith("/") or parsed.query
-    ):
-        raise ConfigError(
-            f"{sources[f'remotes.{name}.url']}: an sftp:// remote is "
-            f"sftp://[user@]host[:port]/absolute/directory, without ?parameters (got {url!r})"
-        )
-    ours = url.startswith(SFTP_SCHEME) or (
-        url.startswith("file://") and bool(remote.get("skip_signed_by"))
-    )
-    if url.startswith("file://") and ours and (parsed.query or parsed.netloc):
-        raise ConfigError(
-            f"{sources[f'remotes.{name}.url']}: with skip_signed_by nixspool writes this cache "
-            "itself: give file:///absolute/directory without ?parameters (compression is "
-            "its own key)"
-        )
-    if remote.get("skip_signed_by") and not url.startswith((SFTP_SCHEME, "file://")):
-        raise ConfigError(
-            f"{sources[f'remotes.{name}.skip_signed_by']}: skip_signed_by is for binary "
-            "caches (sftp://, file://): a Nix store must hold every path's whole closure, "
-            "so it cannot leave out what an upstream cache serves"
-        )
-    if ours and remote.get("verify"):
-        raise ConfigError(
-            f"{sources[f'remotes.{name}.verify']}: verify does not apply to a cache nixspool "
-            "writes itself (sftp://, file:// with skip_signed_by): it writes each narinfo, "
-            "signature and all"
-        )
-    if "compression" in remote:
-        where = sources[f"remotes.{name}.compression"]
-        if not ours:
-            raise ConfigError(
-                f"{where}: compression is for caches nixspool writes (sftp://, file:// with "
-                "skip_signed_by); Nix's own take it in the URL (file:///srv/cache?compression=zstd)"
-            )
-        if remote["compression"] not in COMPRESSIONS:
-            raise ConfigError(
-                f"{where}: compression must be one of {', '.join(COMPRESSIONS)}, "
-                f"not {remote['compression']!r}"
-            )
-        if remote["compression"] == "zstd" and not zstd_available():
-            raise ConfigError(
-                f"{where}: zstd needs Python 3.14 or later (compression.zstd); this "
-                f"nixspool runs on Python {sys.version.split()[0]}: use xz"
-            )

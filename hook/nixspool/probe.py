@@ -32,8 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import privileges
-from .config import SFTP_SCHEME, SSH_SCHEMES, Remote
+from .config import Remote
 from .errors import CommandError
+from .remote_rules import SFTP_SCHEME, SSH_SCHEMES
 from .run import Account, Running, spawn
 
 SSH_FAILED = 255  # ssh's own exit status; anything else came from the remote command
