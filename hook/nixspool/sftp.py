@@ -1,4 +1,5 @@
-"""SFTP sessions over the user's own OpenSSH, for the cache writer.
+"""The cache writer's files: SFTP sessions over the user's own OpenSSH, or this
+machine's filesystem for a file:// cache, behind the same few calls.
 
 Each session is `ssh -s DESTINATION sftp` (probe.SshCommand: the options nix
 copy gets), run as the user in the writer's process, with paramiko's SFTP
@@ -13,12 +14,15 @@ session whose link went away, which the writer then sees as its end).
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import subprocess
 import tempfile
 import threading
-from typing import Any
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import IO, Any
 
 from .probe import ProbeResult, SshCommand, Verdict, classify_ssh
 
@@ -149,3 +153,54 @@ class SshLink:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class LocalFiles:
+    """The few SFTP calls the writer makes, on this machine's filesystem (file://)."""
+
+    def listdir(self, path: str) -> list[str]:
+        return os.listdir(path)
+
+    def listdir_attr(self, path: str) -> list[SimpleNamespace]:
+        return [
+            SimpleNamespace(filename=e.name, st_mtime=e.stat(follow_symlinks=False).st_mtime)
+            for e in os.scandir(path)
+        ]
+
+    def open(self, path: str, mode: str = "r") -> IO[bytes]:
+        if "w" not in mode:
+            return open(path, "rb")
+        # Readable by all (a web server serves the cache); a name of our own making.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        os.fchmod(fd, 0o644)
+        return os.fdopen(fd, "wb")
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def posix_rename(self, old: str, new: str) -> None:
+        os.replace(old, new)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+
+class Here:
+    """The transport of a local "connection": always there."""
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def connection(login: SshCommand | None) -> Iterator[tuple[Callable[[], Any], Any]]:
+    """(a way to open a session, the link) to the cache: SFTP over the user's ssh,
+    or this machine's filesystem for a file:// cache (None). LoginFailed if no login."""
+    if login is None:
+        yield LocalFiles, Here()
+        return
+    link = SshLink(login)
+    try:
+        yield link.open_session, link
+    finally:
+        link.close()

@@ -33,7 +33,6 @@ import hashlib
 import importlib
 import json
 import lzma
-import os
 import posixpath
 import sys
 import threading
@@ -44,8 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
-from typing import IO, Any
+from typing import Any
 
 from . import narinfo, nix, privileges
 from .config import Remote
@@ -54,49 +52,12 @@ from .hook.storepath import nix_base32
 from .narinfo import Entry
 from .probe import SshCommand
 from .run import Account, Running, spawn
-from .sftp import LoginFailed, SshLink
+from .sftp import LoginFailed, connection
 
 PARTIAL_DIR = ".nixspool-partial"
 PARTIAL_MAX_AGE = 24 * 3600  # a partial file this old has no writer any more
 WORKERS = 4  # paths written at once, each over its own SFTP session
 CHUNK = 1 << 20
-
-
-class _LocalFiles:
-    """The few SFTP calls the writer makes, on this machine's filesystem (file://)."""
-
-    def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
-
-    def listdir_attr(self, path: str) -> list[SimpleNamespace]:
-        return [
-            SimpleNamespace(filename=e.name, st_mtime=e.stat(follow_symlinks=False).st_mtime)
-            for e in os.scandir(path)
-        ]
-
-    def open(self, path: str, mode: str = "r") -> IO[bytes]:
-        if "w" not in mode:
-            return open(path, "rb")
-        # Readable by all (a web server serves the cache); a name of our own making.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        os.fchmod(fd, 0o644)
-        return os.fdopen(fd, "wb")
-
-    def mkdir(self, path: str) -> None:
-        os.mkdir(path, 0o755)
-
-    def posix_rename(self, old: str, new: str) -> None:
-        os.replace(old, new)
-
-    def remove(self, path: str) -> None:
-        os.unlink(path)
-
-
-class _Here:
-    """The transport of a local "connection": always there."""
-
-    def is_active(self) -> bool:
-        return True
 
 
 class Kind:
@@ -250,7 +211,7 @@ class _Writer:
         request: UploadRequest,
         result: UploadResult,
     ):
-        self._open_files = open_files  # a new SFTPClient, or _LocalFiles
+        self._open_files = open_files  # a new SFTPClient, or sftp.LocalFiles
         self._mine = threading.local()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -442,27 +403,12 @@ class _Writer:
                 raise error
 
 
-@contextlib.contextmanager
-def _connection(request: UploadRequest) -> Iterator[tuple[Callable[[], Any], Any]]:
-    """(a way to open a session, the link) to the cache: SFTP over the user's ssh
-    (sftp.py), or this machine's filesystem for a file:// cache. LoginFailed if no
-    login."""
-    if request.login is None:
-        yield _LocalFiles, _Here()
-        return
-    link = SshLink(request.login)
-    try:
-        yield link.open_session, link
-    finally:
-        link.close()
-
-
 def upload(request: UploadRequest) -> UploadResult:
     """Reach the cache as the user, write the entries; what was written, and why it
     stopped."""
     result = UploadResult()
     try:
-        with _connection(request) as (open_files, transport):
+        with connection(request.login) as (open_files, transport):
             _Writer(open_files, transport, request, result).run()
     except LoginFailed as e:
         result.error = {
