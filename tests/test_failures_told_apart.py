@@ -19,6 +19,7 @@ import pytest
 import lab
 from nixspool import cli, setup
 from nixspool import config as config_mod
+from nixspool.cli import deliver
 from nixspool.errors import ProbeError, RemoteConfigError, UnreachableError
 from nixspool.flush import Flusher
 from nixspool.privileges import current_account
@@ -121,7 +122,7 @@ def test_the_progress_bar_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> N
     """Children start with a preexec_fn (run.py), unsafe once a thread exists."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     before = threading.active_count()
-    with cli._progress(enabled=True) as update:
+    with deliver._progress(enabled=True) as update:
         update("pi", 1, 10)
         update("pi", 10, 10)
         assert threading.active_count() == before
