@@ -243,14 +243,14 @@ def test_a_spool_of_schema_1_keeps_every_row_through_the_migration(tmp_path: Pat
         names = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"deliveries_due", "deliveries_path"} <= names
         s.queue.set_nar_sizes({p("a"): 42})
-        s.queue.flush_finished("pi", 75, now=5.0)
+        s.remotes.flush_finished("pi", 75, now=5.0)
         pi = s.reports.status().remotes["pi"]
         assert (pi.failed, pi.last_flush_at, pi.last_flush_exit) == (1, 5.0, 75)
-        s.queue.flush_finished("pi", 1, now=6.0, needs_a_person="pi: no Nix there")
+        s.remotes.flush_finished("pi", 1, now=6.0, needs_a_person="pi: no Nix there")
         assert s.reports.status().remotes["pi"].needs_a_person == "pi: no Nix there"
-        assert s.queue.needs_a_person("pi") == "pi: no Nix there"
-        s.queue.flush_finished("pi", 0, now=7.0)  # a flush that ends otherwise clears it
-        assert s.queue.needs_a_person("pi") is None
+        assert s.remotes.needs_a_person("pi") == "pi: no Nix there"
+        s.remotes.flush_finished("pi", 0, now=7.0)  # a flush that ends otherwise clears it
+        assert s.remotes.needs_a_person("pi") is None
 
 
 def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
@@ -416,10 +416,10 @@ def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
     spool.queue.sync_remotes(["pi"])
     ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60, now=0)]
     spool.queue.delivered("pi", "me", ids, now=1)
-    assert spool.queue.reconciled_at("pi") is None
+    assert spool.remotes.reconciled_at("pi") is None
     # b is gone from pi; c from pi and from this machine.
-    assert spool.queue.reconciled("pi", [p("b")], [p("c")], now=5) == (1, 1)
-    assert spool.queue.reconciled_at("pi") == 5
+    assert spool.remotes.reconciled("pi", [p("b")], [p("c")], now=5) == (1, 1)
+    assert spool.remotes.reconciled_at("pi") == 5
     pi = spool.reports.status().remotes["pi"]
     assert (pi.reconciled_at, pi.reconcile_requeued) == (5, 1)
     rows = {r.path: r for r in spool.reports.rows()}
@@ -431,7 +431,7 @@ def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
     assert "gone from pi" in (rows[p("b")].last_error or "")
     assert rows[p("b")].delivered_at is None and rows[p("b")].attempts == 0
     assert spool.queue.due_count("pi", now=6) == 1
-    assert spool.queue.reconciled("pi", [p("b")], [], now=7) == (0, 0)  # only delivered rows
+    assert spool.remotes.reconciled("pi", [p("b")], [], now=7) == (0, 0)  # only delivered rows
 
 
 def test_prune_forgets_only_rows_past_their_retention(spool: Spool) -> None:

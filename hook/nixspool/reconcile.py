@@ -70,7 +70,7 @@ def reconcile(
     )
     gone = [p for p in delivered if p not in there]
     gone_here = nix.invalid_paths(gone) if gone else set()
-    requeued, failed = spool.queue.reconciled(
+    requeued, failed = spool.remotes.reconciled(
         remote.name, [p for p in gone if p not in gone_here], sorted(gone_here)
     )
     if requeued or failed:

@@ -224,7 +224,7 @@ class Flusher:
         report.queued = self.spool.queue.queued_count(remote.name)
         report.seconds = round(time.monotonic() - self.started, 3)
         code = exit_code(FlushReport([report]))
-        self.spool.queue.flush_finished(
+        self.spool.remotes.flush_finished(
             remote.name,
             code,
             left_to_upstream=report.left_to_upstream if remote.skip_signed_by else None,
@@ -243,7 +243,7 @@ class Flusher:
         """Once per reconcile_interval (0: never), before delivering."""
         if not self.cfg.reconcile_interval:
             return False
-        last = self.spool.queue.reconciled_at(remote.name)
+        last = self.spool.remotes.reconciled_at(remote.name)
         return last is None or not 0 <= self.due_by - last < self.cfg.reconcile_interval
 
     def _reconcile(self, remote: Remote, report: RemoteReport) -> None:
@@ -277,7 +277,7 @@ class Flusher:
         """Nothing of `remote` is due: its rows wait on backoff. If its last flush
         needed a person, say it again (exit 1), or a timer's next run would report
         success until the backoff ends, and monitoring would see nothing wrong."""
-        previous = self.spool.queue.needs_a_person(remote.name)
+        previous = self.spool.remotes.needs_a_person(remote.name)
         if previous and self.spool.queue.queued_count(remote.name):
             log.info("%s: its rows wait on backoff; its last flush needed a person", remote.name)
             raise RemoteConfigError(previous)

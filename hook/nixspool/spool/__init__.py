@@ -1,8 +1,10 @@
 """The spool: a SQLite file in WAL mode, the one source of truth.
 
 By responsibility: `database` (the file: safety, owner, migrations, journal
-import, ballast), `queue` (fan-out and the flusher's state machine), `reports`
-(status and list, typed), `admin` (retry and drop), `model` (the values).
+import, ballast), `queue` (fan-out and the flusher's state machine), `remotes`
+(each remote's record: its last flush, what needs a person, reconciling),
+`reports` (status and list, typed), `admin` (retry, drop, prune), `model` (the
+values).
 
 Tables:
 - `paths`: one row per store path the hook recorded (`needs_outputs` = 1

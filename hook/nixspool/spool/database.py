@@ -21,6 +21,7 @@ from ..hook import files, journal, locate, rows
 from ..hook.rows import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
 from .admin import Admin
 from .queue import Queue
+from .remotes import Remotes
 from .reports import Reports
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,10 @@ class Spool:
     @functools.cached_property
     def queue(self) -> Queue:
         return Queue(self)
+
+    @functools.cached_property
+    def remotes(self) -> Remotes:
+        return Remotes(self)
 
     @functools.cached_property
     def reports(self) -> Reports:
