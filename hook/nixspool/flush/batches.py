@@ -298,9 +298,10 @@ class Batches:
         for attempt in tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(Transient),
             stop=tenacity.stop_after_attempt(ATTEMPTS_PER_FLUSH),
-            wait=tenacity.wait_exponential_jitter(
-                initial=self.retry_wait[0], max=self.retry_wait[1]
-            ),
+            # Exponential with jitter (tenacity's own wait_exponential_jitter names
+            # its first argument differently across the versions we allow).
+            wait=tenacity.wait_exponential(multiplier=self.retry_wait[0], max=self.retry_wait[1])
+            + tenacity.wait_random(0, min(1.0, self.retry_wait[1])),
             before_sleep=before_retry,
             reraise=True,
         ):
