@@ -475,3 +475,16 @@ def test_a_pruned_spool_stops_growing(tmp_path: Path) -> None:
             s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         sizes.append(path.stat().st_size)
     assert sizes[-1] <= sizes[1], sizes  # flat once the first day's pages are free
+
+
+def test_a_batch_larger_than_sqlites_variable_limit_is_asked_in_chunks(spool: Spool) -> None:
+    """batch_size may exceed the variables SQLite takes in one statement (999 before
+    3.32, more after, as compiled): the queue's lookups by id must not fail there.
+    This connection is held to the oldest limit."""
+    spool.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    add(spool, *(f"n{i}" for i in range(2500)))
+    spool.queue.sync_remotes(["pi"])
+    ids = [i for i, _ in spool.queue.claim("pi", "me", 2500, 60)]
+    assert len(ids) == 2500
+    assert set(spool.queue.attempts("pi", ids).values()) == {0}
+    assert spool.queue.deferred("pi", "me", ids, "later", retry_at=10, now=1) == 2500

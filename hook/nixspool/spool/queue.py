@@ -17,6 +17,8 @@ from .model import UNRESOLVABLE, store_paths, untrusted_row
 if TYPE_CHECKING:
     from .database import Spool
 
+SQL_VARIABLES = 900  # per statement, under SQLite's oldest limit (999) with room to spare
+
 
 class Queue:
     """The rows' lifecycle, on an open spool (`spool.queue`)."""
@@ -159,8 +161,8 @@ class Queue:
         """Which of `paths` the spool holds: only these were recorded by the hook."""
         found: set[str] = set()
         items = list(paths)
-        for start in range(0, len(items), 500):
-            chunk = items[start : start + 500]
+        for start in range(0, len(items), SQL_VARIABLES):
+            chunk = items[start : start + SQL_VARIABLES]
             found.update(
                 r[0]
                 for r in self.conn.execute(
@@ -308,16 +310,20 @@ class Queue:
         return {i: error for i, (_, error) in self.history(remote, ids).items()}
 
     def history(self, remote: str, ids: Sequence[int]) -> dict[int, tuple[int, str | None]]:
-        """{path id: (attempts, last error)} of these rows for `remote`."""
-        marks = ",".join("?" * len(ids))
-        return {
-            path_id: (attempts, error)
+        """{path id: (attempts, last error)} of these rows for `remote`, asked in
+        chunks: SQLite takes at most 999 variables a statement before 3.32, and a
+        batch may be larger (batch_size)."""
+        found: dict[int, tuple[int, str | None]] = {}
+        for start in range(0, len(ids), SQL_VARIABLES):
+            chunk = ids[start : start + SQL_VARIABLES]
+            marks = ",".join("?" * len(chunk))
             for path_id, attempts, error in self.conn.execute(
                 "SELECT path_id, attempts, last_error FROM deliveries"
                 f" WHERE remote = ? AND path_id IN ({marks})",
-                (remote, *ids),
-            )
-        }
+                (remote, *chunk),
+            ):
+                found[path_id] = (attempts, error)
+        return found
 
     def due_count(self, remote: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
