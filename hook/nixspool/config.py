@@ -21,6 +21,7 @@ from .remote_rules import (
     SSH_SCHEMES,
     check_binary_cache_keys,
     check_url,
+    nixspool_writes,
 )
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -114,7 +115,7 @@ class Remote:
     exclude: tuple[str, ...] = ()
     max_size: ByteSize | None = None
     skip_signed_by: tuple[str, ...] = ()  # key names, e.g. cache.nixos.org-1
-    compression: str = "xz"
+    compression: str = REMOTE_KEYS["compression"][1]
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
     stall_timeout: float = _default("stall_timeout")
@@ -132,10 +133,8 @@ class Remote:
 
     @property
     def nixspool_writes(self) -> bool:
-        """nixspool writes the cache's files itself (static_cache.py): over SFTP, and
-        for a file:// cache that leaves paths to upstream (Nix's own writer refuses
-        a path whose references the cache lacks)."""
-        return self.is_sftp_cache or (self.url.startswith("file://") and bool(self.skip_signed_by))
+        """nixspool writes the cache's files itself (remote_rules.nixspool_writes)."""
+        return nixspool_writes(self.url, self.skip_signed_by)
 
     @property
     def is_binary_cache(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -26,6 +26,13 @@ COMPRESSIONS = ("xz", "zstd", "none")
 SSH_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 SSH_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")
 SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
+
+
+def nixspool_writes(url: str, skip_signed_by: Sequence[str]) -> bool:
+    """nixspool writes the cache's files itself (static_cache.py): over SFTP, and for
+    a file:// cache that leaves paths to upstream (Nix's own writer refuses a path
+    whose references the cache lacks)."""
+    return url.startswith(SFTP_SCHEME) or (url.startswith("file://") and bool(skip_signed_by))
 
 
 def zstd_available() -> bool:
@@ -89,9 +96,7 @@ def check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[
             f"{sources[f'remotes.{name}.url']}: an sftp:// remote is "
             f"sftp://[user@]host[:port]/absolute/directory, without ?parameters (got {url!r})"
         )
-    ours = url.startswith(SFTP_SCHEME) or (
-        url.startswith("file://") and bool(remote.get("skip_signed_by"))
-    )
+    ours = nixspool_writes(url, remote.get("skip_signed_by") or ())
     if url.startswith("file://") and ours and (parsed.query or parsed.netloc):
         raise ConfigError(
             f"{sources[f'remotes.{name}.url']}: with skip_signed_by nixspool writes this cache "

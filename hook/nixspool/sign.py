@@ -29,6 +29,7 @@ import nacl.signing
 
 from . import nix
 from .errors import SigningKeyError
+from .hook.files import open_to_others
 from .nix import PathInfo
 from .run import Account
 
@@ -78,7 +79,7 @@ def load_secret_key(path: str) -> SecretKey:
         st = os.stat(path)
     except OSError as e:
         raise SigningKeyError(f"signing key {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if open_to_others(st.st_mode):
         mode = oct(stat.S_IMODE(st.st_mode))[2:]
         raise SigningKeyError(
             f"signing key {path} is readable by group or others (mode {mode}); "

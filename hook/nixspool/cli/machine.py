@@ -77,7 +77,7 @@ def keygen(
         str | None,
         typer.Option(
             help="Directory for NAME.sec and NAME.pub "
-            "(default: /etc/nixspool as root, else "
+            f"(default: {os.path.dirname(locate.SYSTEM_CONFIG)} as root, else "
             "~/.config/nixspool)."
         ),
     ] = None,
@@ -91,7 +91,7 @@ def keygen(
     from .. import sign
 
     directory = out or (
-        "/etc/nixspool"
+        os.path.dirname(locate.SYSTEM_CONFIG)
         if os.geteuid() == 0
         else os.path.dirname(locate.user_config_file(os.environ))
     )
@@ -143,7 +143,7 @@ def setup(
         ),
     ],
     spool: Annotated[
-        str | None, typer.Option(help="Spool file (default: /var/lib/nixspool/spool.sqlite).")
+        str | None, typer.Option(help=f"Spool file (default: {locate.ROOT_SPOOL}).")
     ] = None,
     ssh_key: Annotated[
         str | None,

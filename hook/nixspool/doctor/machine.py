@@ -206,7 +206,7 @@ def check_key_files(cfg: Config) -> list[Check]:
                         f"fix {label.replace(' ', '_')} of [remotes.{remote.name}]",
                     )
                 )
-            elif os.stat(path).st_mode & 0o077:
+            elif files.open_to_others(os.stat(path).st_mode):
                 checks.append(
                     Check(
                         label,

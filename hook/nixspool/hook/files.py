@@ -42,6 +42,12 @@ class NotRegularFile(OSError):
     """Something other than a plain file sits where nixspool keeps one."""
 
 
+def open_to_others(mode: int) -> bool:
+    """Group or others may read, write or run it: a secret key (a signing key, an
+    ssh key) must not be, as ssh itself refuses a private key that is."""
+    return bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
+
+
 def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
