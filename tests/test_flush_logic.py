@@ -156,6 +156,9 @@ def test_child_env_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NIX_DAEMON_SOCKET_PATH", "/run/x")
     monkeypatch.setenv("SSH_AUTH_SOCK", "/nonexistent/agent")
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    monkeypatch.setenv("NIX_PATH", "nixpkgs=/root/evil")  # root's, not the user's
+    monkeypatch.setenv("NIX_USER_CONF_FILES", "/root/.config/nix/nix.conf")
+    monkeypatch.setenv("NIX_SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
     account = privileges.account_of("root")
     env = privileges.child_env(account, {"NIX_SSHOPTS": "-o X=1"})
     assert env["HOME"] == "/root" and env["USER"] == env["LOGNAME"] == "root"
@@ -163,6 +166,8 @@ def test_child_env_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "SSH_AUTH_SOCK" not in env  # not an existing socket of that user
     assert "SECRET_TOKEN" not in env
     assert env["NIX_DAEMON_SOCKET_PATH"] == "/run/x"
+    assert "NIX_PATH" not in env and "NIX_USER_CONF_FILES" not in env  # an allow-list
+    assert env["NIX_SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
     assert env["NIX_SSHOPTS"] == "-o X=1"
 
 

@@ -8,10 +8,9 @@ its name is replaced, never followed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 
+from . import atomic
 from .spool import DELIVERY_STATES, Status
 
 # name -> (type, help). Gauges: `drop` lowers the delivered counts.
@@ -102,15 +101,4 @@ def render(status: Status, configured: Iterable[str]) -> str:
 def write(path: str, text: str) -> None:
     """Replace `path` with `text` atomically, readable by all (a collector runs as
     another user). OSError if the directory does not let us."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nixspool-metrics-", dir=directory)  # O_EXCL, 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_file(path, text, 0o644)

@@ -25,7 +25,23 @@ from .run import Account
 
 # Variables a child must not inherit: they would point nix at another store or
 # change its settings behind the config's back (docs/ARCHITECTURE.md#contracts).
-DROPPED = ("NIX_CONFIG", "NIX_REMOTE")
+# What of nixspool's own environment reaches the programs it runs as the user: an
+# allow-list, not every NIX_* variable root had. Where Nix keeps its store, state,
+# settings and daemon socket, and its TLS roots (an https:// cache); the locale and
+# zone. Never NIX_CONFIG or NIX_REMOTE: they would point Nix at another store or
+# change its settings behind the config's back.
+PASSED_ON = (
+    "NIX_CONF_DIR",
+    "NIX_DAEMON_SOCKET_PATH",
+    "NIX_STORE_DIR",
+    "NIX_STATE_DIR",
+    "NIX_LOG_DIR",
+    "NIX_SSL_CERT_FILE",
+    "SSL_CERT_FILE",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ssh waits for its agent without any bound: one that never answers would hold
 # every login of a flush until the server gives up on it (LoginGraceTime, 2 min).
@@ -115,11 +131,7 @@ def _agent_answers(path: str) -> bool:
 
 def child_env(account: Account, extra: dict[str, str] | None = None) -> dict[str, str]:
     """A clean environment for commands run as `account`."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(("NIX_", "LANG", "LC_", "TZ")) and k not in DROPPED
-    }
+    env = {k: v for k, v in os.environ.items() if k in PASSED_ON or k.startswith("LC_")}
     nix_dir = os.path.dirname(shutil.which("nix") or "/usr/bin/nix")
     env.update(
         HOME=account.home,

@@ -16,12 +16,11 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 
+from . import atomic, gcroots
 from . import config as config_mod
-from . import gcroots
 from .errors import UsageError
 from .hook import locate
 from .privileges import account_of
@@ -88,17 +87,7 @@ def write_file(
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nixspool-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-        os.chmod(tmp, mode)
-        if os.geteuid() == 0:
-            os.chown(tmp, uid, gid)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic.write_file(path, content, mode, owner=(uid, gid) if os.geteuid() == 0 else None)
     report.changed.append(path)
 
 

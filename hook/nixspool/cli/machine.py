@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import atomic
 from .. import config as config_mod
 from ..errors import UsageError
 from ..hook import locate
@@ -107,12 +108,12 @@ def keygen(
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         for path, text, mode in ((secret_path, secret, 0o600), (public_path, public, 0o644)):
-            tmp = path + ".tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+            # Without --force an existing key is never replaced, not even by a race.
+            atomic.write_file(path, text + "\n", mode, replace=force)
+    except FileExistsError as e:
+        raise UsageError(
+            f"{e.filename2 or e.filename} exists; pass --force to replace the key pair"
+        ) from None
     except OSError as e:
         raise UsageError(
             f"cannot write the key pair in {directory}: {e.strerror}; pass --out DIRECTORY"
