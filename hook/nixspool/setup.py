@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 
-from . import atomic, gcroots
+from . import atomic, gcroots, rootcode
 from . import config as config_mod
 from .errors import UsageError
 from .hook import locate
@@ -193,6 +193,12 @@ def install(req: SetupRequest) -> SetupReport:
                 "or by hand; the dispatcher script starts it detached"
             )
     hook_line = f"post-build-hook = {program('nixspool-hook')}"
+    for unsafe in rootcode.hook_problems(program("nixspool-hook")):
+        report.notes.append(
+            f"WARNING: nix-daemon runs nixspool-hook as root, but {unsafe}: whoever can "
+            "change it runs code as root on every build; install nixspool as root, in a "
+            "directory only root can write (see README#ownership)"
+        )
     if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
         report.notes.append(
             f"/etc/nix/nix.conf has `{hook_line}` (`nixspool doctor` checks the daemon)"

@@ -11,7 +11,7 @@ import os
 import pwd
 import stat
 
-from .. import gcroots, privileges
+from .. import gcroots, privileges, rootcode
 from ..config import Config
 from ..errors import NixspoolError
 from ..hook import files
@@ -38,6 +38,16 @@ def check_hook(settings: dict[str, str], daemon: tuple[int, float] | None = None
         return Check("nix.conf", False, f"post-build-hook is {hook}, not nixspool-hook", fix)
     if not os.access(hook, os.X_OK):
         return Check("nix.conf", False, f"post-build-hook {hook} is not an executable", fix)
+    unsafe = rootcode.hook_problems(hook)
+    if unsafe:
+        return Check(
+            "nix.conf",
+            False,
+            f"post-build-hook {hook} runs as root, but {unsafe[0]}: whoever can change it "
+            "runs code as root on the next build",
+            "install nixspool as root, in a directory only root can write (e.g. "
+            "/opt/nixspool), and point post-build-hook there",
+        )
     conf = os.path.join(os.environ.get("NIX_CONF_DIR", "/etc/nix"), "nix.conf")
     try:
         changed = os.stat(conf).st_mtime
