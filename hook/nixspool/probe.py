@@ -35,7 +35,7 @@ from . import privileges
 from .config import Remote
 from .errors import CommandError
 from .remote_rules import SFTP_SCHEME, SSH_SCHEMES
-from .run import Account, Running, spawn
+from .run import Account, Running, run, spawn
 
 SSH_FAILED = 255  # ssh's own exit status; anything else came from the remote command
 
@@ -230,12 +230,11 @@ _AWAY = (
 
 def classify_ssh(returncode: int, stderr: str) -> ProbeResult:
     """ssh's exit status and words to a verdict: pure (tests/test_probe.py)."""
-    said = _said(stderr)
     if returncode < 0:
         return ProbeResult(Verdict.ERROR, "error", f"ssh was killed by signal {-returncode}")
     if returncode != SSH_FAILED:
         return ProbeResult(Verdict.OK, "done", "ssh logged in")
-    text = stderr.lower()
+    said, text = _said(stderr), stderr.lower()
     for table, verdict_ in ((_NEEDS_A_PERSON, Verdict.MISCONFIGURED), (_AWAY, Verdict.UNREACHABLE)):
         for fragment, stage in table:
             if fragment in text:
@@ -261,8 +260,6 @@ def resolve(remote: Remote, account: Account) -> Mapping[str, str]:
     """`ssh -G` as the user: how their OpenSSH would reach the remote (hostname,
     port, user, proxyjump, proxycommand, ...; several values space-joined).
     CommandError if ssh refuses their config."""
-    from .run import run
-
     ssh = SshCommand.of(remote, False)
     out = run(
         ssh.resolving(), account=account, env=privileges.child_env(account), timeout=10

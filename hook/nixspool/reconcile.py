@@ -62,16 +62,20 @@ def reconcile(
     account: Account,
     env: Mapping[str, str],
     accept_new_host_keys: bool,
+    delivered: Sequence[str] | None = None,
 ) -> Reconciled:
-    """Queue again what `remote` lost of its delivered paths (see the module)."""
-    delivered = spool.queue.delivered_paths(remote.name)
+    """Queue again what `remote` lost of its delivered paths (see the module);
+    `delivered`: those paths, when the caller has read them already."""
+    if delivered is None:
+        delivered = spool.queue.delivered_paths(remote.name)
     there = still_there(
         remote, delivered, account=account, env=env, accept_new_host_keys=accept_new_host_keys
     )
     gone = [p for p in delivered if p not in there]
-    gone_here = nix.invalid_paths(gone) if gone else set()
+    invalid_here = nix.invalid_paths(gone) if gone else set()
+    gone_here = [p for p in gone if p in invalid_here]
     requeued, failed = spool.remotes.reconciled(
-        remote.name, [p for p in gone if p not in gone_here], sorted(gone_here)
+        remote.name, [p for p in gone if p not in invalid_here], gone_here
     )
     if requeued or failed:
         log.warning(
@@ -83,4 +87,4 @@ def reconcile(
             requeued,
             failed,
         )
-    return Reconciled(len(delivered), requeued, sorted(gone_here)[:failed] if failed else [])
+    return Reconciled(len(delivered), requeued, gone_here if failed else [])

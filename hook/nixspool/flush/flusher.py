@@ -249,7 +249,8 @@ class Flusher:
     def _reconcile(self, remote: Remote, report: RemoteReport) -> None:
         """Queue again what the remote lost of its delivered paths (reconcile.py), so
         that this flush delivers them again."""
-        if remote.uses_ssh and self.spool.queue.delivered_paths(remote.name):
+        delivered = self.spool.queue.delivered_paths(remote.name)
+        if remote.uses_ssh and delivered:
             pending = self._probes.pop(remote.name, None)
             self._require(self._verdict(remote, pending or self._start_probe(remote)))
         try:
@@ -259,6 +260,7 @@ class Flusher:
                 account=self.account,
                 env=self.copy_env(remote),
                 accept_new_host_keys=self.cfg.accept_new_host_keys,
+                delivered=delivered,
             )
         except CommandError as e:
             why = f"could not ask which delivered paths it still has: {e}"
