@@ -100,7 +100,7 @@ REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 def _default(key: str) -> Any:
     """The default above: the dataclasses below take theirs from here, never a copy
-    (README's table of keys is checked against GLOBAL_KEYS by a test)."""
+    (docs/configuration.md's table of keys is checked against GLOBAL_KEYS by a test)."""
     return GLOBAL_KEYS[key][1]
 
 

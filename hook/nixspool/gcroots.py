@@ -101,7 +101,7 @@ def sync(
         )
         log.warning(
             "cannot keep GC roots in %s: %s; queued paths are not protected from "
-            "garbage collection (see README#gc-roots)",
+            "garbage collection (see man nixspool: GC roots)",
             directory,
             reason,
         )

@@ -3,7 +3,7 @@
 Every transport's failures end here, so that one table decides what is "away"
 (exit 75, rows untouched), what is worth another try, what a path's own fault is
 (its row fails) and what waits for a person (exit 1). The words are those of
-every Nix of the matrix (2.8, 2.26, 2.34) and of OpenSSH; tests/test_flush_logic.py
+every Nix of the matrix (2.8, 2.26, 2.34) and of OpenSSH; tests/unit/test_flush_logic.py
 holds the recorded messages.
 """
 

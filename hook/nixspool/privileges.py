@@ -92,7 +92,7 @@ def remote_account(cfg: Config) -> Account:
         raise PrivilegeError(
             "started as root, and the config names no 'user': ssh and nix copy "
             'would run as root. Set user = "NAME" (who owns the SSH key), or '
-            "run_as_root = true to allow it (see README#ssh)"
+            "run_as_root = true to allow it (see man nixspool: SSH)"
         )
     return current_account()
 

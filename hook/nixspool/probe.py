@@ -229,7 +229,7 @@ _AWAY = (
 
 
 def classify_ssh(returncode: int, stderr: str) -> ProbeResult:
-    """ssh's exit status and words to a verdict: pure (tests/test_probe.py)."""
+    """ssh's exit status and words to a verdict: pure (tests/unit/test_probe.py)."""
     if returncode < 0:
         return ProbeResult(Verdict.ERROR, "error", f"ssh was killed by signal {-returncode}")
     if returncode != SSH_FAILED:

@@ -53,7 +53,7 @@ class SetupReport:
 
 
 def render_config(req: SetupRequest) -> str:
-    lines = ["# Written by `nixspool setup`; see README.md#configuration.\n"]
+    lines = ["# Written by `nixspool setup`; see man nixspool: Configuration.\n"]
     # Always named: the default depends on who runs nixspool (root's, or the
     # user's own), and the user the config names must find this one too.
     spool = req.spool or locate.default_spool(os.environ)
@@ -140,10 +140,10 @@ def install(req: SetupRequest) -> SetupReport:
                 )
     write_file(req.config_path, content, 0o644, report)
     cfg = config_mod.load(req.config_path, environ={})
-    # 2. The spool, owned by the user (see README#ownership), and its GC roots.
+    # 2. The spool, owned by the user (docs/security.md#ownership), and its GC roots.
     owner = Owner.of_user(req.user)
     before = _owner_of(cfg.spool)
-    Spool.open(cfg.spool, owner).close()
+    Spool.open(cfg.spool, owner, stray_journal=locate.stray_journal(os.environ)).close()
     same = before == _owner_of(cfg.spool) and before is not None
     (report.unchanged if same else report.changed).append(cfg.spool)
     roots = gcroots.base_dir()
@@ -197,7 +197,7 @@ def install(req: SetupRequest) -> SetupReport:
         report.notes.append(
             f"WARNING: nix-daemon runs nixspool-hook as root, but {unsafe}: whoever can "
             "change it runs code as root on every build; install nixspool as root, in a "
-            "directory only root can write (see README#ownership)"
+            "directory only root can write (see man nixspool: Ownership)"
         )
     if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
         report.notes.append(

@@ -5,7 +5,7 @@
 #
 # prints, for each configuration below, what the module made of it: the config
 # (as JSON), the rendered units, tmpfiles rules, dispatcher scripts, failed
-# assertions, and for some the whole system's derivation. tests/test_nixos.py
+# assertions, and for some the whole system's derivation. tests/lab/test_nixos.py
 # checks it.
 { nixpkgs }:
 let
@@ -69,6 +69,7 @@ in
     package = flake.packages.${system}.default.drvPath;
     overlay = (import nixpkgs { inherit system; overlays = [ flake.overlays.default ]; }).nixspool.drvPath;
     importsCheck = flake.packages.${system}.default.pythonImportsCheck or [ ];
+    checkPaths = flake.packages.${system}.default.enabledTestPaths or [ ];
     sourceFiles = flake.packages.${system}.default.sourceFiles;
     check = flake.checks.${system}.module.drvPath;
   };

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -26,6 +27,7 @@ from typer.core import TyperGroup
 
 from .. import config as config_mod
 from ..errors import ConfigError, NixspoolError, UsageError
+from ..hook import locate
 from ..spool import Owner, Spool
 
 
@@ -63,7 +65,7 @@ app = typer.Typer(
     name="nixspool",
     cls=_Commands,
     help="Queue Nix build outputs recorded by nixspool-hook and upload them to remote "
-    "stores whenever those can be reached. See README.md for setup.",
+    "stores whenever those can be reached. See man nixspool.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -146,14 +148,15 @@ def open_spool(cfg: config_mod.Config, *, reading: bool = False) -> Spool:
     changes nothing, not even the spool's owner or its ballast."""
     owner = spool_owner(cfg)
     names = [r.name for r in cfg.remotes]
+    stray = locate.stray_journal(os.environ)
     if reading:
-        spool = Spool.open_read_only(cfg.spool, owner)
-        if spool is not None and not spool.queue.needs_fan_out(names):
+        spool = Spool.open_read_only(cfg.spool, owner, stray_journal=stray)
+        if spool is not None and not spool.intake.needs_fan_out(names):
             return spool
         if spool is not None:
             spool.close()
-    spool = Spool.open(cfg.spool, owner)
-    spool.queue.sync_remotes(names)
+    spool = Spool.open(cfg.spool, owner, stray_journal=stray)
+    spool.intake.sync_remotes(names)
     return spool
 
 

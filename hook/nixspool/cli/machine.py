@@ -52,8 +52,8 @@ def add(
     cfg = load_config()
     with open_spool(cfg) as spool:  # first: who may not write it learns that first
         found = adding.store_paths(given, closure=closure)
-        added = spool.queue.add(found)
-        spool.queue.sync_remotes(r.name for r in cfg.remotes)
+        added = spool.intake.add(found)
+        spool.intake.sync_remotes(r.name for r in cfg.remotes)
     already = sorted(set(found) - set(added))
     if json_output:
         print_json({"added": added, "already_in_spool": already})

@@ -29,7 +29,9 @@ def diagnose(config_path: str | None) -> list[Check]:
     try:
         cfg = config_mod.load(config_path)
     except NixspoolError as e:
-        return [Check("config", False, str(e), "fix the line it names; see README#configuration")]
+        return [
+            Check("config", False, str(e), "fix the line it names; see man nixspool: Configuration")
+        ]
     checks = [Check("config", True, f"{cfg.path or 'no config file: defaults'}")]
     try:
         settings = nix.settings()
@@ -42,7 +44,7 @@ def diagnose(config_path: str | None) -> list[Check]:
     try:
         account = privileges.remote_account(cfg)
     except NixspoolError as e:
-        return [*checks, Check("privileges", False, str(e), "see README#ssh")]
+        return [*checks, Check("privileges", False, str(e), "see man nixspool: SSH")]
     keys = signing_public_keys(settings, cfg)
     for remote in cfg.remotes:
         checks += check_remote(remote, account, keys)

@@ -60,7 +60,7 @@ def _resolution(remote: Remote, account: Account, name: str) -> Check:
             name,
             False,
             f"{account.name}'s ssh cannot read its config for this host: {e}",
-            f"fix {account.name}'s ~/.ssh/config (or /etc/ssh/ssh_config); see `man nixspool`, SSH",
+            f"fix {account.name}'s ~/.ssh/config (or /etc/ssh/ssh_config); see man nixspool: SSH",
         )
     via = [f"{key} {found[key]}" for key in ("proxyjump", "proxycommand") if key in found]
     where = f"{found.get('user', '?')}@{found.get('hostname', '?')}:{found.get('port', '22')}"
@@ -77,13 +77,16 @@ def _cache_directory(remote: Remote, account: Account, name: str) -> Check:
     try:
         result = static_cache.read_cache(remote, account, accept_new_host_keys=False)
     except CommandError as e:
-        return Check(name, False, f"reading {directory} failed: {e}", "see README#static-caches")
+        return Check(
+            name, False, f"reading {directory} failed: {e}", "see man nixspool: Static caches"
+        )
     if result.error is not None:
         return Check(
             name,
             False,
             f"cache directory {directory}: {result.error['message']}",
-            f"create {directory} on the host, writable by the SSH login (see README#static-caches)",
+            f"create {directory} on the host, writable by the SSH login "
+            "(see man nixspool: Static caches)",
         )
     return Check(
         name, True, f"cache directory {directory} is there ({result.narinfo_files} paths in it)"
@@ -158,7 +161,9 @@ def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> C
         )
         remote_user = resolve(remote, account).get("user", account.name)
     except CommandError as e:
-        return Check(name, False, f"cannot read the remote's Nix settings: {e}", "see README#ssh")
+        return Check(
+            name, False, f"cannot read the remote's Nix settings: {e}", "see man nixspool: SSH"
+        )
     trusted_users = remote_settings.get("trusted-users", "").split()
     trusted_keys = set(remote_settings.get("trusted-public-keys", "").split())
     if remote_settings.get("require-sigs", "true") == "false":
@@ -174,7 +179,7 @@ def _trust(remote: Remote, account: Account, our_keys: set[str], name: str) -> C
         f"will refuse uploads: {remote_user} is not a trusted user there, "
         f"and it trusts none of the keys this machine signs with ({mine})",
         "add this machine's public key to trusted-public-keys in the remote's nix.conf "
-        "(see README#ssh)",
+        "(see man nixspool: SSH)",
     )
 
 

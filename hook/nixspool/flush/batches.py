@@ -9,7 +9,7 @@ again within this flush (tenacity, exponential backoff with jitter, re-probing
 first), then deferred to a later flush with a growing delay. A batch that runs
 past copy_timeout counts an attempt and is deferred; its rows then go one at a
 time, and a path that times out alone TIMEOUTS_ALONE times fails, with the
-reason, for a person to raise the bound. tests/test_batches.py drives it with a
+reason, for a person to raise the bound. tests/unit/test_batches.py drives it with a
 fake transport.
 """
 
@@ -110,7 +110,7 @@ class Batches:
             except BaseException:
                 # Unreachable, interrupted or a bug: what this batch did not
                 # finish goes back untouched, and the next flush resumes.
-                self.spool.queue.released(remote.name, self.owner, [i for i, _ in batch])
+                self.spool.queue.release(remote.name, self.owner, [i for i, _ in batch])
                 raise
 
     def _select(self, batch: list[Row]) -> list[Row]:
@@ -141,7 +141,7 @@ class Batches:
                 if p in infos and (why := filters.why_left_to_upstream(remote, infos[p])):
                     reasons[i] = why
         if reasons:
-            self.report.skipped += self.spool.queue.skipped(remote.name, self.owner, reasons)
+            self.report.skipped += self.spool.queue.mark_skipped(remote.name, self.owner, reasons)
             log.info(
                 "%s: %d paths left out by its filters (`nixspool list --state skipped`)",
                 remote.name,
@@ -206,7 +206,7 @@ class Batches:
             raise RemoteConfigError(f"{remote.url}: {e.reason}") from None
         except CommandError as e:  # the remote or a path says no
             return e
-        report.delivered += self.spool.queue.delivered(remote.name, self.owner, ids)
+        report.delivered += self.spool.queue.mark_delivered(remote.name, self.owner, ids)
         self.transport.delivered(paths, report)
         return None
 
@@ -218,7 +218,7 @@ class Batches:
             return False
         reason = "no longer in the local store (garbage-collected before upload)"
         bad = [(i, p) for i, p in batch if p in gone]
-        self.report.failed += self.spool.queue.failed(
+        self.report.failed += self.spool.queue.mark_failed(
             self.remote.name, self.owner, [i for i, _ in bad], reason
         )
         for _, p in bad:
@@ -240,7 +240,9 @@ class Batches:
                     f"{reason}, {attempts} attempts, the last ones alone: raise "
                     f"copy_timeout for {remote.name}, then `nixspool retry`"
                 )
-                self.report.failed += self.spool.queue.failed(remote.name, self.owner, ids, why)
+                self.report.failed += self.spool.queue.mark_failed(
+                    remote.name, self.owner, ids, why
+                )
                 self.report.fail(batch[0][1], why)
                 log.error("%s: %s failed: %s", remote.name, batch[0][1], why)
                 return
@@ -265,7 +267,7 @@ class Batches:
         if len(batch) == 1:
             reason = refusal_of(error)
             (path_id, path), remote = batch[0], self.remote
-            self.report.failed += self.spool.queue.failed(
+            self.report.failed += self.spool.queue.mark_failed(
                 remote.name, self.owner, [path_id], reason
             )
             self.report.fail(path, reason)
@@ -313,6 +315,6 @@ class Batches:
         retry_min, retry_max = self.retry
         for path_id, attempts in self.spool.queue.attempts(self.remote.name, ids).items():
             retry_at = now + backoff(attempts + 1, retry_min, retry_max)
-            self.report.deferred += self.spool.queue.deferred(
+            self.report.deferred += self.spool.queue.mark_deferred(
                 self.remote.name, self.owner, [path_id], reason, retry_at, now
             )

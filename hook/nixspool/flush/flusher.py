@@ -49,7 +49,7 @@ PRUNE_EVERY = 24 * 3600.0  # seconds between a flush's prunes of rows past reten
 def single_flusher(spool: Spool) -> Iterator[bool]:
     """Hold the spool's flush lock if nobody else does; yield whether we got it."""
     try:
-        with files.OwnersRights(spool.rights):  # README#ownership
+        with files.OwnersRights(spool.rights):  # docs/security.md#ownership
             fd = files.open_regular(spool.path + ".flush.lock", os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise SpoolError(f"flush lock: {e}") from None
@@ -67,7 +67,7 @@ def single_flusher(spool: Spool) -> Iterator[bool]:
 def resolve_derivations(spool: Spool) -> int:
     """Replace rows recorded by DRV_PATH alone (Nix 2.8.0) by their outputs; how
     many were resolved."""
-    unresolved = spool.queue.unresolved()
+    unresolved = spool.intake.unresolved()
     if not unresolved:
         return 0
     try:  # one call for all of them, the common case
@@ -80,10 +80,10 @@ def resolve_derivations(spool: Spool) -> int:
             except CommandError as e:
                 reason = f"cannot resolve outputs of {drv_path}: {last_line(e.stderr)}"
                 log.warning("%s", reason)
-                spool.queue.fail_unresolved(drv_id, reason)
+                spool.intake.fail_unresolved(drv_id, reason)
     for drv_id, drv_path in unresolved:
         if drv_path in outputs:
-            spool.queue.resolve(drv_id, outputs[drv_path])
+            spool.intake.resolve(drv_id, outputs[drv_path])
     return len(outputs)
 
 
@@ -102,14 +102,14 @@ def prune(spool: Spool, cfg: Config) -> None:
 def requeue_lost_rows(spool: Spool, cfg: Config) -> None:
     """Queue again what the GC roots say was queued, when they were made for another
     spool: this one was deleted, emptied or set aside as broken since the last flush
-    (README#when-things-go-wrong)."""
+    (docs/operations.md#when-things-go-wrong)."""
     if not cfg.gc_roots:
         return
     rooted = gcroots.left_by_another_spool(spool.path, spool.spool_id)
     good, _ = storepath.partition(rooted, storepath.store_dir())
-    again = spool.queue.add(good)
+    again = spool.intake.add(good)
     if again:
-        spool.queue.sync_remotes(r.name for r in cfg.remotes)
+        spool.intake.sync_remotes(r.name for r in cfg.remotes)
         log.warning(
             "the spool is not the one the GC roots were kept for (it was lost or replaced "
             "since the last flush): %d paths queued at that flush are queued again",
@@ -170,7 +170,7 @@ class Flusher:
         try:
             try:
                 if resolve_derivations(self.spool):
-                    self.spool.queue.sync_remotes(r.name for r in self.cfg.remotes)
+                    self.spool.intake.sync_remotes(r.name for r in self.cfg.remotes)
             except NixspoolError as e:  # local: the rows already resolved still go
                 errors.append(f"resolving derivations: {e}")
                 log.error("cannot resolve derivations recorded without outputs: %s", e)

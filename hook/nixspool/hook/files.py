@@ -55,7 +55,7 @@ def _kind(mode: int) -> str:
 def _refuse(path: str, mode: int) -> NotRegularFile:
     return NotRegularFile(
         f"{path} is {_kind(mode)}, not a regular file; nixspool will not use it "
-        "(move it aside; see README#ownership)"
+        "(move it aside; see man nixspool: Ownership)"
     )
 
 
@@ -80,14 +80,14 @@ def why_spool_unsafe(path: str, trusted_uids: set[int] | None) -> str | None:
         mode = "0700" if kind == "directory" else "0600"
         return (
             f"spool {kind} {path} is writable by group or others: anyone could queue "
-            f"uploads; run 'chmod {mode} {path}' (see README#ownership)"
+            f"uploads; run 'chmod {mode} {path}' (see man nixspool: Ownership)"
         )
     if trusted_uids is not None and st.st_uid not in trusted_uids:
         directory = path if kind == "directory" else os.path.dirname(path)
         return (
             f"spool {kind} {path} belongs to uid {st.st_uid}, whom nixspool does not "
             f"trust (root or the config's 'user'); set 'user' to its owner, or run "
-            f"'chown -R root {directory}' (see README#ownership)"
+            f"'chown -R root {directory}' (see man nixspool: Ownership)"
         )
     return None
 
@@ -137,7 +137,7 @@ def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
         os.close(fd)
         raise NotRegularFile(
             f"{path} has {st.st_nlink} hard links; nixspool will not use it "
-            "(move it aside; see README#ownership)"
+            "(move it aside; see man nixspool: Ownership)"
         )
     return fd
 
@@ -151,7 +151,7 @@ def open_directory(directory: str) -> int:
             raise
         raise NotRegularFile(
             f"{directory} is {_kind(os.lstat(directory).st_mode)}, not a directory; "
-            "nixspool will not use it (see README#ownership)"
+            "nixspool will not use it (see man nixspool: Ownership)"
         ) from None
 
 
@@ -189,14 +189,14 @@ def why_ancestors_unsafe(directory: str) -> str | None:
             return (
                 f"{path} belongs to uid {st.st_uid}, who could swap the spool's directory "
                 f"{directory} for a link; give it to root, or the spool's directory to "
-                "the config's 'user' (see README#ownership)"
+                "the config's 'user' (see man nixspool: Ownership)"
             )
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if stat.S_ISDIR(st.st_mode) and writable and not st.st_mode & stat.S_ISVTX:
             return (
                 f"{path} is writable by group or others, who could swap the spool's "
                 f"directory {directory} for a link; run 'chmod go-w {path}' "
-                "(see README#ownership)"
+                "(see man nixspool: Ownership)"
             )
     return None
 
@@ -240,7 +240,7 @@ def why_unreachable(directory: str, uid: int, gid: int) -> str | None:
         if not allowed:
             return (
                 f"{path} does not let uid {uid}, who owns the spool's directory {directory}, "
-                "through; move the spool, or let them reach it (see README#ownership)"
+                "through; move the spool, or let them reach it (see man nixspool: Ownership)"
             )
         if path == "/":
             return None

@@ -148,3 +148,10 @@ def hook_spool(environ: Mapping[str, str]) -> str:
 def fallback_journal(spool: str) -> str:
     """The plain journal beside the spool that catches records it could not take."""
     return spool + ".fallback.jsonl"
+
+
+def stray_journal(environ: Mapping[str, str]) -> str:
+    """Where the hook keeps what it recorded while it could not read the config
+    or use the spool's directory: the journal beside the default spool (see
+    hook.run), which depends on who runs it and on `environ`."""
+    return fallback_journal(default_spool(environ))

@@ -63,7 +63,7 @@ def read_record(environ: dict[str, str] | os._Environ[str], now: float) -> Recor
 def _enter(directory: str) -> None:
     """Refuse a spool directory others could write to (planted rows, links); then,
     as root, take its owner's rights for good, so that nothing planted there can
-    make root write outside it (README#ownership). The hook does not read `user`,
+    make root write outside it (docs/security.md#ownership). The hook does not read `user`,
     so any owner passes here; `nixspool` checks the owner too."""
     reason = files.why_spool_unsafe(directory, None)
     if reason is not None:

@@ -1,7 +1,9 @@
 """The spool: a SQLite file in WAL mode, the one source of truth.
 
-By responsibility: `database` (the file: safety, owner, migrations, journal
-import, ballast), `queue` (fan-out and the flusher's state machine), `remotes`
+By responsibility: `place` (the directory and files: who owns them, who may),
+`database` (the connection, migrations, journal import, ballast), `intake`
+(fan-out to the remotes, paths added by hand, .drv rows resolved), `queue`
+(the flusher's state machine), `remotes`
 (each remote's record: its last flush, what needs a person, reconciling),
 `reports` (status and list, typed), `admin` (retry, drop, prune), `model` (the
 values).
@@ -12,19 +14,19 @@ Tables:
   by its outputs). The hook only ever inserts here and into `rejects`.
 - `deliveries`: one row per path and remote, with its state, attempts, next
   attempt time, last error and lease. Rows are created lazily by
-  `sync_remotes()`, because the hook does not read the config and so does
+  `intake.sync_remotes()`, because the hook does not read the config and so does
   not know the remotes; `remotes.expanded_through` remembers how far each
   remote has been fanned out, so a dropped row is not brought back.
 - `rejects`: what the hook refused to record, and why.
 
-Ownership (README#ownership): the directory (0700) and the files (0600)
+Ownership (docs/security.md#ownership): the directory (0700) and the files (0600)
 belong to the configured `user`, so that both root (the hook, a root
 flusher) and that user (a flusher started by them) can write, and nobody
 else can. SQLite gives its -wal and -shm files the database's owner and
 mode when root creates them; nixspool does the same for its own files.
 """
 
-from .database import SCHEMA_VERSION, Owner, Spool, check_permissions, trusted_uids
+from .database import SCHEMA_VERSION, Spool
 from .model import (
     DELIVERY_STATES,
     Dropped,
@@ -36,6 +38,7 @@ from .model import (
     Status,
     untrusted_row,
 )
+from .place import Owner, check_permissions, trusted_uids
 
 __all__ = [
     "DELIVERY_STATES",

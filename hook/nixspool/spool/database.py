@@ -8,18 +8,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pwd
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import SpoolError
 from ..hook import files, journal, locate, rows
 from ..hook.rows import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
+from . import place
 from .admin import Admin
+from .intake import Intake
+from .place import Owner
 from .queue import Queue
 from .remotes import Remotes
 from .reports import Reports
@@ -127,44 +128,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 BROKEN = ("file is not a database", "database disk image is malformed")
 
 
-def _set_aside(path: str) -> str:
-    """Rename the spool and its -wal and -shm out of the way; the new name."""
-    kept = f"{path}.broken-{time.strftime('%Y%m%dT%H%M%S')}"
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.lexists(path + suffix):
-            os.rename(path + suffix, kept + suffix)
-    return kept
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who owns the spool's files."""
-
-    uid: int
-    gid: int
-    name: str
-
-    @classmethod
-    def of_user(cls, name: str) -> Owner:
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise SpoolError(f"user '{name}' (from the config's 'user') does not exist") from None
-        return cls(entry.pw_uid, entry.pw_gid, name)
-
-
-def trusted_uids(owner: Owner | None) -> set[int]:
-    """Who may own the spool: root, whoever runs this, and the configured user."""
-    return {0, os.geteuid()} | ({owner.uid} if owner else set())
-
-
-def check_permissions(path: str, owner: Owner | None) -> None:
-    """Refuse a spool (file or directory) that someone untrusted could write."""
-    reason = files.why_spool_unsafe(path, trusted_uids(owner))
-    if reason is not None:
-        raise SpoolError(reason)
-
-
 class Spool:
     """An open spool. Create with `Spool.open()`; close with `close()` or `with`."""
 
@@ -194,6 +157,10 @@ class Spool:
         return Queue(self)
 
     @functools.cached_property
+    def intake(self) -> Intake:
+        return Intake(self)
+
+    @functools.cached_property
     def remotes(self) -> Remotes:
         return Remotes(self)
 
@@ -208,65 +175,60 @@ class Spool:
     # -- opening ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, owner: Owner | None = None) -> Spool:
-        """Open (and if needed create) the spool, migrate it, import the journal.
-
-        `owner` is the configured user: files root creates are given to them,
-        and files they own are trusted.
-        """
-        directory = os.path.dirname(path)
-        try:
-            check_permissions(directory, owner)
-            check_permissions(path, owner)
-            files.check_database(path)
-        except files.NotRegularFile as e:
-            raise SpoolError(f"spool: {e}") from None
-        except PermissionError:
-            raise SpoolError(
-                f"spool {path}: permission denied; run nixspool as root or as "
-                "the spool's owner (see README#ownership)"
-            ) from None
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            _give_to(owner, directory, [path + suffix for suffix in OWN_SUFFIXES])
-            rights = files.rights_to_use(directory)
-        except (files.NotRegularFile, PermissionError) as e:
-            raise SpoolError(f"spool: {e}") from None
-        # Root works in the directory with its owner's rights (README#ownership).
+    def open(cls, path: str, owner: Owner | None = None, *, stray_journal: str = "") -> Spool:
+        """The spool, ready for work, in three steps: its directory made and given
+        to `owner`, the configured user (place.prepare); the database connected and
+        migrated (connect); what the hook left in journals imported (settle).
+        `stray_journal` is the journal beside the default spool (hook.run), which
+        the caller names from its environment."""
+        rights = place.prepare(path, owner)
+        # Root works in the directory with its owner's rights (docs/security.md).
         with files.OwnersRights(rights):
-            try:
-                try:
-                    spool = cls._connect(path)
-                except sqlite3.DatabaseError as e:
-                    if not any(sign in str(e) for sign in BROKEN):
-                        raise
-                    # Garbage where the spool was: keep it for a person to look at
-                    # and start afresh; the next flush queues again what its GC
-                    # roots say was queued (nixspool.gcroots).
-                    kept = _set_aside(path)
-                    log.warning(
-                        "spool %s is not a usable SQLite database (%s); set aside as %s, "
-                        "a new spool is made in its place",
-                        path,
-                        e,
-                        kept,
-                    )
-                    spool = cls._connect(path)
-            except sqlite3.DatabaseError as e:
-                raise SpoolError(
-                    f"spool {path}: {e}; is it readable and writable by this user? "
-                    "(see README#troubleshooting)"
-                ) from None
-            except PermissionError as e:
-                raise SpoolError(
-                    f"spool {path}: {e.strerror}; run nixspool as root or as the "
-                    "spool's owner (see README#ownership)"
-                ) from None
-            spool._import_journal(locate.fallback_journal(path))
-            spool._keep_ballast()
-        spool.rights = rights
-        spool._import_stray_journal()
+            spool = cls.connect(path)
+            spool.rights = rights
+            spool.settle()
+        if stray_journal:
+            spool.import_stray_journal(stray_journal)
         return spool
+
+    @classmethod
+    def connect(cls, path: str) -> Spool:
+        """Connect and migrate; a file that is not a database is set aside and made
+        anew. Called with the directory's owner's rights (place.prepare)."""
+        try:
+            try:
+                return cls._connect(path)
+            except sqlite3.DatabaseError as e:
+                if not any(sign in str(e) for sign in BROKEN):
+                    raise
+                # Garbage where the spool was: keep it for a person to look at
+                # and start afresh; the next flush queues again what its GC
+                # roots say was queued (nixspool.gcroots).
+                kept = place.set_aside(path)
+                log.warning(
+                    "spool %s is not a usable SQLite database (%s); set aside as %s, "
+                    "a new spool is made in its place",
+                    path,
+                    e,
+                    kept,
+                )
+                return cls._connect(path)
+        except sqlite3.DatabaseError as e:
+            raise SpoolError(
+                f"spool {path}: {e}; is it readable and writable by this user? "
+                "(see docs/operations.md#troubleshooting)"
+            ) from None
+        except PermissionError as e:
+            raise SpoolError(
+                f"spool {path}: {e.strerror}; run nixspool as root or as the "
+                "spool's owner (see docs/security.md#ownership)"
+            ) from None
+
+    def settle(self) -> None:
+        """Import what the hook put in this spool's journal, and keep the ballast
+        the hook may free on a full disk."""
+        self._import_journal(locate.fallback_journal(self.path))
+        self._keep_ballast()
 
     @classmethod
     def _connect(cls, path: str) -> Spool:
@@ -284,7 +246,9 @@ class Spool:
         return spool
 
     @classmethod
-    def open_read_only(cls, path: str, owner: Owner | None = None) -> Spool | None:
+    def open_read_only(
+        cls, path: str, owner: Owner | None = None, *, stray_journal: str = ""
+    ) -> Spool | None:
         """The spool as it is, for a command that only reads: no directory made,
         nothing chowned, migrated, imported or written (SQLite's read-only mode;
         as for any reader of a WAL database, SQLite may create its -wal and -shm
@@ -295,16 +259,13 @@ class Spool:
         The caller then open()s it, which does that work first.
         """
         try:
-            check_permissions(os.path.dirname(path), owner)
-            check_permissions(path, owner)
+            place.check_permissions(os.path.dirname(path), owner)
+            place.check_permissions(path, owner)
             files.check_database(path)
         except files.NotRegularFile as e:
             raise SpoolError(f"spool: {e}") from None
-        journals = [
-            locate.fallback_journal(path),
-            locate.fallback_journal(locate.default_spool(os.environ)),
-        ]
-        if not os.path.exists(path) or any(os.path.lexists(j) for j in journals):
+        journals = [locate.fallback_journal(path), stray_journal]
+        if not os.path.exists(path) or any(j and os.path.lexists(j) for j in journals):
             return None
         uri = "file:" + path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
         try:
@@ -403,11 +364,10 @@ class Spool:
                 "or as the spool's owner"
             ) from None
 
-    def _import_stray_journal(self) -> int:
+    def import_stray_journal(self, stray: str) -> int:
         """Records the hook made while it could not read the config, or could not
         use the spool's directory, wait beside the default spool (see hook.run):
         they belong to this one."""
-        stray = locate.fallback_journal(locate.default_spool(os.environ))
         if stray == locate.fallback_journal(self.path) or not os.path.lexists(stray):
             return 0
         try:
@@ -421,30 +381,3 @@ class Spool:
                 e.strerror or e,
             )
             return 0
-
-
-# The files beside the spool that nixspool and SQLite keep (README#ownership).
-OWN_SUFFIXES = ("", "-wal", "-shm", BALLAST_SUFFIX, ".fallback.jsonl", ".flush.lock")
-
-
-def _give_to(owner: Owner | None, directory: str, names: list[str]) -> None:
-    """As root, give the spool's directory and files to the configured user: a
-    root-only file there would lock them out of their own spool (files an older
-    nixspool made as root, a directory root just made). Through descriptors
-    opened without following links, and never a file with a second name (a hard
-    link to /etc/shadow would pass for a plain file)."""
-    if owner is None or os.geteuid() != 0:
-        return
-    for name, opener in [(directory, files.open_directory)] + [
-        (name, lambda n: files.open_regular(n, os.O_RDONLY)) for name in names
-    ]:
-        try:
-            fd = opener(name)
-        except OSError:
-            continue  # absent, or refused when it is used, with its reason
-        try:
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
-                os.fchown(fd, owner.uid, owner.gid)
-        finally:
-            os.close(fd)

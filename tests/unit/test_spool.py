@@ -108,13 +108,13 @@ def test_a_corrupt_spool_is_set_aside_with_its_wal_and_made_anew(
 
 def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.queue.sync_remotes(["pi", "nas"])
+    spool.intake.sync_remotes(["pi", "nas"])
     add(spool, "c")
-    spool.queue.sync_remotes(["pi", "nas"])
+    spool.intake.sync_remotes(["pi", "nas"])
     status = spool.reports.status()
     assert status.totals == {"queued": 6, "delivered": 0, "failed": 0, "skipped": 0}
     ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60)]
-    assert spool.queue.delivered("pi", "me", ids) == 3
+    assert spool.queue.mark_delivered("pi", "me", ids) == 3
     status = spool.reports.status()
     assert status.remotes["pi"].delivered == 3
     assert status.remotes["nas"].queued == 3
@@ -122,22 +122,22 @@ def test_every_remote_gets_every_path_and_keeps_its_own_state(spool: Spool) -> N
 
 def test_a_lease_hides_rows_until_it_runs_out(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     first = spool.queue.claim("pi", "one", 10, 60, now=100)
     assert len(first) == 2
     assert spool.queue.claim("pi", "two", 10, 60, now=120) == []  # held by the first flusher
     assert spool.queue.claim("pi", "two", 10, 60, now=161) == first  # it died; the lease ran out
     # The first flusher comes back late: it no longer holds the lease, marks nothing.
-    assert spool.queue.delivered("pi", "one", [i for i, _ in first]) == 0
-    assert spool.queue.delivered("pi", "two", [i for i, _ in first]) == 2
+    assert spool.queue.mark_delivered("pi", "one", [i for i, _ in first]) == 0
+    assert spool.queue.mark_delivered("pi", "two", [i for i, _ in first]) == 2
 
 
 def test_deferred_rows_wait_and_released_rows_do_not_count_an_attempt(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     (a, _), (b, _) = spool.queue.claim("pi", "me", 10, 60, now=0)
-    spool.queue.deferred("pi", "me", [a], "timeout", retry_at=500, now=0)
-    spool.queue.released("pi", "me", [b])
+    spool.queue.mark_deferred("pi", "me", [a], "timeout", retry_at=500, now=0)
+    spool.queue.release("pi", "me", [b])
     assert spool.queue.attempts("pi", [a, b]) == {a: 1, b: 0}
     assert [i for i, _ in spool.queue.claim("pi", "me", 10, 60, now=100)] == [b]
     assert spool.queue.claim("pi", "me2", 10, 60, now=150) == []  # a waits, b is leased
@@ -149,9 +149,9 @@ def test_a_flush_takes_only_rows_due_when_it_began(spool: Spool) -> None:
     """A row the flush deferred itself waits for the next flush, however short its
     backoff: otherwise one run would try a hopeless path again and again."""
     add(spool, "a", "b")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     [(a, _)] = spool.queue.claim("pi", "me", 1, 60, now=10, due_by=10)
-    spool.queue.deferred("pi", "me", [a], "timeout", retry_at=11, now=10)
+    spool.queue.mark_deferred("pi", "me", [a], "timeout", retry_at=11, now=10)
     [(b, _)] = spool.queue.claim("pi", "me", 10, 60, now=20, due_by=10)
     assert b != a
     assert [i for i, _ in spool.queue.claim("pi", "me2", 10, 60, now=20)] == [a]
@@ -159,18 +159,18 @@ def test_a_flush_takes_only_rows_due_when_it_began(spool: Spool) -> None:
 
 def test_retry_and_drop_by_id_path_and_all_failed(spool: Spool) -> None:
     add(spool, "a", "b", "c")
-    spool.queue.sync_remotes(["pi", "nas"])
+    spool.intake.sync_remotes(["pi", "nas"])
     rows = spool.queue.claim("pi", "me", 10, 60)
-    spool.queue.failed("pi", "me", [rows[0][0], rows[1][0]], "lacks a valid signature")
+    spool.queue.mark_failed("pi", "me", [rows[0][0], rows[1][0]], "lacks a valid signature")
     assert spool.reports.status().remotes["pi"].last_error == "lacks a valid signature"
     assert spool.admin.retry(Selector(ids=(rows[0][0],), remote="pi")) == 1
     assert spool.admin.retry(Selector(all_failed=True)) == 1
     assert spool.reports.status().totals["failed"] == 0
-    spool.queue.released("pi", "me", [rows[2][0]])
+    spool.queue.release("pi", "me", [rows[2][0]])
     assert spool.admin.drop(Selector(paths=(p("a"),), remote="pi")).paths == []  # nas wants it
     assert spool.admin.drop(Selector(paths=(p("a"),))) == Dropped(1, [p("a")])
     assert spool.reports.status().paths == 2
-    spool.queue.sync_remotes(["pi", "nas"])  # a dropped row does not come back
+    spool.intake.sync_remotes(["pi", "nas"])  # a dropped row does not come back
     assert spool.reports.status().totals["queued"] == 4
 
 
@@ -178,12 +178,12 @@ def test_retry_all_takes_every_row_not_delivered_and_a_named_row_even_delivered(
     spool: Spool,
 ) -> None:
     add(spool, "a", "b", "c", "d")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     (a, _), (b, _), (c, _), (d, _) = spool.queue.claim("pi", "me", 10, 60, now=0)
-    spool.queue.delivered("pi", "me", [a], now=1)
-    spool.queue.failed("pi", "me", [b], "lacks a valid signature", now=1)
-    spool.queue.skipped("pi", "me", {c: "left out"}, now=1)
-    spool.queue.deferred("pi", "me", [d], "disk full", retry_at=3600, now=1)
+    spool.queue.mark_delivered("pi", "me", [a], now=1)
+    spool.queue.mark_failed("pi", "me", [b], "lacks a valid signature", now=1)
+    spool.queue.mark_skipped("pi", "me", {c: "left out"}, now=1)
+    spool.queue.mark_deferred("pi", "me", [d], "disk full", retry_at=3600, now=1)
     assert spool.queue.due_count("pi", now=2) == 0
     assert spool.admin.retry(Selector(all_pending=True), now=2) == 3  # b, c and d
     assert spool.queue.due_count("pi", now=2) == 3
@@ -196,11 +196,11 @@ def test_retry_all_takes_every_row_not_delivered_and_a_named_row_even_delivered(
 
 def test_skipped_rows_keep_their_reason_until_retried(spool: Spool) -> None:
     add(spool, "a", "b")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     (a, _), (b, _) = spool.queue.claim("pi", "me", 10, 60)
-    assert spool.queue.skipped("pi", "me", {a: "left out by pi's exclude pattern 'a'"}) == 1
-    assert spool.queue.skipped("pi", "someone else", {b: "not theirs to skip"}) == 0
-    spool.queue.released("pi", "me", [b])
+    assert spool.queue.mark_skipped("pi", "me", {a: "left out by pi's exclude pattern 'a'"}) == 1
+    assert spool.queue.mark_skipped("pi", "someone else", {b: "not theirs to skip"}) == 0
+    spool.queue.release("pi", "me", [b])
     status = spool.reports.status()
     assert status.totals == {"queued": 1, "delivered": 0, "failed": 0, "skipped": 1}
     assert status.remotes["pi"].last_error is None  # a skip is no error
@@ -263,13 +263,13 @@ def test_retry_and_drop_refuse_unknown_rows(spool: Spool) -> None:
 def test_resolving_a_derivation_replaces_its_row_by_its_outputs(spool: Spool) -> None:
     with spool.transaction():
         rows.store(spool.conn, [rows.Record(p("x.drv"), [], [], 5.0)])
-    spool.queue.sync_remotes(["pi"])
-    ((drv_id, _),) = spool.queue.unresolved()
+    spool.intake.sync_remotes(["pi"])
+    ((drv_id, _),) = spool.intake.unresolved()
     assert spool.queue.claim("pi", "me", 10, 60) == []  # not uploadable until resolved
-    spool.queue.resolve(drv_id, [p("x"), p("x-dev")])
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.resolve(drv_id, [p("x"), p("x-dev")])
+    spool.intake.sync_remotes(["pi"])
     assert [path for _, path in spool.queue.claim("pi", "me", 10, 60)] == [p("x"), p("x-dev")]
-    assert spool.queue.unresolved() == []
+    assert spool.intake.unresolved() == []
 
 
 def test_journal_records_are_imported_once_even_if_imported_twice(tmp_path: Path) -> None:
@@ -314,7 +314,7 @@ def test_appends_racing_an_import_are_never_lost(tmp_path: Path) -> None:
 
 def test_status_shape_is_stable(spool: Spool) -> None:
     add(spool, "a")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     status = spool.reports.status(now=11.0).to_json()
     assert set(status) == {
         "spool",
@@ -365,16 +365,16 @@ def test_a_derivation_nix_cannot_resolve_is_asked_once_then_on_retry(spool: Spoo
     """Each asking costs a `nix derivation show`: not on every flush for ever."""
     with spool.transaction():
         rows.store(spool.conn, [rows.Record(p("gone.drv"), [], [], 1.0)])
-    spool.queue.sync_remotes(["pi"])
-    ((drv_id, _),) = spool.queue.unresolved()
-    spool.queue.fail_unresolved(drv_id, "cannot resolve outputs of it: path is not valid")
-    assert spool.queue.unresolved() == []
+    spool.intake.sync_remotes(["pi"])
+    ((drv_id, _),) = spool.intake.unresolved()
+    spool.intake.fail_unresolved(drv_id, "cannot resolve outputs of it: path is not valid")
+    assert spool.intake.unresolved() == []
     (row,) = spool.reports.rows()
     assert (row.state, row.attempts) == (State.FAILED, 1)
     assert row.last_error == "cannot resolve outputs of it: path is not valid"
     assert spool.reports.status().unresolved_derivations == 0
     assert spool.admin.retry(Selector(all_failed=True)) == 1
-    assert [i for i, _ in spool.queue.unresolved()] == [drv_id]
+    assert [i for i, _ in spool.intake.unresolved()] == [drv_id]
 
 
 def test_roots_made_for_another_spool_id_are_handed_back(tmp_path: Path) -> None:
@@ -394,7 +394,7 @@ def test_roots_made_for_another_spool_id_are_handed_back(tmp_path: Path) -> None
 
 def test_a_clock_stepped_back_makes_far_rows_due_and_leaves_near_ones(spool: Spool) -> None:
     add(spool, "far", "near")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     now = 1_000_000.0
     with spool.transaction():
         for name, due in (("far", now + 86400 * 365), ("near", now + 60)):
@@ -413,9 +413,9 @@ DAY = 86400.0
 
 def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
     add(spool, "a", "b", "c")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     ids = [i for i, _ in spool.queue.claim("pi", "me", 10, 60, now=0)]
-    spool.queue.delivered("pi", "me", ids, now=1)
+    spool.queue.mark_delivered("pi", "me", ids, now=1)
     assert spool.remotes.reconciled_at("pi") is None
     # b is gone from pi; c from pi and from this machine.
     assert spool.remotes.reconciled("pi", [p("b")], [p("c")], now=5) == (1, 1)
@@ -436,14 +436,14 @@ def test_reconciling_queues_again_what_the_remote_lost(spool: Spool) -> None:
 
 def test_prune_forgets_only_rows_past_their_retention(spool: Spool) -> None:
     add(spool, "old-delivered", "new-delivered", "old-failed", "new-failed", "queued", "skipped")
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     ids = dict((path, i) for i, path in spool.queue.claim("pi", "me", 10, 60, now=0))
-    spool.queue.delivered("pi", "me", [ids[p("old-delivered")]], now=0)
-    spool.queue.delivered("pi", "me", [ids[p("new-delivered")]], now=95 * DAY)
-    spool.queue.failed("pi", "me", [ids[p("old-failed")]], "refused", now=0)
-    spool.queue.failed("pi", "me", [ids[p("new-failed")]], "refused", now=95 * DAY)
-    spool.queue.skipped("pi", "me", {ids[p("skipped")]: "left out"}, now=0)
-    spool.queue.released("pi", "me", [ids[p("queued")]])
+    spool.queue.mark_delivered("pi", "me", [ids[p("old-delivered")]], now=0)
+    spool.queue.mark_delivered("pi", "me", [ids[p("new-delivered")]], now=95 * DAY)
+    spool.queue.mark_failed("pi", "me", [ids[p("old-failed")]], "refused", now=0)
+    spool.queue.mark_failed("pi", "me", [ids[p("new-failed")]], "refused", now=95 * DAY)
+    spool.queue.mark_skipped("pi", "me", {ids[p("skipped")]: "left out"}, now=0)
+    spool.queue.release("pi", "me", [ids[p("queued")]])
     pruned = spool.admin.prune(retention=90 * DAY, failed_retention=10 * DAY, now=100 * DAY)
     assert (pruned.delivered, pruned.failed, pruned.paths) == (1, 1, 2)
     left = {r.path: r.state for r in spool.reports.rows()}
@@ -468,9 +468,9 @@ def test_a_pruned_spool_stops_growing(tmp_path: Path) -> None:
         with Spool.open(str(path)) as s:
             names = [f"day{day}-{i}" for i in range(2000)]
             add(s, *names)
-            s.queue.sync_remotes(["pi"])
+            s.intake.sync_remotes(["pi"])
             while batch := s.queue.claim("pi", "me", 500, 60, now=day * DAY):
-                s.queue.delivered("pi", "me", [i for i, _ in batch], now=day * DAY)
+                s.queue.mark_delivered("pi", "me", [i for i, _ in batch], now=day * DAY)
             s.admin.prune(retention=DAY / 2, failed_retention=DAY, now=day * DAY + DAY)
             s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         sizes.append(path.stat().st_size)
@@ -483,8 +483,8 @@ def test_a_batch_larger_than_sqlites_variable_limit_is_asked_in_chunks(spool: Sp
     This connection is held to the oldest limit."""
     spool.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
     add(spool, *(f"n{i}" for i in range(2500)))
-    spool.queue.sync_remotes(["pi"])
+    spool.intake.sync_remotes(["pi"])
     ids = [i for i, _ in spool.queue.claim("pi", "me", 2500, 60)]
     assert len(ids) == 2500
     assert set(spool.queue.attempts("pi", ids).values()) == {0}
-    assert spool.queue.deferred("pi", "me", ids, "later", retry_at=10, now=1) == 2500
+    assert spool.queue.mark_deferred("pi", "me", ids, "later", retry_at=10, now=1) == 2500

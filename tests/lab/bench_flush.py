@@ -1,6 +1,6 @@
 """Benchmark: nixspool flush against hand-written nix copies, as ratios from one run.
 
-    python tests/bench_flush.py [--derivations 375] [--big-mb 1.4] [--naive 500]
+    python tests/lab/bench_flush.py [--derivations 375] [--big-mb 1.4] [--naive 500]
                                 [--schemes ssh-ng,ssh] [--rounds 3] [--lan-rate none]
 
 Run as root after `bash tests/run` (which installs the lab). It builds the
@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
+sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 

@@ -1,6 +1,6 @@
 """What an adversarial run found: the spool's owner, or a fault, acting against root.
 
-The spool's directory belongs to the configured user (README#ownership), and
+The spool's directory belongs to the configured user (docs/security.md#ownership), and
 root's hook and flusher work in it. Each test here plants what that user, or a
 fault, could leave there, runs the real programs as root, and checks that root
 neither follows it, nor hangs on it, nor crashes, nor uses a planted row.

@@ -1,6 +1,6 @@
 """Benchmark: what nixspool-hook costs a build, as ratios measured in one run.
 
-    python tests/bench_hook.py [--runs 200] [--derivations 200] [--rounds 3]
+    python tests/lab/bench_hook.py [--runs 200] [--derivations 200] [--rounds 3]
                                [--concurrent 64] [--down-derivations 3]
 
 Run as root with the lab installed (`bash tests/run` installs it). Prints:
@@ -36,7 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
+sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 from nixspool.spool import Spool

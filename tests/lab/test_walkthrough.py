@@ -1,9 +1,9 @@
-"""The README's walkthrough, run as written, on a throwaway machine.
+"""The walkthrough (docs/walkthrough.md), run as written, on a throwaway machine.
 
-Every block marked `<!-- walkthrough: MACHINE USER -->` in README.md runs in order:
+Every block marked `<!-- walkthrough: MACHINE USER -->` in docs/walkthrough.md runs in order:
 the laptop is this root, alice a fresh account on it; the Pi is a LAN host of the
 lab (its own address and sshd in a network namespace), with `cache` created by the
-README's own commands. Then alice builds, `nixspool flush` runs, and the build must
+walkthrough's own commands. Then alice builds, `nixspool flush` runs, and the build must
 be in the Pi's store. A step that fails as documented fails this test.
 
 What the lab must do differently from a real laptop and Pi, and nothing else:
@@ -16,7 +16,7 @@ What the lab must do differently from a real laptop and Pi, and nothing else:
   nix-daemon` restarts the daemon this test started, other systemctl lines are
   skipped; the daemon's nix.conf gets the lab's two lines (no sandbox in a chroot,
   no substituters);
-- the README's placeholders are filled with what the earlier steps printed.
+- the walkthrough's placeholders are filled with what the earlier steps printed.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from nixspool import setup
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[1] / "README.md"
-CHECKOUT = Path(__file__).parents[1]
+WALKTHROUGH = Path(__file__).parents[2] / "docs" / "walkthrough.md"
+CHECKOUT = Path(__file__).parents[2]
 THROWAWAY = Path("/etc/nixspool-test-root")  # written by tests/platform/root
 WHEELS = os.environ.get("NIXSPOOL_WHEELS", "/opt/nixspool-wheels")
 DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
@@ -72,9 +72,9 @@ class Step:
 def steps() -> list[Step]:
     found = [
         Step(m["machine"], m["who"], m["file"], m["text"])
-        for m in STEP.finditer(README.read_text())
+        for m in STEP.finditer(WALKTHROUGH.read_text())
     ]
-    assert len(found) >= 6, "README.md lost its walkthrough markers"
+    assert len(found) >= 6, "docs/walkthrough.md lost its markers"
     return found
 
 
@@ -113,7 +113,7 @@ def remove_user(name: str) -> None:
 @dataclass
 class Machines:
     daemon: Daemon
-    pi_store: Path  # the Pi's own store, made for `cache` once the README made it
+    pi_store: Path  # the Pi's own store, made for `cache` once the walkthrough made it
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Benchmark: a flush to a static cache over SFTP against what people do without
 nixspool, as ratios from one run.
 
-    python tests/bench_static.py [--tiny 200] [--big 20] [--big-mb 2] [--rounds 3]
+    python tests/lab/bench_static.py [--tiny 200] [--big 20] [--big-mb 2] [--rounds 3]
                                  [--lan-rate 1gbit]
 
 Run as root after `bash tests/run` (which installs the lab). The LAN host serves
@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
+sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 

@@ -1,6 +1,6 @@
 """Benchmark: the hook, `status` and a flush as the spool grows, as ratios from one run.
 
-    python tests/bench_scale.py [--levels 0,10000,100000,1000000] [--runs 20]
+    python tests/lab/bench_scale.py [--levels 0,10000,100000,1000000] [--runs 20]
 
 A laptop away from its cache for months, or a builder whose cache host died,
 queues without bound. At each level (rows queued for one remote) this prints:
@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
+sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 from bench_hook import timed

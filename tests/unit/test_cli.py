@@ -208,9 +208,9 @@ def test_status_check_is_for_monitoring(config: Path) -> None:
     code, out, _ = nixspool(config, "status", "--check", "--max-age", "36500d")
     assert (code, out.splitlines()[-1]) == (0, "check: ok")
     with Spool.open(str(config.parent / "spool" / "spool.sqlite")) as s:
-        s.queue.sync_remotes(["pi"])
+        s.intake.sync_remotes(["pi"])
         [(path_id, _)] = s.queue.claim("pi", "me", 1, 60)
-        s.queue.failed("pi", "me", [path_id], "lacks a signature by a trusted key")
+        s.queue.mark_failed("pi", "me", [path_id], "lacks a signature by a trusted key")
     code, out, _ = nixspool(config, "status", "--check", "--max-age", "36500d", "--json")
     assert code == 1
     assert json.loads(out)["problems"] == ["pi: 1 rows failed (`nixspool list --state failed`)"]

@@ -70,7 +70,7 @@ def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Spool]:
     s = Spool.open(str(tmp_path / "spool.sqlite"))
     with s.transaction():
         rows.store(s.conn, [rows.Record("", [p(i) for i in range(16)], [], 1.0)])
-    s.queue.sync_remotes(["pi"])
+    s.intake.sync_remotes(["pi"])
     yield s
     s.close()
 

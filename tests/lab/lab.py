@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -30,6 +29,9 @@ from nixspool import config as nixspool_config
 from nixspool.hook import rows
 from nixspool.nix import NixVersion
 from nixspool.spool import Owner, Spool
+from programs import (
+    installed_program as installed_program,  # the lab's tests say lab.installed_program
+)
 
 BUILDER = "nixspool-builder"
 
@@ -41,7 +43,7 @@ def require_lab(*commands: str) -> None:
     if os.geteuid() != 0:
         problem = "the lab needs root"
     elif missing:
-        problem = f"the lab needs {', '.join(missing)} (see README: the test command installs it)"
+        problem = f"the lab needs {', '.join(missing)} (`bash tests/run` installs it)"
     if problem:
         if os.environ.get("NIXSPOOL_REQUIRE_LAB") == "1":
             pytest.fail(f"NIXSPOOL_REQUIRE_LAB=1 but {problem}", pytrace=False)
@@ -71,14 +73,6 @@ def unsigned_refusal(remote: NixVersion | None = None) -> str:
         if (v.major, v.minor) <= (2, 18)
         else "lacks a signature by a trusted key"
     )
-
-
-def installed_program(name: str) -> str:
-    """A program installed with nixspool, next to the interpreter running the tests."""
-    candidate = Path(sys.prefix) / "bin" / name
-    found = str(candidate) if candidate.exists() else shutil.which(name)
-    assert found, f"{name} is not installed; run `pip install .` first"
-    return found
 
 
 def ensure_user(name: str, groups: Iterable[str] = ()) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: the hook's cost after many builds with no `nixspool` command between.
 
-    python tests/bench_wal.py [--levels 0,1000,10000] [--runs 40]
+    python tests/lab/bench_wal.py [--levels 0,1000,10000] [--runs 40]
 
 A laptop offline for a week builds thousands of times and never flushes. Each
 hook is the spool's only connection and exits without closing it, so nothing
@@ -23,7 +23,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
+sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 from bench_hook import timed

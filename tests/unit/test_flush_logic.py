@@ -138,13 +138,6 @@ def test_the_configured_user_or_root_may_flush() -> None:
     assert privileges.remote_account(Config(spool="/s", user=me())).uid == os.geteuid()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root can be 'root without a user'")
-def test_root_without_a_user_is_refused_unless_allowed() -> None:
-    with pytest.raises(PrivilegeError, match="the config names no 'user'"):
-        privileges.remote_account(Config(spool="/s"))
-    assert privileges.remote_account(Config(spool="/s", run_as_root=True)).uid == 0
-
-
 def test_a_missing_user_is_named() -> None:
     with pytest.raises(PrivilegeError, match="user 'no-such-user-here'"):
         privileges.remote_account(Config(spool="/s", user="no-such-user-here"))

@@ -1,4 +1,7 @@
-"""Triggers and deployment: the dispatcher as NetworkManager runs it, units, NixOS, setup."""
+"""The triggers as installed: the dispatcher scripts run as NetworkManager runs them,
+setup's files as systemd and NetworkManager read them, shellcheck, and the Nix files
+parsed.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import lab
 from nixspool import setup
 from nixspool.spool import Spool
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 DATA = REPO / "hook" / "nixspool" / "data"
 
 

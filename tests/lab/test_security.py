@@ -1,6 +1,6 @@
 """Security, tested as the attacker would: a real second user, real links, a live flush.
 
-The ownership model (README#ownership): root works in a spool directory it does
+The ownership model (docs/security.md#ownership): root works in a spool directory it does
 not own with its owner's rights only, so nothing planted there can make root
 write outside it; a root-owned spool directory is used only where nobody else
 could swap it. Here alice (the configured user, who owns the spool) plants links,

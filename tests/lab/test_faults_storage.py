@@ -32,7 +32,7 @@ def pi(host: lab.LanHost) -> str:
 def shift_clock(config: Path, seconds: float) -> None:
     """What a clock step of `-seconds` does to the spool: its stored times move by
     `seconds` against the clock (tests change times, never the machine's clock).
-    Written as the spool's owner, as nixspool itself does (README#ownership)."""
+    Written as the spool's owner, as nixspool itself does (docs/security.md#ownership)."""
     spool = config.parent / "spool" / "spool.sqlite"
     with files.OwnersRights(files.rights_to_use(str(spool.parent))):
         with sqlite3.connect(spool) as db:

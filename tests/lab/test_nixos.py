@@ -24,7 +24,7 @@ from nixspool import setup
 
 pytestmark = pytest.mark.nixos
 
-DATA = Path(__file__).parents[1] / "hook" / "nixspool" / "data"
+DATA = Path(__file__).parents[2] / "hook" / "nixspool" / "data"
 CONFIGS = ("minimal", "laptop", "merged", "server")
 
 
@@ -164,4 +164,8 @@ def test_the_flake_and_the_package(evaluated: dict[str, Any]) -> None:
     root = Path(flake["sourceFiles"][0]).parent
     relative = {str(Path(p).relative_to(root)) for p in flake["sourceFiles"]}
     assert {"pyproject.toml", "README.md", "hook/nixspool/hook/main.py"} <= relative
-    assert not [p for p in relative if p.split("/")[0] in ("tests", ".ci", "contrib")]
+    assert {"docs/man/nixspool.1", "docs/man/nixspool-hook.8"} <= relative  # installed
+    assert "tests/unit/test_spool.py" in relative  # the check phase runs the fast tier
+    assert flake["checkPaths"] == ["tests/unit"]
+    outside = [p for p in relative if p.split("/")[0] in (".ci", "contrib") or "/lab/" in p]
+    assert outside == []  # the lab tier, CI and contrib do not change the package

@@ -96,7 +96,7 @@ def test_doctor_applies_the_spool_rule_every_command_applies(
     assert bad["name"] == "spool"
     assert bad["detail"] == (
         f"spool directory {spool_dir} is writable by group or others: anyone could queue "
-        f"uploads; run 'chmod 0700 {spool_dir}' (see README#ownership)"
+        f"uploads; run 'chmod 0700 {spool_dir}' (see man nixspool: Ownership)"
     )
     assert flush.returncode == 1 and bad["detail"] in flush.stderr  # the same words
     spool_dir.chmod(0o755)

@@ -1,0 +1,235 @@
+"""nixspool-hook: fast path, input hygiene, and the hook under fire."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nixspool.hook import locate
+from nixspool.hook import main as hook
+from nixspool.spool import Owner, Spool
+from programs import installed_program
+
+STORE = "/nix/store"
+H = "0123456789abcdfghijklmnpqrsvwxyz"  # a valid 32-char hash
+
+
+def out(name: str, digest: str = H) -> str:
+    return f"{STORE}/{digest}-{name}"
+
+
+def paths_in(spool: Path, owner: Owner | None = None) -> set[str]:
+    with Spool.open(str(spool), owner) as s:  # imports the journal, like any command
+        return {row[0] for row in s.conn.execute("SELECT path FROM paths")}
+
+
+def unique_out(i: int) -> str:
+    digest = "".join(H[(i >> (5 * k)) & 31] for k in range(7)) + H[7:]
+    return out(f"p{i}", digest)
+
+
+# -- the module itself ---------------------------------------------------------
+
+# Standard library, but slow to import and not needed on every build.
+AVOIDED = ("tomllib", "dataclasses", "sqlite3", "json", "subprocess")
+
+
+def test_importing_the_hook_loads_only_the_standard_library() -> None:
+    """Whatever the hook imports, directly or not, is in the standard library
+    (Python's own list of its modules), and none of the slow parts it avoids."""
+    package_dir = Path(__file__).parents[2] / "hook"
+    code = (
+        f"import sys; sys.path.insert(0, {str(package_dir)!r}); import nixspool.hook.main; "
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], text=True, capture_output=True, check=True
+    )
+    modules = set(result.stdout.split())
+    loaded = {m.partition(".")[0] for m in modules}
+    assert "nixspool.hook.main" in modules  # the import did happen
+    assert loaded - set(sys.stdlib_module_names) - {"nixspool", "__main__"} == set()
+    assert loaded & set(AVOIDED) == set()
+    # Nothing from the command's side: the subpackage is the hook's whole world.
+    ours = {m for m in modules if m.startswith("nixspool.")}
+    assert {m for m in ours if not m.startswith("nixspool.hook")} == set()
+
+
+def test_the_installed_hook_runs_python_isolated_without_site() -> None:
+    launcher = Path(installed_program("nixspool-hook")).read_text()
+    assert launcher.startswith("#!/bin/sh\n")
+    assert '-IS "$0"' in launcher
+
+
+# -- input hygiene -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("drv", "outs", "outputs", "reasons"),
+    [
+        (out("a.drv"), out("a"), [out("a")], []),
+        (out("a.drv"), f"{out('a')} {out('a-dev')}", [out("a"), out("a-dev")], []),
+        (out("a.drv"), f"{out('a')}  {out('a')} ", [out("a")], []),  # dedup, extra spaces
+        (out("a.drv"), "", [], []),  # Nix 2.8.0: the .drv row stands for its outputs
+        ("", out("a"), [out("a")], []),
+        (out("a.drv"), "relative/path", [], ["OUT_PATHS entry is not an absolute path"]),
+        (
+            out("a.drv"),
+            f"{STORE}/../etc/passwd",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            f"{out('a')}/sub",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            "/tmp/" + H + "-a",
+            [],
+            ["OUT_PATHS entry is not directly in the Nix store /nix/store"],
+        ),
+        (
+            out("a.drv"),
+            f"{STORE}/short-a",
+            [],
+            ["OUT_PATHS entry does not start with a 32-character Nix hash"],
+        ),
+        (
+            out("a.drv"),
+            f"{STORE}/{'e' * 32}-a",
+            [],  # e is not in Nix's base-32
+            ["OUT_PATHS entry does not start with a 32-character Nix hash"],
+        ),
+        (out("a.drv"), out("a\nb"), [], ["OUT_PATHS entry contains control characters"]),
+        (out("a.drv"), out("a\tb"), [], ["OUT_PATHS entry contains control characters"]),
+        (out("a.drv"), out("a\udcffb"), [], ["OUT_PATHS entry is not valid UTF-8"]),
+        (out("a.drv"), out("a b"), [out("a")], ["OUT_PATHS entry is not an absolute path"]),
+        (
+            out("a.drv"),
+            out("a$(rm -rf /)"),
+            [],  # splits into three values, all refused
+            [
+                "OUT_PATHS entry has an invalid store path name",
+                "OUT_PATHS entry is not an absolute path",
+                "OUT_PATHS entry is not directly in the Nix store /nix/store",
+            ],
+        ),
+        (out("a.drv"), out(".hidden"), [], ["OUT_PATHS entry has an invalid store path name"]),
+        (
+            "/etc/passwd",
+            out("a"),
+            [out("a")],
+            ["DRV_PATH is not directly in the Nix store /nix/store"],
+        ),
+        (out("a"), out("a"), [out("a")], ["DRV_PATH is not a derivation (.drv)"]),
+    ],
+)
+def test_read_record(drv: str, outs: str, outputs: list[str], reasons: list[str]) -> None:
+    record = hook.read_record({"DRV_PATH": drv, "OUT_PATHS": outs}, 1.0)
+    assert record.outputs == outputs
+    assert [reason for _, reason in record.rejects] == reasons
+
+
+def test_nix_store_dir_is_respected() -> None:
+    env = {"NIX_STORE_DIR": "/gnu/store/", "OUT_PATHS": f"/gnu/store/{H}-a {out('b')}"}
+    record = hook.read_record(env, 1.0)
+    assert record.outputs == [f"/gnu/store/{H}-a"]
+    assert record.rejects[0][1] == "OUT_PATHS entry is not directly in the Nix store /gnu/store"
+
+
+def test_a_hundred_thousand_bad_values_are_bounded_and_fast(tmp_path: Path) -> None:
+    env = {
+        "OUT_PATHS": " ".join(f"x{i}" for i in range(100_000)),
+        "DRV_PATH": out("a.drv"),
+        "NIXSPOOL_CONFIG": str(tmp_path / "c.toml"),
+    }
+    (tmp_path / "c.toml").write_text(f'spool = "{tmp_path}/s/spool.sqlite"\n')
+    Spool.open(str(tmp_path / "s" / "spool.sqlite")).close()
+    hook.run(env)  # in-process: the kernel caps one variable at 128 KiB for exec
+    with Spool.open(str(tmp_path / "s" / "spool.sqlite")) as s:
+        rejects = s.reports.rejects()
+    assert len(rejects) == 21  # 20 shown and one line counting the rest
+    assert rejects[0].value == "(99980 more values)"
+
+
+# -- the installed hook, run as Nix runs it -----------------------------------
+
+
+def test_success_prints_nothing_and_records_each_output(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    result = run_hook(hook_env(out("a.drv"), f"{out('a')} {out('a-dev')}"))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert paths_in(spool) == {out("a"), out("a-dev")}
+    assert not Path(locate.fallback_journal(str(spool))).exists()
+
+
+def test_the_same_path_twice_is_one_row(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    for _ in range(2):
+        assert run_hook(hook_env(out("a.drv"), out("a"))).returncode == 0
+    with Spool.open(str(spool)) as s:
+        assert s.reports.status().paths == 1
+
+
+def test_not_run_by_nix_says_so_and_exits_0(hook_env, run_hook) -> None:
+    result = run_hook(hook_env("", ""))
+    assert result.returncode == 0
+    assert result.stderr == (
+        "nixspool: error: DRV_PATH and OUT_PATHS are empty: run me as Nix's post-build-hook\n"
+    )
+
+
+def test_bytes_that_are_not_utf8_are_rejected(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    env = {k.encode(): v.encode() for k, v in hook_env(out("a.drv"), "").items()}
+    env[b"OUT_PATHS"] = out("a").encode() + b" " + out("b").encode() + b"\xff\xfe"
+    result = subprocess.run(
+        [installed_program("nixspool-hook")],
+        env=env,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, b"")
+    with Spool.open(str(spool)) as s:
+        assert [r.reason for r in s.reports.rejects()] == ["OUT_PATHS entry is not valid UTF-8"]
+        assert s.reports.rejects()[0].value.endswith("-b\\xff\\xfe")
+    assert paths_in(spool) == {out("a")}
+
+
+def test_a_variable_at_the_kernel_limit_passes_through(hook_env, run_hook, tmp_path) -> None:
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    many = [unique_out(i) for i in range(128 * 1024 // 50)]
+    value = " ".join(many)
+    assert len(value) < 128 * 1024
+    result = run_hook(hook_env(out("a.drv"), value))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert paths_in(spool) == set(many)
+
+
+# -- under fire ----------------------------------------------------------------
+
+
+def test_a_hook_in_a_spool_with_a_newer_schema_uses_the_journal(
+    hook_env, run_hook, tmp_path
+) -> None:
+    # Whatever a future migration does to `paths`, a failing INSERT loses nothing.
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    con = sqlite3.connect(spool)
+    con.execute("ALTER TABLE paths RENAME TO paths_v2")
+    con.close()
+    result = run_hook(hook_env(out("a.drv"), out("a")))
+    assert result.returncode == 0
+    assert "no such table: paths; recorded in" in result.stderr
