@@ -107,7 +107,7 @@ in
             url = lib.mkOption {
               type = lib.types.str;
               example = "ssh-ng://pi";
-              description = "Any URL `nix copy --to` accepts, or sftp://[user@]host/dir: a static cache nixspool writes over SFTP (README: Static caches). Other keys (skip_signed_by, compression) go in settings.remotes.<name>.";
+              description = "Any URL `nix copy --to` accepts, or sftp://[user@]host/dir: a static cache nixspool writes over SFTP (man nixspool: Static caches). Other keys (skip_signed_by, compression) go in settings.remotes.<name>.";
             };
             sshKey = lib.mkOption {
               type = lib.types.nullOr lib.types.str;
@@ -177,7 +177,7 @@ in
         remotes.nas.url = "ssh://nas";
       };
       description = ''
-        nixspool's config (see its README), as TOML. The options above set their
+        nixspool's config (see man nixspool: Configuration), as TOML. The options above set their
         keys with `mkDefault`; anything here merges with them, remotes included.
       '';
       type = lib.types.submodule {

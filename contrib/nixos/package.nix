@@ -7,12 +7,19 @@
 let
   pyproject = lib.importTOML ../../pyproject.toml;
   python = python3Packages.python;
-  # What the build reads, nothing else: tests/, .ci/ and contrib/ do not change
-  # the package's hash.
+  # What the build and its check phase read, nothing else: the lab tier, the
+  # manual's pages, .ci/ and contrib/ do not change the package's hash (the
+  # benchmark figures live in docs/performance.md, not in the package's readme).
   sourceFiles = lib.fileset.unions [
     ../../pyproject.toml
     ../../README.md
+    ../../LICENSE
     ../../hook
+    ../../docs/man/nixspool.1
+    ../../docs/man/nixspool-hook.8
+    ../../tests/conftest.py
+    ../../tests/programs.py
+    ../../tests/unit
   ];
 in
 python3Packages.buildPythonApplication {
@@ -58,8 +65,20 @@ python3Packages.buildPythonApplication {
     "nixspool.hook.main"
   ];
 
-  # The test suite needs root, a nix-daemon, sshd and network namespaces.
-  doCheck = false;
+  # The fast tier (tests/unit): pure logic, as the build user, no Nix, no network.
+  # The lab tier needs root, a nix-daemon, sshd and network namespaces: tests/run.
+  # test_docs.py checks the repository's documentation, which is not in the source.
+  nativeCheckInputs = with python3Packages; [
+    pytestCheckHook
+    platformdirs
+    hypothesis
+  ];
+  enabledTestPaths = [ "tests/unit" ];
+  disabledTestPaths = [ "tests/unit/test_docs.py" ];
+  preCheck = ''
+    export HOME=$TMPDIR
+    export PATH=$out/bin:$PATH
+  '';
 
   meta = {
     description = pyproject.project.description;
