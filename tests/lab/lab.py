@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import textwrap
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 
 from nixspool import config as nixspool_config
-from nixspool.hook import rows
+from nixspool.hook import files, rows
 from nixspool.nix import NixVersion
 from nixspool.spool import Owner, Spool
 from programs import (
@@ -73,6 +74,22 @@ def unsigned_refusal(remote: NixVersion | None = None) -> str:
         if (v.major, v.minor) <= (2, 18)
         else "lacks a signature by a trusted key"
     )
+
+
+def shift_clock(config: Path, seconds: float) -> None:
+    """What a clock step of `-seconds` does to the spool: its stored times move by
+    `seconds` against the clock (tests change times, never the machine's clock).
+    Written as the spool's owner, as nixspool itself does (docs/security.md#ownership).
+    Also how a test lets time pass for the spool's backoff without sleeping.."""
+    spool = config.parent / "spool" / "spool.sqlite"
+    with files.OwnersRights(files.rights_to_use(str(spool.parent))):
+        with sqlite3.connect(spool) as db:
+            db.execute(
+                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?,"
+                " updated_at = updated_at + ?",
+                (seconds, seconds),
+            )
+        db.close()
 
 
 def ensure_user(name: str, groups: Iterable[str] = ()) -> None:

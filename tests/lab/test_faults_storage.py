@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import lab
-from nixspool.hook import files, journal, rows
+from nixspool.hook import journal, rows
 
 pytestmark = pytest.mark.integration
 
@@ -27,21 +26,6 @@ DAY = 86400.0
 
 def pi(host: lab.LanHost) -> str:
     return f'\n[remotes.pi]\nurl = "ssh-ng://{host.alias}"\n'
-
-
-def shift_clock(config: Path, seconds: float) -> None:
-    """What a clock step of `-seconds` does to the spool: its stored times move by
-    `seconds` against the clock (tests change times, never the machine's clock).
-    Written as the spool's owner, as nixspool itself does (docs/security.md#ownership)."""
-    spool = config.parent / "spool" / "spool.sqlite"
-    with files.OwnersRights(files.rights_to_use(str(spool.parent))):
-        with sqlite3.connect(spool) as db:
-            db.execute(
-                "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?,"
-                " updated_at = updated_at + ?",
-                (seconds, seconds),
-            )
-        db.close()
 
 
 def flush(ssh_lab: lab.SshLab, config: Path) -> tuple[int, dict[str, object], str]:
@@ -68,7 +52,7 @@ def test_a_full_remote_disk_then_freed_delivers_without_a_person_whatever_the_cl
         assert {r["attempts"] for r in ssh_lab.rows(config, "pi").values()} == {1}
         # The clock steps forward a day: due, tried once, and backed off from the new
         # time, neither into the past (a spin) nor beyond retry_max.
-        shift_clock(config, -DAY)
+        lab.shift_clock(config, -DAY)
         code, report, err = flush(ssh_lab, config)
         assert (code, report["deferred"]) == (75, len(outputs)), err
         listed = ssh_lab.rows(config, "pi").values()
@@ -78,7 +62,7 @@ def test_a_full_remote_disk_then_freed_delivers_without_a_person_whatever_the_cl
             assert now + 0.8 * 60 - 5 <= row["next_attempt_at"] <= now + 600, row
     # The disk is freed; nobody runs `retry`. The clock steps back ten years: rows
     # due a backoff from now are due ten years on; they must not wait that long.
-    shift_clock(config, 10 * 365 * DAY)
+    lab.shift_clock(config, 10 * 365 * DAY)
     code, report, err = flush(ssh_lab, config)
     assert (code, report["delivered"]) == (0, len(outputs)), err
     assert host.remote_valid(outputs) == outputs

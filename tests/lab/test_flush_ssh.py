@@ -452,13 +452,13 @@ def test_a_copy_past_copy_timeout_counts_backs_off_goes_alone_then_fails(
         assert {r["attempts"] for r in rows.values()} == {1}
         assert all(r["last_error"].startswith(flush.TIMED_OUT) for r in rows.values())
         assert flush.TIMEOUTS_ALONE == 3  # the steps below
-        time.sleep(1.1)  # retry_max: due again
+        lab.shift_clock(config, -2)  # past retry_max (1 s): due again, attempts kept
         second = ssh_lab.nixspool(config, "flush")
         assert second.returncode == 75, second.stderr
         rows = ssh_lab.rows(config, "pi")
         assert rows[huge]["state"] == "queued" and rows[huge]["attempts"] == 2
         assert {p for p, r in rows.items() if r["state"] == "delivered"} == (small | big) - {huge}
-        time.sleep(1.1)
+        lab.shift_clock(config, -2)
         last = ssh_lab.nixspool(config, "flush", "--json")
     finally:
         host.shape(None)

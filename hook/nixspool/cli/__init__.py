@@ -8,12 +8,12 @@ import or fan out, and then change nothing.
 
 The commands live by what they touch: rows.py (status, list, retry, prune, drop),
 deliver.py (flush, metrics, verify), machine.py (add, keygen, setup, doctor,
-config); this module holds what they share and registers them, in that order.
+config); show.py says what they did, for people and for scripts; this module
+holds what they share and registers them, in that order.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -29,6 +29,7 @@ from .. import config as config_mod
 from ..errors import ConfigError, NixspoolError, UsageError
 from ..hook import locate
 from ..spool import Owner, Spool
+from . import show
 
 
 class _Commands(TyperGroup):
@@ -118,7 +119,7 @@ def _global_options(
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    show.say(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -158,24 +159,6 @@ def open_spool(cfg: config_mod.Config, *, reading: bool = False) -> Spool:
     spool = Spool.open(cfg.spool, owner, stray_journal=stray)
     spool.intake.sync_remotes(names)
     return spool
-
-
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def ago(seconds: float | None) -> str:
-    """A duration for people: 42s, 3m 12s, 5h 2m, 2d 7h."""
-    if seconds is None:
-        return "-"
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def duration(text: str) -> float:

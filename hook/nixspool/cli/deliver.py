@@ -22,7 +22,7 @@ from . import (
     load_config,
     log,
     open_spool,
-    print_json,
+    show,
 )
 
 
@@ -42,7 +42,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
         raise UsageError("no remotes configured: add [remotes.NAME] with a url to the config")
     with open_spool(cfg) as spool, flush_mod.single_flusher(spool) as alone:
         if not alone:
-            typer.echo(
+            show.say(
                 "another nixspool flush is running on this spool; it delivers these rows", err=True
             )
             raise typer.Exit(flush_mod.EX_TEMPFAIL)
@@ -55,44 +55,7 @@ def flush(remote: RemoteOption = None, json_output: JsonOption = False) -> None:
             except OSError as e:
                 report.errors.append(f"metrics file: {describe(e)}")
     code = flush_mod.exit_code(report)
-    if json_output:
-        print_json(
-            {
-                "exit_code": code,
-                "seconds": round(time.monotonic() - started, 3),
-                "remotes": {r.remote: vars(r) for r in report.remotes},
-                "errors": report.errors,
-            }
-        )
-    else:
-        for error in report.errors:
-            typer.echo(f"error: {error}", err=True)
-        for r in report.remotes:
-            skipped = f", {r.skipped} left out by filters" if r.skipped else ""
-            skipped += f", {r.resigned} signed on the remote" if r.resigned else ""
-            if r.left_to_upstream:
-                skipped += f", {r.left_to_upstream} dependencies left to upstream"
-            if r.uploaded:
-                size = config_mod.ByteSize(r.uploaded_bytes)
-                skipped += f", {r.uploaded} paths written ({size})"
-            if r.requeued:
-                skipped += f", {r.requeued} gone from it since delivered (queued again)"
-            line = (
-                f"{r.remote}: {r.delivered} delivered, {r.failed} failed{skipped}, "
-                f"{r.queued} still queued ({r.seconds:.1f} s)"
-            )
-            if r.error:
-                line += f"; {'unreachable' if r.unreachable else 'error'}: {r.error}"
-            elif r.reconcile_error:
-                line += f"; warning: {r.reconcile_error}"
-            typer.echo(line, err=True)
-            for failure in r.failures:
-                typer.echo(f"  failed: {failure['path']}: {failure['error']}", err=True)
-            if r.failures_not_listed:
-                typer.echo(
-                    f"  ... and {r.failures_not_listed} more: nixspool list --state failed",
-                    err=True,
-                )
+    show.flush(report, code, time.monotonic() - started, json_output)
     raise typer.Exit(code)
 
 
@@ -163,7 +126,7 @@ def metrics(
         if output:
             _write_metrics(cfg, spool, output)
             return
-        typer.echo(_metrics_text(cfg, spool), nl=False)
+        show.say(_metrics_text(cfg, spool), newline=False)
 
 
 # -- adding paths by hand -------------------------------------------------------------
@@ -224,27 +187,7 @@ def verify(remote: RemoteOption = None, json_output: JsonOption = False) -> None
             "not_verified": v.bad,
             "signed_on_remote": v.resigned,
         }
-    if json_output:
-        print_json(checked)
-    for name, c in checked.items():
-        if json_output:
-            break
-        if "error" in c:
-            typer.echo(f"{name}: {c['error']}")
-            continue
-        there = c["delivered"] - c["requeued"] - len(c["failed"])
-        typer.echo(
-            f"{name}: {there} of {c['delivered']} delivered paths are there; "
-            f"{c['requeued']} gone: queued again; {len(c['failed'])} gone here too: failed"
-        )
-        for path in c["failed"]:
-            typer.echo(f"  gone from the remote and from this machine: {path}")
-        if name in results:
-            v = results[name]
-            resigned = f" ({len(v.resigned)} signed on the remote now)" if v.resigned else ""
-            typer.echo(f"{name}: {sum(v.ok.values())} verified{resigned}, {len(v.bad)} not")
-            for path in v.bad:
-                typer.echo(f"  no valid signature on the remote: {path}")
+    show.verified(checked, results, json_output)
     bad = any("error" in c or c["failed"] or c.get("not_verified") for c in checked.values())
     raise typer.Exit(1 if bad else 0)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Annotated, Any
@@ -18,8 +17,8 @@ from . import (
     app,
     load_config,
     open_spool,
-    print_json,
     settings,
+    show,
 )
 
 
@@ -55,14 +54,7 @@ def add(
         added = spool.intake.add(found)
         spool.intake.sync_remotes(r.name for r in cfg.remotes)
     already = sorted(set(found) - set(added))
-    if json_output:
-        print_json({"added": added, "already_in_spool": already})
-        return
-    typer.echo(
-        f"added {len(added)} paths"
-        + (f" ({len(already)} were in the spool already)" if already else "")
-        + ("; `nixspool flush` uploads them" if added else "")
-    )
+    show.added(added, already, json_output)
 
 
 # -- signing -----------------------------------------------------------------------
@@ -118,9 +110,7 @@ def keygen(
         raise UsageError(
             f"cannot write the key pair in {directory}: {e.strerror}; pass --out DIRECTORY"
         ) from None
-    typer.echo(f"secret key: {secret_path} (mode 0600; never share it)")
-    typer.echo(f"public key: {public_path}")
-    typer.echo(public)
+    show.keys(secret_path, public_path, public)
 
 
 @app.command()
@@ -198,14 +188,7 @@ def setup(
             force=force,
         )
     )
-    for path in report.changed:
-        typer.echo(f"wrote     {path}")
-    for path in report.unchanged:
-        typer.echo(f"unchanged {path}")
-    if not report.changed:
-        typer.echo("nothing to change")
-    for note in report.notes:
-        typer.echo(f"\n{note}")
+    show.setup(report)
 
 
 @app.command()
@@ -217,13 +200,7 @@ def doctor(json_output: JsonOption = False) -> None:
     from .. import doctor as doctor_mod
 
     checks = doctor_mod.diagnose(settings.config_path)
-    if json_output:
-        print_json([c.as_dict() for c in checks])
-    else:
-        for c in checks:
-            typer.echo(f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<12} {c.detail}")
-            if c.fix:
-                typer.echo(f"{'':18}fix: {c.fix}")
+    show.checks(checks, json_output)
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
 
 
@@ -237,36 +214,4 @@ def show_config(json_output: JsonOption = False) -> None:
     cfg = load_config()
     values: dict[str, Any] = {k: getattr(cfg, k) for k in config_mod.GLOBAL_KEYS}
     remotes = {r.name: {k: getattr(r, k) for k in config_mod.REMOTE_KEYS} for r in cfg.remotes}
-    if json_output:
-        print_json(
-            {
-                "file": path,
-                "chosen_by": how,
-                "values": values,
-                "remotes": remotes,
-                "sources": dict(cfg.sources),
-            }
-        )
-        return
-    typer.echo(f"# config file: {path or '(none)'} ({how})")
-    for key, value in values.items():
-        typer.echo(f"{key} = {_toml(value)}  # {cfg.sources[key]}")
-    for r in cfg.remotes:
-        typer.echo(f"\n[remotes.{r.name}]")
-        for key, value in remotes[r.name].items():
-            if value in (None, ()) or (key == "compression" and not r.nixspool_writes):
-                continue  # unset, or a key this kind of remote has no use for
-            source = cfg.sources.get(f"remotes.{r.name}.{key}", "default")
-            typer.echo(f"{key} = {_toml(value)}  # {source}")
-        if note := config_mod.store_note(r):
-            typer.echo(f"# note: {note}")
-
-
-def _toml(value: Any) -> str:
-    if value is None:
-        return "(unset)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple | list):
-        return json.dumps(list(value))
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    show.config(path, how, cfg, values, remotes, json_output)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Annotated
 
 import typer
@@ -13,12 +12,11 @@ from ..spool import Selector, State, Status
 from . import (
     JsonOption,
     RemoteOption,
-    ago,
     app,
     duration,
     load_config,
     open_spool,
-    print_json,
+    show,
 )
 
 
@@ -36,7 +34,8 @@ def problems(data: Status, configured: set[str], max_age: float) -> list[str]:
             found.append(f"{name}: {r.not_verified} signatures not verified (`nixspool verify`)")
         age = r.oldest_queued_age_seconds
         if age is not None and age > max_age:
-            found.append(f"{name}: the oldest queued row waits since {ago(age)} (> {ago(max_age)})")
+            since, limit = show.ago(age), show.ago(max_age)
+            found.append(f"{name}: the oldest queued row waits since {since} (> {limit})")
     return found
 
 
@@ -70,58 +69,13 @@ def status(
     configured = {r.name for r in cfg.remotes}
     for name, remote in data.remotes.items():
         remote.configured = name in configured
-    found = problems(data, configured, max_age) if check else []
+    found = problems(data, configured, max_age) if check else None
     if json_output:
-        print_json({**data.to_json(), **({"problems": found} if check else {})})
-        if found:
-            raise typer.Exit(1)
-        return
-    typer.echo(f"spool {data.spool}: {data.paths} paths")
-    if not data.remotes:
-        typer.echo(
-            "no remotes configured: add [remotes.NAME] with a url to the config "
-            "(see `nixspool config`)"
-        )
+        show.print_json({**data.to_json(), **({"problems": found} if check else {})})
     else:
-        typer.echo(
-            f"{'remote':<16} {'queued':>8} {'delivered':>10} {'failed':>8} {'skipped':>8}"
-            "  oldest queued"
-        )
-        for name, r in data.remotes.items():
-            note = "" if r.configured else "  (not in the config)"
-            typer.echo(
-                f"{name:<16} {r.queued:>8} {r.delivered:>10} {r.failed:>8} {r.skipped:>8}  "
-                f"{ago(r.oldest_queued_age_seconds)}{note}"
-            )
-        for name, r in data.remotes.items():
-            if r.last_error and r.last_error_at is not None:
-                typer.echo(
-                    f"last error ({name}, {ago(time.time() - r.last_error_at)} ago): {r.last_error}"
-                )
-    for name, r in data.remotes.items():
-        if r.left_to_upstream:
-            typer.echo(
-                f"{name}: its last flush left {r.left_to_upstream} dependencies to the "
-                "upstream caches that signed them (skip_signed_by)"
-            )
-        if r.verified or r.not_verified:
-            typer.echo(
-                f"{name}: {r.verified} delivered paths have a verified signature there"
-                + (f", {r.not_verified} do NOT (see `nixspool verify`)" if r.not_verified else "")
-            )
-    if data.unresolved_derivations:
-        typer.echo(
-            f"{data.unresolved_derivations} derivations wait for their outputs to be "
-            "resolved by the next flush"
-        )
-    if data.rejected:
-        typer.echo(f"{data.rejected} values rejected by the hook: see `nixspool list --rejected`")
-    if check:
-        for problem in found:
-            typer.echo(f"CHECK FAILED: {problem}")
-        if found:
-            raise typer.Exit(1)
-        typer.echo("check: ok")
+        show.status(data, found)
+    if found:
+        raise typer.Exit(1)
 
 
 # -- list ----------------------------------------------------------------------
@@ -149,41 +103,10 @@ def list_rows(
     with open_spool(cfg, reading=True) as spool:
         if rejected:
             rejects = spool.reports.rejects(limit)
-            if json_output:
-                print_json([vars(rej) for rej in rejects])
-            else:
-                for rej in rejects:
-                    typer.echo(f"{rej.id:>6}  {rej.reason}: {rej.value}")
+            show.rejects(rejects, json_output)
             return
         found = spool.reports.rows(state=state, remote=remote, limit=limit)
-    if json_output:
-        print_json(
-            [
-                {
-                    "id": r.id,
-                    "path": r.path,
-                    "remote": r.remote,
-                    "state": r.state.value,
-                    "attempts": r.attempts,
-                    "next_attempt_at": r.next_attempt_at or None,
-                    "last_error": r.last_error,
-                    "recorded_at": r.recorded_at,
-                    "delivered_at": r.delivered_at,
-                    "needs_outputs": r.needs_outputs,
-                    "drv_path": r.drv_path or None,
-                    "verified": r.verified,
-                }
-                for r in found
-            ]
-        )
-        return
-    for r in found:
-        extra = f"  ({r.attempts} attempts: {r.last_error})" if r.last_error else ""
-        kind = "  (outputs not yet resolved)" if r.needs_outputs else ""
-        kind += {True: "  (signature verified)", False: "  (SIGNATURE NOT VERIFIED)", None: ""}[
-            r.verified
-        ]
-        typer.echo(f"{r.id:>6}  {r.remote or '-':<12} {r.state.value:<9}  {r.path}{kind}{extra}")
+    show.rows(found, json_output)
 
 
 # -- retry and drop ------------------------------------------------------------
@@ -238,7 +161,7 @@ def retry(
     with open_spool(cfg) as spool:
         chosen = selector(targets, all_failed, all_skipped, remote)
         count = spool.admin.retry(dataclasses.replace(chosen, all_pending=all_pending))
-    typer.echo(f"requeued {count} rows")
+    show.say(f"requeued {count} rows")
 
 
 @app.command()
@@ -252,13 +175,7 @@ def prune(json_output: JsonOption = False) -> None:
     cfg = load_config()
     with open_spool(cfg) as spool:
         pruned = spool.admin.prune(cfg.retention, cfg.failed_retention)
-    if json_output:
-        print_json(dataclasses.asdict(pruned))
-        return
-    typer.echo(
-        f"pruned {pruned.delivered} delivered and {pruned.failed} failed rows, "
-        f"{pruned.rejects} rejected records; {pruned.paths} paths left the spool"
-    )
+    show.pruned(pruned, json_output)
 
 
 @app.command()
@@ -272,7 +189,7 @@ def drop(
     cfg = load_config(remote)
     with open_spool(cfg) as spool:
         dropped = spool.admin.drop(selector(targets, all_failed, all_skipped, remote))
-    typer.echo(f"dropped {dropped.rows} rows; {len(dropped.paths)} paths left the spool")
+    show.say(f"dropped {dropped.rows} rows; {len(dropped.paths)} paths left the spool")
 
 
 # -- flush ---------------------------------------------------------------------

@@ -58,6 +58,23 @@ def backoff(attempts: int, retry_min: float, retry_max: float) -> float:
     return delay * random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not cryptography
 
 
+def within_flush(
+    wait: tuple[float, float], before_sleep: Callable[[tenacity.RetryCallState], None]
+) -> tenacity.Retrying:
+    """Unclear failures (Transient) tried again within this flush, up to
+    ATTEMPTS_PER_FLUSH, exponential with jitter between `wait`'s bounds."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(Transient),
+        stop=tenacity.stop_after_attempt(ATTEMPTS_PER_FLUSH),
+        # tenacity's own wait_exponential_jitter names its first argument
+        # differently across the versions we allow.
+        wait=tenacity.wait_exponential(multiplier=wait[0], max=wait[1])
+        + tenacity.wait_random(0, min(1.0, wait[1])),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
 class RemoteRefuses(CopyFailed):
     """Bisection found every path refused in the same words: the remote refuses us
     (its trust, its store), not the paths. The rows wait for a person."""
@@ -297,16 +314,7 @@ class Batches:
             )
             self.reach.check_reachable(remote)  # gone meanwhile: UnreachableError ends it
 
-        for attempt in tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(Transient),
-            stop=tenacity.stop_after_attempt(ATTEMPTS_PER_FLUSH),
-            # Exponential with jitter (tenacity's own wait_exponential_jitter names
-            # its first argument differently across the versions we allow).
-            wait=tenacity.wait_exponential(multiplier=self.retry_wait[0], max=self.retry_wait[1])
-            + tenacity.wait_random(0, min(1.0, self.retry_wait[1])),
-            before_sleep=before_retry,
-            reraise=True,
-        ):
+        for attempt in within_flush(self.retry_wait, before_retry):
             with attempt:
                 self.transport.copy(paths)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import SpoolError
 from ..hook import files, journal, locate, rows
-from ..hook.rows import BALLAST_SUFFIX, COMMAND_BUSY_TIMEOUT_SECONDS
+from ..hook.rows import COMMAND_BUSY_TIMEOUT_SECONDS
 from . import place
 from .admin import Admin
 from .intake import Intake
@@ -26,8 +26,6 @@ from .remotes import Remotes
 from .reports import Reports
 
 log = logging.getLogger(__name__)
-
-BALLAST_BYTES = 1 << 20
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 # Append only; never edit a released entry. The hook's INSERTs (nixspool.hook.rows)
@@ -228,7 +226,7 @@ class Spool:
         """Import what the hook put in this spool's journal, and keep the ballast
         the hook may free on a full disk."""
         self._import_journal(locate.fallback_journal(self.path))
-        self._keep_ballast()
+        place.keep_ballast(self.path)
 
     @classmethod
     def _connect(cls, path: str) -> Spool:
@@ -311,22 +309,6 @@ class Spool:
                     if statement.strip():
                         self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _keep_ballast(self) -> None:
-        # Disk space the hook may free to write its journal on a full disk.
-        ballast = self.path + BALLAST_SUFFIX
-        if os.path.lexists(ballast):
-            return
-        try:
-            fd = files.open_regular(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except OSError:
-            return
-        try:
-            os.posix_fallocate(fd, 0, BALLAST_BYTES)
-        except OSError:
-            os.unlink(ballast)  # no room for it now; try again next time
-        finally:
-            os.close(fd)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

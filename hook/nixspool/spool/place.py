@@ -17,6 +17,9 @@ from ..errors import SpoolError
 from ..hook import files
 from ..hook.rows import BALLAST_SUFFIX
 
+# What the hook may free to write its journal on a full disk.
+BALLAST_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class Owner:
@@ -105,3 +108,20 @@ def _give_to(owner: Owner | None, directory: str, names: list[str]) -> None:
                 os.fchown(fd, owner.uid, owner.gid)
         finally:
             os.close(fd)
+
+
+def keep_ballast(path: str) -> None:
+    # Disk space the hook may free to write its journal on a full disk.
+    ballast = path + BALLAST_SUFFIX
+    if os.path.lexists(ballast):
+        return
+    try:
+        fd = files.open_regular(ballast, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, BALLAST_BYTES)
+    except OSError:
+        os.unlink(ballast)  # no room for it now; try again next time
+    finally:
+        os.close(fd)
