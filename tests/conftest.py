@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "lab"))  # the lab's helpers, for its fixtures
+sys.path.insert(0, str(Path(__file__).parent / "unit"))  # data the lab reuses (test_nar.odd_tree)
 
 from programs import installed_program
 

@@ -12,8 +12,10 @@ that promises what is not there yet.
 
 from __future__ import annotations
 
+import importlib
+import lzma
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .nix import PathInfo
@@ -137,3 +139,18 @@ def references_first(paths: Iterable[str], infos: Mapping[str, PathInfo]) -> lis
                 stack.pop()
                 ordered.append(path)
     return ordered
+
+
+def compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
+    """(compress, flush) for a NAR: xz as Nix writes it (preset 6, CRC64), zstd at
+    its default level, or none."""
+    if compression == "xz":
+        xz = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
+        return xz.compress, xz.flush
+    if compression == "zstd":
+        # Python 3.14+ (config.py refuses zstd before); by name, for the type
+        # checkers of older Pythons too.
+        zstd = importlib.import_module("compression.zstd")
+        z = zstd.ZstdCompressor()
+        return z.compress, z.flush
+    return (lambda chunk: chunk), (lambda: b"")

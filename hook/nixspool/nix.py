@@ -25,14 +25,14 @@ import base64
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import CommandError, NixOutputError
 from .hook import storepath
 from .hook.storepath import nix_base32, why_invalid
-from .run import Account, Running, Streaming, run, spawn, stream
+from .run import Account, Running, run, spawn, stream
 
 # `nix copy` and friends are behind the nix-command feature on 2.4 and later;
 # naming it explicitly keeps nixspool independent of the user's nix.conf.
@@ -306,10 +306,18 @@ def plain_log(stderr: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def dump(path: str) -> Streaming:
-    """Start writing the NAR of a store path (its serialisation, whose sha256 is
-    the path's NarHash) to the returned stream's stdout."""
-    return stream(["nix-store", "--dump", "--", path])
+def dump(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The NAR of a store path (its serialisation, whose sha256 is the path's
+    NarHash) as `nix-store --dump` writes it, in chunks; CommandError if it fails.
+    (nar.dump makes the same bytes without a process: the cache writer's way.)"""
+    dumping = stream(["nix-store", "--dump", "--", path])
+    try:
+        while chunk := dumping.stdout.read(chunk_size):
+            yield chunk
+    except BaseException:
+        dumping.kill()
+        raise
+    dumping.finish()
 
 
 def copy_sigs(

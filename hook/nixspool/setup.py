@@ -116,7 +116,8 @@ def render_dispatcher(
 def render_unit(name: str, nixspool: str, spool_dir: str, home: str) -> str:
     """A unit of hook/nixspool/data with this machine's program, spool and user."""
     text = template(name).replace("/opt/nixspool/bin/nixspool", nixspool)
-    text = text.replace("/var/lib/nixspool", spool_dir)
+    # The templates name the default spool directory, for the NixOS module too.
+    text = text.replace(os.path.dirname(locate.ROOT_SPOOL), spool_dir)
     return text.replace(" -/home\n", f" -{home}\n")
 
 

@@ -2,7 +2,7 @@
 file:// one with skip_signed_by.
 
 Over SFTP the host needs sshd and SFTP, no Nix: nixspool makes each path's NAR
-from the local store (`nix-store --dump`), compresses it, and writes it and its
+from the local store (nar.py, in this process), compresses it, and writes it and its
 narinfo (narinfo.py) into the directory named by the URL,
 sftp://[user@]host/dir. A file:// cache that leaves paths to upstream
 (skip_signed_by) is written the same way into a local directory: Nix's own
@@ -30,9 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import importlib
 import json
-import lzma
 import posixpath
 import sys
 import threading
@@ -45,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import narinfo, nix, privileges
+from . import nar, narinfo, nix, privileges
 from .config import Remote
 from .errors import CommandError
 from .hook.storepath import nix_base32
@@ -180,19 +178,17 @@ class _Stop(Exception):
         self.error = {"kind": kind, "message": message, **detail}
 
 
-def _compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[], bytes]]:
-    """(compress, flush) for a NAR: xz as Nix writes it (preset 6, CRC64), zstd at
-    its default level, or none."""
-    if compression == "xz":
-        xz = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
-        return xz.compress, xz.flush
-    if compression == "zstd":
-        # Python 3.14+ (config.py refuses zstd before); by name, for the type
-        # checkers of older Pythons too.
-        zstd = importlib.import_module("compression.zstd")
-        z = zstd.ZstdCompressor()
-        return z.compress, z.flush
-    return (lambda chunk: chunk), (lambda: b"")
+def _read(chunks: Iterator[bytes], path: str) -> Iterator[bytes]:
+    """The NAR's chunks; a part of the path that cannot be read, or a failed dump,
+    is the path's failure."""
+    try:
+        yield from chunks
+    except nar.ChangedWhileRead as e:
+        raise _Stop(Kind.PATH, f"{path}: {e}", path=path) from None
+    except OSError as e:
+        raise _Stop(Kind.PATH, f"{path}: cannot read it: {e}", path=path) from None
+    except CommandError as e:
+        raise _Stop(Kind.PATH, str(e), path=path) from None
 
 
 class _Cancelled(Exception):
@@ -339,19 +335,26 @@ class _Writer:
             self.result.bytes += file_size
 
     def upload_nar(self, entry: Entry) -> tuple[str, str, int]:
-        """Write the path's NAR into place: (its name, its file hash, its size)."""
+        """Write the path's NAR into place: (its name, its file hash, its size). Made
+        here (nar.py); by `nix-store --dump` if this process cannot read the path."""
+        try:
+            chunks = nar.dump(entry.path)
+        except OSError:  # not readable by this user: Nix reads it (through its daemon)
+            chunks = nix.dump(entry.path, CHUNK)
+        return self.write_nar(entry, chunks)
+
+    def write_nar(self, entry: Entry, chunks: Iterator[bytes]) -> tuple[str, str, int]:
         compression = self.request.compression
         temporary = self.temporary(".nar" + narinfo.EXTENSIONS[compression])
-        compress, flush = _compressor(compression)
+        compress, flush = narinfo.compressor(compression)
         nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
         nar_size = file_size = 0
-        dumping = nix.dump(entry.path)
         try:
             with self.remote_step(f"uploading {entry.path}"):
                 with self.sftp.open(temporary, "wb") as f:
                     if hasattr(f, "set_pipelined"):  # SFTP: no round trip per write
                         f.set_pipelined(True)
-                    while chunk := dumping.stdout.read(CHUNK):
+                    for chunk in _read(chunks, entry.path):
                         nar_hash.update(chunk)
                         nar_size += len(chunk)
                         out = compress(chunk)
@@ -362,10 +365,6 @@ class _Writer:
                     file_hash.update(out)
                     file_size += len(out)
                     f.write(out)
-                try:
-                    dumping.finish()
-                except CommandError as e:
-                    raise _Stop(Kind.PATH, str(e), path=entry.path) from None
                 got = "sha256:" + nix_base32(nar_hash.digest())
                 if (got, nar_size) != (entry.nar_hash, entry.nar_size):
                     raise _Stop(
@@ -379,7 +378,6 @@ class _Writer:
                 url = narinfo.nar_name(digest, compression)
                 self.rename(temporary, url)
         except BaseException:
-            dumping.kill()
             with contextlib.suppress(Exception):
                 self.sftp.remove(temporary)
             raise

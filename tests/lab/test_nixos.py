@@ -21,6 +21,7 @@ import pytest
 
 from nixspool import config as config_mod
 from nixspool import setup
+from nixspool.hook import locate
 
 pytestmark = pytest.mark.nixos
 
@@ -71,6 +72,8 @@ def test_the_rendered_config_loads_with_nixspools_loader(
     cfg = config_mod.load(str(path), environ={})
     assert cfg.user == "alice"
     assert "pi" in {r.name for r in cfg.remotes}
+    if name != "merged":  # which moves it: the module's default is the program's
+        assert cfg.spool == locate.ROOT_SPOOL
 
 
 def test_settings_merge_with_the_options(evaluated: dict[str, Any], tmp_path: Path) -> None:

@@ -80,8 +80,8 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="Config file (default: $NIXSPOOL_CONFIG, "
-        "/etc/nixspool/config.toml, then ~/.config/nixspool/config.toml).",
+        help=f"Config file (default: $NIXSPOOL_CONFIG, "
+        f"{locate.SYSTEM_CONFIG}, then ~/.config/nixspool/config.toml).",
         dir_okay=False,
         show_default=False,
     ),
