@@ -42,6 +42,7 @@ python3Packages.buildPythonApplication {
     pynacl
     tenacity
     rich
+    zstandard
   ];
 
   # The installed hook is a sh preamble that finds the venv's python; here the

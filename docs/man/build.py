@@ -80,12 +80,14 @@ GLYPHS = {"\u2014": "\\(em", "\u2026": "...", "\u00d7": "\\(mu", "\u2212": "\\-"
 
 
 def escape(text: str) -> str:
-    """Text for roff: backslashes escaped, no line starting with . or ', and the
-    few characters beyond ASCII that the manual uses named as roff names them."""
-    text = text.replace("\\", "\\e")
+    """Text for roff, to be read and copied as written: backslashes escaped; - and '
+    as the ASCII characters (groff 1.23 would print a hyphen and a curly quote, and a
+    command copied from the page would not run); no line starting with . or ';
+    the few characters beyond ASCII the manual uses named as roff names them."""
+    text = text.replace("\\", "\\e").replace("-", "\\-").replace("'", "\\(aq")
     for char, glyph in GLYPHS.items():
         text = text.replace(char, glyph)
-    return re.sub(r"(?m)^([.'])", r"\\&\1", text)
+    return re.sub(r"(?m)^\.", r"\\&.", text)
 
 
 def inline(text: str) -> str:
@@ -99,8 +101,7 @@ def inline(text: str) -> str:
 
     text = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", link, text)
     text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text)
-    text = re.sub(r"`([^`]+)`", r"\\fB\1\\fR", text)
-    return re.sub(r"(?<![\\(])-", r"\\-", text)  # a hyphen, not a roff name's
+    return re.sub(r"`([^`]+)`", r"\\fB\1\\fR", text)
 
 
 def markdown_to_roff(markdown: str, top: int = 1) -> str:
@@ -165,8 +166,10 @@ def markdown_to_roff(markdown: str, top: int = 1) -> str:
 
 def header(name: str, section: int, summary: str) -> str:
     return (
+        # No hyphenation, ragged right, so that paths and options stay whole: groff's
+        # man macros read HY and AD at each paragraph (.nh and .ad would not last).
+        ".nr HY 0\n.ds AD l\n"
         f'.TH {name.upper()} {section} "" "nixspool" "nixspool manual"\n'
-        ".nh\n.ad l\n"  # no hyphenation, ragged right: paths and options stay whole
         ".SH NAME\n"
         f"{name} \\- {escape(summary)}\n"
     )

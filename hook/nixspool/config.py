@@ -83,7 +83,7 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "exclude": (list, (), "leave out recorded paths whose name matches one of these globs"),
     "max_size": (ByteSize, None, 'leave out recorded paths whose closure is larger ("2G")'),
     "skip_signed_by": (list, (), "binary caches: leave out paths signed by these keys' names"),
-    "compression": (str, "xz", "sftp:// caches: how NARs are compressed (xz, zstd, none)"),
+    "compression": (str, "zstd", "caches nixspool writes: NAR compression (zstd, xz, none)"),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "stall_timeout": GLOBAL_KEYS["stall_timeout"],

@@ -12,7 +12,6 @@ that promises what is not there yet.
 
 from __future__ import annotations
 
-import importlib
 import lzma
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -148,9 +147,9 @@ def compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[],
         xz = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
         return xz.compress, xz.flush
     if compression == "zstd":
-        # Python 3.14+ (config.py refuses zstd before); by name, for the type
-        # checkers of older Pythons too.
-        zstd = importlib.import_module("compression.zstd")
-        z = zstd.ZstdCompressor()
+        import zstandard  # only a cache writer that uses it pays for the import
+
+        # Level 3 (zstd's and Nix's default); a big NAR is compressed by every core.
+        z = zstandard.ZstdCompressor(level=3, threads=-1).compressobj()
         return z.compress, z.flush
     return (lambda chunk: chunk), (lambda: b"")

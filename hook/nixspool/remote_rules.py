@@ -9,7 +9,6 @@ later step splits it, so that no command meets a URL Python's parser refuses.
 from __future__ import annotations
 
 import re
-import sys
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,16 +32,6 @@ def nixspool_writes(url: str, skip_signed_by: Sequence[str]) -> bool:
     a file:// cache that leaves paths to upstream (Nix's own writer refuses a path
     whose references the cache lacks)."""
     return url.startswith(SFTP_SCHEME) or (url.startswith("file://") and bool(skip_signed_by))
-
-
-def zstd_available() -> bool:
-    """zstd needs Python's compression.zstd (3.14+); xz (lzma) is always there."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("compression.zstd") is not None
-    except ModuleNotFoundError:  # no `compression` package at all (before 3.14)
-        return False
 
 
 def check_url(url: str, where: str) -> None:
@@ -126,9 +115,4 @@ def check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[
             raise ConfigError(
                 f"{where}: compression must be one of {', '.join(COMPRESSIONS)}, "
                 f"not {remote['compression']!r}"
-            )
-        if remote["compression"] == "zstd" and not zstd_available():
-            raise ConfigError(
-                f"{where}: zstd needs Python 3.14 or later (compression.zstd); this "
-                f"nixspool runs on Python {sys.version.split()[0]}: use xz"
             )

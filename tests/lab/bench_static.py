@@ -2,11 +2,11 @@
 nixspool, as ratios from one run.
 
     python tests/lab/bench_static.py [--tiny 200] [--big 20] [--big-mb 2] [--rounds 3]
-                                 [--lan-rate 1gbit]
+                                 [--lan-rate 1gbit] [--compression xz|zstd|none]
 
 Run as root after `bash tests/run` (which installs the lab). The LAN host serves
 an empty directory to an SFTP-only account (no Nix there), and each variant
-fills it from nothing, as alice, xz-compressed:
+fills it from nothing, as alice, compressed alike (xz unless --compression):
 - nixspool: `nixspool flush` to sftp://... (NARs made, compressed and uploaded
   by nixspool, signed);
 - staged: `nix copy --to file:///staging` of the same paths, then `scp -r` of
@@ -33,9 +33,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # lab
 import lab
 
 
-def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str]) -> float:
+def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compression: str) -> float:
     shutil.rmtree(work, ignore_errors=True)
-    body = f'[remotes.pi]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
+    body = (
+        f'[remotes.pi]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
+        f'compression = "{compression}"\n'
+    )
     config = the_lab.config(work, body)
     the_lab.spool_in(config, paths)
     started = time.perf_counter()
@@ -46,7 +49,12 @@ def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str]) -> floa
 
 
 def staged(
-    the_lab: lab.SshLab, staging: Path, host: lab.LanHost, cache: Path, paths: set[str]
+    the_lab: lab.SshLab,
+    staging: Path,
+    host: lab.LanHost,
+    cache: Path,
+    paths: set[str],
+    compression: str,
 ) -> float:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -56,7 +64,11 @@ def staged(
     copy = ["nix", "--extra-experimental-features", "nix-command", "copy"]
     scp = ["scp", "-q", "-r", "-o", "BatchMode=yes"]
     started = time.perf_counter()
-    result = lab.run_as(lab.ALICE, [*copy, "--to", f"file://{staging}", *sorted(paths)], env)
+    result = lab.run_as(
+        lab.ALICE,
+        [*copy, "--to", f"file://{staging}?compression={compression}", *sorted(paths)],
+        env,
+    )
     assert result.returncode == 0, result.stderr
     target = f"{host.sftp_user}@{host.alias}:{cache}/"
     names = [str(p) for p in staging.iterdir()]
@@ -67,7 +79,7 @@ def staged(
 
 
 def side_by_side(
-    the_lab: lab.SshLab, root: Path, paths: set[str], rounds: int
+    the_lab: lab.SshLab, root: Path, paths: set[str], rounds: int, compression: str
 ) -> tuple[float, float]:
     host = the_lab.hosts[0]
     ours, theirs = [], []
@@ -76,9 +88,10 @@ def side_by_side(
         for variant in variants:
             cache = host.serve_sftp(the_lab.alice.public_key, name="bench-cache")
             if variant == "nixspool":
-                ours.append(nixspool(the_lab, root / "work", host.sftp_url(cache), paths))
+                url = host.sftp_url(cache)
+                ours.append(nixspool(the_lab, root / "work", url, paths, compression))
             else:
-                theirs.append(staged(the_lab, root / "staging", host, cache, paths))
+                theirs.append(staged(the_lab, root / "staging", host, cache, paths, compression))
             assert len(list(cache.glob("*.narinfo"))) == len(paths), variant
     return statistics.median(ours), statistics.median(theirs)
 
@@ -90,6 +103,7 @@ def main() -> None:
     parser.add_argument("--big-mb", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lan-rate", help="shape the link to the host, e.g. 1gbit")
+    parser.add_argument("--compression", default="xz", choices=["xz", "zstd", "none"])
     args = parser.parse_args()
     lab.require_lab("sshd", "ip", "ssh-keygen", "scp")
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
@@ -102,14 +116,14 @@ def main() -> None:
         print(
             f"# {lab.nix_version()}, Python {sys.version.split()[0]}, "
             f"{len(os.sched_getaffinity(0))} cores; SFTP to a LAN host in a network "
-            f"namespace{link}; xz; medians of {args.rounds} rounds"
+            f"namespace{link}; {args.compression}; medians of {args.rounds} rounds"
         )
         for label, count, size in (
             ("tiny", args.tiny, 0),
             ("big", args.big, int(args.big_mb * (1 << 20))),
         ):
             paths = the_lab.build(count, bytes_each=size)
-            ours, theirs = side_by_side(the_lab, root, paths, args.rounds)
+            ours, theirs = side_by_side(the_lab, root, paths, args.rounds, args.compression)
             print(
                 f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
                 f"nix copy to file:// + scp -r {theirs:6.2f} s, ratio {ours / theirs:.2f}"

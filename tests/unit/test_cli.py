@@ -94,7 +94,7 @@ def test_config_shows_values_and_where_they_came_from(config: Path) -> None:
     assert data["sources"]["spool"] == f"{config}:1"
     config.write_text(config.read_text() + '\n[remotes.pi2]\nurl = "sftp://pi/srv/c"\n')
     out = nixspool(config, "config")[1]
-    assert 'compression = "xz"  # default' in out
+    assert 'compression = "zstd"  # default' in out
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:

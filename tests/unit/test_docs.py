@@ -87,7 +87,9 @@ def test_man_renders_the_pages_without_a_warning(name: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert "Nix's post-build-hook" in result.stdout
+    # As written, to be copied: an ASCII apostrophe and hyphens, words not hyphenated.
+    assert "Nix's post-build-hook" in " ".join(result.stdout.split())
+    assert "\u2010" not in result.stdout and "\u2019" not in result.stdout
 
 
 # -- links and sections ---------------------------------------------------------------
