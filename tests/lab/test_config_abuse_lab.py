@@ -7,42 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
-from pathlib import Path
 
 import pytest
 
 import lab
-
-CANARY = Path(tempfile.gettempdir()) / "nixspool-canary-config-abuse"
-INJECTIONS = [
-    f"$(touch {CANARY})",
-    f"`touch {CANARY}`",
-    f";touch {CANARY}",
-    f"|touch {CANARY}",
-    f"\ntouch {CANARY}",
-    f"' \"; touch {CANARY} #",
-]
-HOSTILE_URLS = [
-    f"ssh://-oProxyCommand=touch {CANARY}",
-    f"ssh-ng://-oProxyCommand=touch${{IFS}}{CANARY}",
-    f"ssh://-oProxyCommand=touch%20{CANARY}@pi",
-    f"ssh://-oLocalCommand=touch%20{CANARY}@pi",
-    f"ssh-ng://pi?remote-program=touch%20{CANARY}",
-    f"ssh-ng://pi?remote-program=touch;{CANARY}",
-    f"ssh://pi?remote-program=$(touch%20{CANARY})",
-    *(f"ssh-ng://pi{i}" for i in INJECTIONS),
-    *(f"ssh://{i}@pi" for i in INJECTIONS),
-    f"file:///tmp/x?compression={INJECTIONS[0]}",
-]
-
-
-def check_answer(config: Path, code: int, err: str) -> None:
-    assert "Traceback" not in err, err
-    assert code in (0, 1), (code, err)
-    if code:
-        assert len(err.splitlines()) == 1, err
-        assert re.match(rf"error: {re.escape(str(config))}:\d+: \S", err), err
+from test_config_abuse import CANARY, HOSTILE_URLS, check_answer
 
 
 @pytest.mark.integration

@@ -15,25 +15,7 @@ import pytest
 import lab
 from nixspool.hook import rows
 from nixspool.spool import Owner, Spool
-
-STORE = "/nix/store"
-H = "0123456789abcdfghijklmnpqrsvwxyz"  # a valid 32-char hash
-
-
-def out(name: str, digest: str = H) -> str:
-    return f"{STORE}/{digest}-{name}"
-
-
-def paths_in(spool: Path, owner: Owner | None = None) -> set[str]:
-    with Spool.open(str(spool), owner) as s:  # imports the journal, like any command
-        return {row[0] for row in s.conn.execute("SELECT path FROM paths")}
-
-
-# -- the module itself ---------------------------------------------------------
-
-
-# -- input hygiene -------------------------------------------------------------
-
+from test_hook import out, paths_in
 
 # -- the installed hook, run as Nix runs it -----------------------------------
 

@@ -14,35 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nixspool.hook import locate, rows
-from nixspool.spool import Owner, Spool
+from nixspool.spool import Spool
 from programs import installed_program
-
-STORE = "/nix/store"
-H = "0123456789abcdfghijklmnpqrsvwxyz"  # a valid 32-char hash
-
-
-def out(name: str, digest: str = H) -> str:
-    return f"{STORE}/{digest}-{name}"
-
-
-def paths_in(spool: Path, owner: Owner | None = None) -> set[str]:
-    with Spool.open(str(spool), owner) as s:  # imports the journal, like any command
-        return {row[0] for row in s.conn.execute("SELECT path FROM paths")}
-
-
-def unique_out(i: int) -> str:
-    digest = "".join(H[(i >> (5 * k)) & 31] for k in range(7)) + H[7:]
-    return out(f"p{i}", digest)
-
-
-# -- the module itself ---------------------------------------------------------
-
-
-# -- input hygiene -------------------------------------------------------------
-
-
-# -- the installed hook, run as Nix runs it -----------------------------------
-
+from test_hook import out, paths_in, unique_out
 
 # -- under fire ----------------------------------------------------------------
 

@@ -183,6 +183,3 @@ def test_derivation_outputs_of_every_nix() -> None:
     assert old == {f"{STORE}/{DRV}": [f"{STORE}/{A}"]}
     new = nix.parse_derivation_outputs(json.dumps(DERIVATION_SHAPES["2.34 version 4"]), STORE)
     assert new == {f"{STORE}/{DRV}": sorted([f"{STORE}/{A}", f"{STORE}/{B}"])}
-
-
-# -- against the Nix under test ---------------------------------------------------------

@@ -57,6 +57,3 @@ def test_a_malformed_key_is_refused_without_showing_it(tmp_path: Path) -> None:
         sign.load_secret_key(str(path))
     assert "c2VjcmV0" not in str(error.value) and "not a Nix secret key" in str(error.value)
     assert "<secret>" in repr(sign.SecretKey("k", nacl.signing.SigningKey.generate()))
-
-
-# -- against Nix 2.8 -----------------------------------------------------------
