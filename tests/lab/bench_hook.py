@@ -5,7 +5,10 @@
 
 Run as root with the lab installed (`bash tests/run` installs it). Prints:
 1. the hook's median wall time / a bare start of the same interpreter
-   (`python -I -S -c pass`); target <= 1.8;
+   (`python -I -S -c pass`); target <= 1.8; and / its floor in this design: the
+   same interpreter start, `import _sqlite3`, one connect and one INSERT into
+   a WAL spool, as a stand-alone script (what any hook that records in SQLite
+   must do), so that what is above the floor is nixspool's own;
 2. CONCURRENT hooks (64 at once, as Nix 2.35 and Lix run them up to max-jobs):
    the median and p99 of one hook's time / a lone hook's median, beside the
    same for 64 bare interpreter starts at once (what sharing 2 cores costs
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
 sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
+from nixspool.hook import rows
 from nixspool.spool import Spool
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -79,15 +83,26 @@ def out_path(i: int, name: str = "bench") -> str:
     return f"/nix/store/{H[:24]}{i:08d}-{name}"
 
 
+# The floor: what any hook recording in a SQLite spool must do, nothing else.
+FLOOR = (
+    "import _sqlite3, os\n"
+    "c = _sqlite3.connect(os.environ['FLOOR_SPOOL'], timeout=2, isolation_level=None)\n"
+    f"c.execute({rows.INSERT_PATH!r}, (os.environ['OUT_PATHS'], os.environ['DRV_PATH'], 0, 0))\n"
+)
+
+
 def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
     hook = lab.installed_program("nixspool-hook")
     python = str(Path(hook).parent / "python3")
     env = hook_env(work, "spool")
+    floor_env = {**env, "FLOOR_SPOOL": str(work / "floor" / "spool.sqlite")}
+    Spool.open(floor_env["FLOOR_SPOOL"]).close()  # WAL, the schema: as the hook finds it
     site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
-    samples: dict[str, list[float]] = {"bare": [], "hook": [], "hook_with_site": []}
+    samples: dict[str, list[float]] = {"bare": [], "hook": [], "hook_with_site": [], "floor": []}
     for i in range(runs):
-        env["OUT_PATHS"] = out_path(i)
+        env["OUT_PATHS"] = floor_env["OUT_PATHS"] = out_path(i)
         samples["bare"].append(timed([python, "-I", "-S", "-c", "pass"], env))
+        samples["floor"].append(timed([python, "-I", "-S", "-c", FLOOR], floor_env))
         samples["hook"].append(timed([hook], env))
         env["OUT_PATHS"] = out_path(i, "bench-site")
         samples["hook_with_site"].append(timed(site_hook, env))
@@ -228,6 +243,11 @@ def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_versio
         f"nixspool-hook:                                 {hook * 1000:7.2f} ms"
         f"  ratio {hook / bare:.2f}  (target <= 1.8)"
     )
+    floor = med(start["floor"])
+    print(
+        f"its floor (start, _sqlite3, connect, INSERT):  {floor * 1000:7.2f} ms"
+        f"  ratio hook / floor {hook / floor:.2f}, floor / bare start {floor / bare:.2f}"
+    )
     site = med(start["hook_with_site"])
     print(
         f"the same as a default console script (site):  {site * 1000:7.2f} ms"
@@ -265,6 +285,8 @@ def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_versio
         f"ratio nixspool-hook / empty python hook: {ours / build['empty python -IS']:.3f}"
         "  (target <= 1.15)"
     )
+    per_build = (ours - build["empty python -IS"]) / args.derivations * 1000
+    print(f"added per build over the empty python hook: {per_build:.1f} ms")
     print(
         f"ratio nixspool-hook / /bin/true:         {ours / build['/bin/true']:.3f}"
         "  (for information)"
