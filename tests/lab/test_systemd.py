@@ -60,9 +60,12 @@ def test_the_flush_unit_delivers_signed_as_the_user_with_its_hardening(
         f"{spool}\naccept_new_host_keys = true\nconnect_timeout = 5\n\n"
         f'[remotes.pi]\nurl = "ssh-ng://{host.alias}"\nsign_key_file = "{key}"\n'
     )
-    hook_line = next(line for line in setup.stdout.splitlines() if "post-build-hook" in line)
+    # The line from the program's path, not from setup's prose: on a machine that has
+    # it already, setup says so in a sentence (and a second run of this test is one).
+    hook = lab.installed_program("nixspool-hook")
+    assert hook in setup.stdout, setup.stdout  # setup names it, either way
     NIX_CONF.write_text(
-        f"{hook_line.strip()}\nsubstituters =\nsandbox = false\nbuild-users-group = nixbld\n"
+        f"post-build-hook = {hook}\nsubstituters =\nsandbox = false\nbuild-users-group = nixbld\n"
     )
     systemctl("restart", "nix-daemon.socket", "nix-daemon.service", check=False)
     systemctl("daemon-reload")
