@@ -6,7 +6,8 @@ back off); transport.py is how a batch reaches a remote (`nix copy`, or the
 cache writer); report.py is what a flush says it did, and its exit status.
 """
 
-from .batches import ATTEMPTS_PER_FLUSH, TIMEOUTS_ALONE, Batches, backoff
+from typing import Any
+
 from .flusher import Flusher, resolve_derivations, single_flusher
 from .report import (
     EX_FAILED,
@@ -36,3 +37,13 @@ __all__ = [
     "resolve_derivations",
     "single_flusher",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The batch loop (and tenacity, the cache writer, signing) is imported when a
+    flush has work, not by every command: an idle flush starts that much faster."""
+    if name in ("ATTEMPTS_PER_FLUSH", "TIMEOUTS_ALONE", "Batches", "backoff"):
+        from . import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

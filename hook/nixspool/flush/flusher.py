@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from .. import gcroots, nix, reconcile, sign
 from ..config import Config, Remote
@@ -36,9 +37,11 @@ from ..outcome import Outcome, classify
 from ..probe import Probe, ProbeResult, Verdict, nix_ssh_env, start_probe, verdict
 from ..run import Account, Running, last_line
 from ..spool import Spool
-from .batches import Batches, Progress
 from .report import EX_FAILED, FlushReport, RemoteReport, exit_code
 from .transport import CacheWriter, NixCopy, Transport
+
+if TYPE_CHECKING:
+    from .batches import Progress
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,8 @@ class Flusher:
                 self._reconcile(remote, report)
             due = self.spool.queue.due_count(remote.name, now=self.due_by)
             if due:
+                from .batches import Batches  # only a flush with work pays for the import
+
                 self.key(remote)  # an unusable key stops this remote before anything moves
                 Batches(
                     transport,
