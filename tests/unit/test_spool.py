@@ -216,7 +216,7 @@ def test_skipped_rows_keep_their_reason_until_retried(spool: Spool) -> None:
 
 
 def test_a_spool_of_schema_1_keeps_every_row_through_the_migration(tmp_path: Path) -> None:
-    from nixspool.spool.database import MIGRATIONS
+    from nixspool.spool.schema import MIGRATIONS
 
     path = tmp_path / "old" / "spool.sqlite"
     path.parent.mkdir(mode=0o700)

@@ -1,12 +1,11 @@
 """The spool: a SQLite file in WAL mode, the one source of truth.
 
 By responsibility: `place` (the directory and files: who owns them, who may),
-`database` (the connection, migrations, journal import, ballast), `intake`
-(fan-out to the remotes, paths added by hand, .drv rows resolved), `queue`
-(the flusher's state machine), `remotes`
-(each remote's record: its last flush, what needs a person, reconciling),
-`reports` (status and list, typed), `admin` (retry, drop, prune), `model` (the
-values).
+`schema` (the migrations), `database` (the connection, journal import, ballast),
+`intake` (fan-out to the remotes, paths added by hand, .drv rows resolved),
+`queue` (the flusher's state machine), `remotes` (each remote's record: its last
+flush, what needs a person, reconciling), `reports` (status and list, typed),
+`admin` (retry, drop, prune), `model` (the values).
 
 Tables:
 - `paths`: one row per store path the hook recorded (`needs_outputs` = 1
@@ -18,6 +17,8 @@ Tables:
   not know the remotes; `remotes.expanded_through` remembers how far each
   remote has been fanned out, so a dropped row is not brought back.
 - `rejects`: what the hook refused to record, and why.
+- `tallies`: each remote's rows per state, verdicts and bytes, kept by triggers
+  as rows change (schema.py), so that `status` does not count a million rows.
 
 Ownership (docs/security.md#ownership): the directory (0700) and the files (0600)
 belong to the configured `user`, so that both root (the hook, a root
@@ -26,7 +27,7 @@ else can. SQLite gives its -wal and -shm files the database's owner and
 mode when root creates them; nixspool does the same for its own files.
 """
 
-from .database import SCHEMA_VERSION, Spool
+from .database import Spool
 from .model import (
     DELIVERY_STATES,
     Dropped,
@@ -39,6 +40,7 @@ from .model import (
     untrusted_row,
 )
 from .place import Owner, check_permissions, trusted_uids
+from .schema import SCHEMA_VERSION
 
 __all__ = [
     "DELIVERY_STATES",

@@ -24,103 +24,10 @@ from .place import Owner
 from .queue import Queue
 from .remotes import Remotes
 from .reports import Reports
+from .schema import MIGRATIONS, SCHEMA_VERSION, statements
 
 log = logging.getLogger(__name__)
 
-# Each entry upgrades the schema by one version (PRAGMA user_version).
-# Append only; never edit a released entry. The hook's INSERTs (nixspool.hook.rows)
-# must stay valid against every version.
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE paths (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        path TEXT NOT NULL UNIQUE,
-        drv_path TEXT NOT NULL DEFAULT '',
-        needs_outputs INTEGER NOT NULL DEFAULT 0,
-        recorded_at REAL NOT NULL
-    );
-    CREATE TABLE remotes (
-        name TEXT PRIMARY KEY,
-        expanded_through INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE deliveries (
-        remote TEXT NOT NULL,
-        path_id INTEGER NOT NULL REFERENCES paths (id) ON DELETE CASCADE,
-        state TEXT NOT NULL DEFAULT 'queued'
-            CHECK (state IN ('queued', 'delivered', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL DEFAULT 0,
-        last_error TEXT,
-        updated_at REAL,
-        delivered_at REAL,
-        verified INTEGER,
-        lease_owner TEXT,
-        lease_until REAL NOT NULL DEFAULT 0,
-        PRIMARY KEY (remote, path_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX deliveries_due ON deliveries (remote, state, next_attempt_at, path_id);
-    CREATE INDEX deliveries_path ON deliveries (path_id);
-    CREATE TABLE rejects (
-        id INTEGER PRIMARY KEY,
-        value TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        drv_path TEXT NOT NULL DEFAULT '',
-        recorded_at REAL NOT NULL,
-        UNIQUE (recorded_at, drv_path, value, reason)
-    );
-    """,
-    # 2: a remote's filters leave rows `skipped` (a state, so the CHECK and the
-    # table are rebuilt, SQLite's way); each path's NAR size, once the flusher
-    # knows it (bytes delivered); each remote's last flush, for `metrics`.
-    """
-    CREATE TABLE deliveries_2 (
-        remote TEXT NOT NULL,
-        path_id INTEGER NOT NULL REFERENCES paths (id) ON DELETE CASCADE,
-        state TEXT NOT NULL DEFAULT 'queued'
-            CHECK (state IN ('queued', 'delivered', 'failed', 'skipped')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL DEFAULT 0,
-        last_error TEXT,
-        updated_at REAL,
-        delivered_at REAL,
-        verified INTEGER,
-        lease_owner TEXT,
-        lease_until REAL NOT NULL DEFAULT 0,
-        PRIMARY KEY (remote, path_id)
-    ) WITHOUT ROWID;
-    INSERT INTO deliveries_2 SELECT * FROM deliveries;
-    DROP TABLE deliveries;
-    ALTER TABLE deliveries_2 RENAME TO deliveries;
-    CREATE INDEX deliveries_due ON deliveries (remote, state, next_attempt_at, path_id);
-    CREATE INDEX deliveries_path ON deliveries (path_id);
-    ALTER TABLE paths ADD COLUMN nar_size INTEGER;
-    ALTER TABLE remotes ADD COLUMN last_flush_at REAL;
-    ALTER TABLE remotes ADD COLUMN last_flush_exit INTEGER;
-    """,
-    # 3: a binary cache's last flush: how many closure paths it left to the
-    # upstream caches that signed them (skip_signed_by), for `status`.
-    """
-    ALTER TABLE remotes ADD COLUMN left_to_upstream INTEGER;
-    """,
-    # 4: the spool's identity, made once with the file. The GC roots remember it
-    # (nixspool.gcroots): roots kept for another spool id mean this spool was lost
-    # and made anew since the last flush, and their paths are queued again.
-    """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    INSERT INTO meta VALUES ('spool_id', lower(hex(randomblob(16))));
-    """,
-    # 5: the error of a remote's last flush when it needed a person (exit 1), kept
-    # until a flush of that remote ends otherwise: a flush that finds its rows
-    # still on backoff says it again, and `status --check` fails on it. When the
-    # remote was last asked which delivered paths it still has, and how many it
-    # had lost (queued again).
-    """
-    ALTER TABLE remotes ADD COLUMN last_flush_error TEXT;
-    ALTER TABLE remotes ADD COLUMN reconciled_at REAL;
-    ALTER TABLE remotes ADD COLUMN reconcile_requeued INTEGER;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
 
 # What SQLite says of a file that is not, or no longer, a whole database.
 BROKEN = ("file is not a database", "database disk image is malformed")
@@ -305,9 +212,8 @@ class Spool:
             # Re-read inside the write lock: another process may have migrated.
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             for number in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
+                for statement in statements(MIGRATIONS[number]):
+                    self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager

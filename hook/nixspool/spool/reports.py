@@ -28,31 +28,23 @@ class Reports:
         remotes: dict[str, RemoteStatus] = {}
         for (name,) in self.conn.execute("SELECT name FROM remotes ORDER BY name"):
             remotes[name] = RemoteStatus()
-        for name, state, count in self.conn.execute(
-            "SELECT remote, state, count(*) FROM deliveries GROUP BY remote, state"
+        # Counts, verdicts and bytes are kept by triggers (schema, migration 6): one
+        # row per remote and state, whatever the number of rows.
+        for name, state, rows, verified, not_verified, size, last_at in self.conn.execute(
+            "SELECT remote, state, rows, verified, not_verified, bytes, last_at FROM tallies"
         ):
-            setattr(remotes.setdefault(name, RemoteStatus()), State(state).value, count)
+            r = remotes.setdefault(name, RemoteStatus())
+            setattr(r, State(state).value, rows)
+            if state == State.DELIVERED.value:
+                r.verified, r.not_verified = verified, not_verified
+                r.delivered_bytes = size
+                r.last_delivered_at = last_at or None  # the last delivery, even if pruned
         for name, oldest in self.conn.execute(
             "SELECT d.remote, min(p.recorded_at) FROM deliveries d JOIN paths p"
             " ON p.id = d.path_id WHERE d.state = 'queued' GROUP BY d.remote"
         ):
             remotes[name].oldest_queued_at = oldest
             remotes[name].oldest_queued_age_seconds = round(now - oldest, 3)
-        for name, verified, count in self.conn.execute(
-            "SELECT remote, verified, count(*) FROM deliveries"
-            " WHERE state = 'delivered' AND verified IS NOT NULL GROUP BY remote, verified"
-        ):
-            if verified:
-                remotes[name].verified = count
-            else:
-                remotes[name].not_verified = count
-        for name, delivered_bytes, last_delivered_at in self.conn.execute(
-            "SELECT d.remote, coalesce(sum(p.nar_size), 0), max(d.delivered_at)"
-            " FROM deliveries d JOIN paths p ON p.id = d.path_id"
-            " WHERE d.state = 'delivered' GROUP BY d.remote"
-        ):
-            remotes[name].delivered_bytes = delivered_bytes
-            remotes[name].last_delivered_at = last_delivered_at
         for name, flushed_at, flush_exit, left, person, reconciled, requeued in self.conn.execute(
             "SELECT name, last_flush_at, last_flush_exit, left_to_upstream, last_flush_error,"
             " reconciled_at, reconcile_requeued FROM remotes"
