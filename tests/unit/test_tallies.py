@@ -1,8 +1,9 @@
 """`status` reads counts the spool's triggers keep (schema, migration 6) instead of
-counting every row. Here they are checked against a count of every row, after each
-step of random sequences of everything that changes rows: paths recorded (by the
-hook's own INSERT, .drv rows included), fan-out, sizes learnt, leases and every
-ending of one, verdicts, retry, drop, prune, derivations resolved."""
+counting every row, and each remote's oldest queued row from one index. Here both
+are checked against every row counted, after each step of random sequences of
+everything that changes rows: paths recorded (by the hook's own INSERT, .drv rows
+included), fan-out, sizes learnt, leases and every ending of one, verdicts, retry,
+drop, prune, derivations resolved."""
 
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def tallied(spool: Spool) -> dict[tuple[str, str], tuple[int, int, int, int]]:
         )
         if n or verified or not_verified or size  # a state emptied keeps a zero row
     }
+
+
+def oldest_queued(spool: Spool) -> dict[str, float]:
+    """The oracle for each remote's oldest queued row: a join over every queued row."""
+    return dict(
+        spool.conn.execute(
+            "SELECT d.remote, min(p.recorded_at) FROM deliveries d JOIN paths p"
+            " ON p.id = d.path_id WHERE d.state = 'queued' GROUP BY d.remote"
+        )
+    )
 
 
 def step(spool: Spool, rng: random.Random, made: list[int]) -> str:
@@ -104,6 +115,12 @@ def test_the_tallies_are_every_row_counted(tmp_path: Path, seed: int) -> None:
         for _ in range(120):
             done.append(step(spool, rng, made))
             assert tallied(spool) == counted(spool), done[-5:]
+            shown = {
+                name: r.oldest_queued_at
+                for name, r in spool.reports.status().remotes.items()
+                if r.oldest_queued_at is not None
+            }
+            assert shown == oldest_queued(spool), done[-5:]
         assert {"lease", "prune", "drop"} <= set(done)
 
 

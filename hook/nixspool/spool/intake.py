@@ -45,7 +45,8 @@ class Intake:
                 (top,) = self.conn.execute("SELECT coalesce(max(id), 0) FROM paths").fetchone()
                 if top > through:
                     self.conn.execute(
-                        "INSERT INTO deliveries (remote, path_id) SELECT ?, id FROM paths"
+                        "INSERT INTO deliveries (remote, path_id, recorded_at)"
+                        " SELECT ?, id, recorded_at FROM paths"
                         " WHERE id > ? AND id <= ? ON CONFLICT DO NOTHING",
                         (name, through, top),
                     )

@@ -39,12 +39,14 @@ class Reports:
                 r.verified, r.not_verified = verified, not_verified
                 r.delivered_bytes = size
                 r.last_delivered_at = last_at or None  # the last delivery, even if pruned
-        for name, oldest in self.conn.execute(
-            "SELECT d.remote, min(p.recorded_at) FROM deliveries d JOIN paths p"
-            " ON p.id = d.path_id WHERE d.state = 'queued' GROUP BY d.remote"
-        ):
-            remotes[name].oldest_queued_at = oldest
-            remotes[name].oldest_queued_age_seconds = round(now - oldest, 3)
+        for name, remote in remotes.items():  # one lookup in deliveries_oldest each
+            (oldest,) = self.conn.execute(
+                "SELECT min(recorded_at) FROM deliveries WHERE remote = ? AND state = 'queued'",
+                (name,),
+            ).fetchone()
+            if oldest is not None:
+                remote.oldest_queued_at = oldest
+                remote.oldest_queued_age_seconds = round(now - oldest, 3)
         for name, flushed_at, flush_exit, left, person, reconciled, requeued in self.conn.execute(
             "SELECT name, last_flush_at, last_flush_exit, left_to_upstream, last_flush_error,"
             " reconciled_at, reconcile_requeued FROM remotes"
@@ -55,8 +57,8 @@ class Reports:
             r.reconciled_at, r.reconcile_requeued = reconciled, requeued
         for name, remote in remotes.items():
             last = self.conn.execute(
-                "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_due"
-                " WHERE remote = ? AND state IN ('queued', 'failed') AND last_error IS NOT NULL"
+                "SELECT last_error, updated_at FROM deliveries INDEXED BY deliveries_last_error"
+                " WHERE remote = ? AND last_error IS NOT NULL AND state IN ('queued', 'failed')"
                 " ORDER BY updated_at DESC LIMIT 1",
                 (name,),
             ).fetchone()

@@ -100,9 +100,17 @@ MIGRATIONS: list[str] = [
     # 6: `status` flat in the number of rows: each remote's rows per state, how many
     # of its delivered ones are verified or not, and their bytes, kept by triggers
     # as rows come, change and go (a million-row status read them all: 1.1 s);
-    # the .drv rows waiting for their outputs found by a partial index. The hook's
+    # the .drv rows waiting for their outputs found by a partial index; and each
+    # delivery row carries its path's recording time, so that a remote's oldest
+    # queued row is one index lookup, not a join over every queued row, and so is
+    # its latest error (a partial index of the rows that have one). The hook's
     # INSERTs are untouched: it writes `paths`, and no trigger is on its inserts.
     """
+    ALTER TABLE deliveries ADD COLUMN recorded_at REAL;
+    UPDATE deliveries SET recorded_at = (SELECT recorded_at FROM paths WHERE id = path_id);
+    CREATE INDEX deliveries_oldest ON deliveries (remote, state, recorded_at);
+    CREATE INDEX deliveries_last_error ON deliveries (remote, updated_at)
+        WHERE last_error IS NOT NULL AND state IN ('queued', 'failed');
     CREATE TABLE tallies (
         remote TEXT NOT NULL,
         state TEXT NOT NULL,
