@@ -2,6 +2,7 @@
 {
   lib,
   python3Packages,
+  installShellFiles,
 }:
 
 let
@@ -34,6 +35,15 @@ python3Packages.buildPythonApplication {
   passthru.sourceFiles = map toString (lib.fileset.toList sourceFiles);
 
   build-system = [ python3Packages.setuptools ];
+  nativeBuildInputs = [ installShellFiles ];
+
+  # The wheel carries the man pages as data files (share/man); should an installer
+  # leave them out, install them from the source.
+  postInstall = ''
+    if [ ! -e $out/share/man/man1/nixspool.1 ]; then
+      installManPage docs/man/nixspool.1 docs/man/nixspool-hook.8
+    fi
+  '';
 
   dependencies = with python3Packages; [
     typer
