@@ -171,6 +171,19 @@ def test_success_prints_nothing_and_records_each_output(hook_env, run_hook, tmp_
     assert not Path(locate.fallback_journal(str(spool))).exists()
 
 
+def test_a_nix_config_in_the_environment_changes_nothing(hook_env, run_hook, tmp_path) -> None:
+    """Lix 2.93+ hands hooks a NIX_CONFIG of the settings that differ from their
+    defaults; the hook reads no Nix setting, so it records as always (the flusher
+    clears NIX_CONFIG for the Nix it runs: test_flush_logic)."""
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    env = hook_env(out("b.drv"), out("b"))
+    env["NIX_CONFIG"] = "store = /elsewhere\npost-build-hook = /bin/false\nspool = /tmp/x\n"
+    result = run_hook(env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert paths_in(spool) == {out("b")}
+
+
 def test_the_same_path_twice_is_one_row(hook_env, run_hook, tmp_path) -> None:
     spool = tmp_path / "spool" / "spool.sqlite"
     Spool.open(str(spool)).close()
