@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 MAGIC = b"nix-archive-1"
 CHUNK = 1 << 20
@@ -43,7 +43,7 @@ class ChangedWhileRead(OSError):
     something is wrong with this one)."""
 
 
-def dump(path: str) -> Iterator[bytes]:
+def dump(path: str) -> Generator[bytes, None, None]:
     """The NAR of `path`, in chunks (at most CHUNK bytes of a file's contents each).
     OSError at once if the path cannot be seen (the caller may then read it another
     way), or while the chunks are made if a part of it cannot be read."""
@@ -51,7 +51,7 @@ def dump(path: str) -> Iterator[bytes]:
     return _archive(top, os.lstat(top))
 
 
-def _archive(top: bytes, st: os.stat_result) -> Iterator[bytes]:
+def _archive(top: bytes, st: os.stat_result) -> Generator[bytes, None, None]:
     yield _string(MAGIC)
     yield from _object(top, st)
 

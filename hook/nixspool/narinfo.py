@@ -149,7 +149,7 @@ def compressor(compression: str) -> tuple[Callable[[bytes], bytes], Callable[[],
     if compression == "zstd":
         import zstandard  # only a cache writer that uses it pays for the import
 
-        # Level 3 (zstd's and Nix's default); a big NAR is compressed by every core.
+        # Level 3, zstd's default; a big NAR is compressed by every core.
         z = zstandard.ZstdCompressor(level=3, threads=-1).compressobj()
         return z.compress, z.flush
     return (lambda chunk: chunk), (lambda: b"")

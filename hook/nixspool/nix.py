@@ -25,7 +25,7 @@ import base64
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -306,7 +306,7 @@ def plain_log(stderr: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def dump(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+def dump(path: str, chunk_size: int = 1 << 20) -> Generator[bytes, None, None]:
     """The NAR of a store path (its serialisation, whose sha256 is the path's
     NarHash) as `nix-store --dump` writes it, in chunks; CommandError if it fails.
     (nar.dump makes the same bytes without a process: the cache writer's way.)"""

@@ -341,7 +341,10 @@ class _Writer:
             chunks = nar.dump(entry.path)
         except OSError:  # not readable by this user: Nix reads it (through its daemon)
             chunks = nix.dump(entry.path, CHUNK)
-        return self.write_nar(entry, chunks)
+        try:
+            return self.write_nar(entry, chunks)
+        finally:
+            chunks.close()  # a write that failed midway: a nix-store --dump is killed now
 
     def write_nar(self, entry: Entry, chunks: Iterator[bytes]) -> tuple[str, str, int]:
         compression = self.request.compression

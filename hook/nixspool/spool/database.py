@@ -121,12 +121,12 @@ class Spool:
         except sqlite3.DatabaseError as e:
             raise SpoolError(
                 f"spool {path}: {e}; is it readable and writable by this user? "
-                "(see docs/operations.md#troubleshooting)"
+                "(see man nixspool: Troubleshooting)"
             ) from None
         except PermissionError as e:
             raise SpoolError(
                 f"spool {path}: {e.strerror}; run nixspool as root or as the "
-                "spool's owner (see docs/security.md#ownership)"
+                "spool's owner (see man nixspool: Ownership)"
             ) from None
 
     def settle(self) -> None:
@@ -163,12 +163,7 @@ class Spool:
         nothing: no spool yet, an older schema, records waiting in a journal.
         The caller then open()s it, which does that work first.
         """
-        try:
-            place.check_permissions(os.path.dirname(path), owner)
-            place.check_permissions(path, owner)
-            files.check_database(path)
-        except files.NotRegularFile as e:
-            raise SpoolError(f"spool: {e}") from None
+        place.check(path, owner)
         journals = [locate.fallback_journal(path), stray_journal]
         if not os.path.exists(path) or any(j and os.path.lexists(j) for j in journals):
             return None

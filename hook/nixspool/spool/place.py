@@ -50,21 +50,29 @@ def check_permissions(path: str, owner: Owner | None) -> None:
         raise SpoolError(reason)
 
 
+def check(path: str, owner: Owner | None) -> None:
+    """Refuse a spool, or its directory, that someone untrusted could write, and a
+    database that is not a plain file (SpoolError). PermissionError if this user
+    cannot look."""
+    try:
+        check_permissions(os.path.dirname(path), owner)
+        check_permissions(path, owner)
+        files.check_database(path)
+    except files.NotRegularFile as e:
+        raise SpoolError(f"spool: {e}") from None
+
+
 def prepare(path: str, owner: Owner | None) -> tuple[int, int] | None:
     """Refuse a spool someone untrusted could write; make its directory and give
     it, and the files beside it, to `owner`. The rights root is to use in the
     directory (files.rights_to_use): its owner's, or None for root's own."""
     directory = os.path.dirname(path)
     try:
-        check_permissions(directory, owner)
-        check_permissions(path, owner)
-        files.check_database(path)
-    except files.NotRegularFile as e:
-        raise SpoolError(f"spool: {e}") from None
+        check(path, owner)
     except PermissionError:
         raise SpoolError(
             f"spool {path}: permission denied; run nixspool as root or as "
-            "the spool's owner (see docs/security.md#ownership)"
+            "the spool's owner (see man nixspool: Ownership)"
         ) from None
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
