@@ -193,8 +193,9 @@ def install(req: SetupRequest) -> SetupReport:
                 "systemd is not running here: start `nixspool flush` from cron "
                 "or by hand; the dispatcher script starts it detached"
             )
-    hook_line = f"post-build-hook = {program('nixspool-hook')}"
-    for unsafe in rootcode.hook_problems(program("nixspool-hook")):
+    hook = program("nixspool-hook")
+    hook_line = f"post-build-hook = {hook}"
+    for unsafe in rootcode.hook_problems(hook):
         report.notes.append(
             f"WARNING: nix-daemon runs nixspool-hook as root, but {unsafe}: whoever can "
             "change it runs code as root on every build; install nixspool as root, in a "
