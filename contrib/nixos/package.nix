@@ -53,6 +53,9 @@ python3Packages.buildPythonApplication {
     tenacity
     rich
     zstandard
+    # The s3 extra (s3:// caches): part of the package, so a NixOS module's
+    # s3:// remote works without a second install.
+    boto3
   ];
 
   # The installed hook is a sh preamble that finds the venv's python; here the

@@ -30,6 +30,7 @@ MANUAL_PAGES = [
     "ssh.md",
     "signing.md",
     "static-caches.md",
+    "s3.md",
     "filters.md",
     "triggers.md",
     "operations.md",

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import ConfigError, UsageError
 from .hook import locate
 from .remote_rules import (
+    S3_SCHEME,
     SFTP_SCHEME,
     SSH_SCHEMES,
     check_binary_cache_keys,
@@ -84,6 +85,12 @@ REMOTE_KEYS: dict[str, tuple[type, Any, str]] = {
     "max_size": (ByteSize, None, 'leave out recorded paths whose closure is larger ("2G")'),
     "skip_signed_by": (list, (), "binary caches: leave out paths signed by these keys' names"),
     "compression": (str, "zstd", "caches nixspool writes: NAR compression (zstd, xz, none)"),
+    "multipart_threshold": (
+        ByteSize,
+        ByteSize(64 << 20),
+        "s3://: a NAR this large or larger goes up in parts",
+    ),
+    "part_size": (ByteSize, ByteSize(16 << 20), "s3://: the size of each part (5M or more)"),
     "connect_timeout": GLOBAL_KEYS["connect_timeout"],
     "copy_timeout": GLOBAL_KEYS["copy_timeout"],
     "stall_timeout": GLOBAL_KEYS["stall_timeout"],
@@ -116,6 +123,8 @@ class Remote:
     max_size: ByteSize | None = None
     skip_signed_by: tuple[str, ...] = ()  # key names, e.g. cache.nixos.org-1
     compression: str = REMOTE_KEYS["compression"][1]
+    multipart_threshold: ByteSize = REMOTE_KEYS["multipart_threshold"][1]
+    part_size: ByteSize = REMOTE_KEYS["part_size"][1]
     connect_timeout: float = _default("connect_timeout")
     copy_timeout: float = _default("copy_timeout")
     stall_timeout: float = _default("stall_timeout")
@@ -132,6 +141,11 @@ class Remote:
         return self.url.startswith(SFTP_SCHEME)
 
     @property
+    def is_s3_cache(self) -> bool:
+        """A binary cache in an S3-compatible bucket, written by nixspool (s3.py)."""
+        return self.url.startswith(S3_SCHEME)
+
+    @property
     def nixspool_writes(self) -> bool:
         """nixspool writes the cache's files itself (remote_rules.nixspool_writes)."""
         return nixspool_writes(self.url, self.skip_signed_by)
@@ -140,7 +154,7 @@ class Remote:
     def is_binary_cache(self) -> bool:
         """A directory of .narinfo files and NARs rather than a Nix store: it may
         hold part of a closure (the rest from the substituters it names)."""
-        return self.url.startswith((SFTP_SCHEME, "file://"))
+        return self.url.startswith((SFTP_SCHEME, S3_SCHEME, "file://"))
 
     @property
     def verifies(self) -> bool:
@@ -149,8 +163,8 @@ class Remote:
         return bool(self.sign_key_file) if self.verify is None else self.verify
 
 
-# Store URL schemes every Nix since 2.8 opens; others (s3://, gs://, ...) exist only
-# in some Nix builds and versions.
+# Store URL schemes every Nix since 2.8 opens; others (gs://, ...) exist only in some
+# Nix builds and versions (s3:// nixspool writes itself).
 SCHEMES_EVERY_NIX = ("ssh", "ssh-ng", "file", "http", "https", "daemon", "local", "unix", "auto")
 
 
@@ -160,9 +174,8 @@ def store_note(remote: Remote) -> str | None:
     if remote.nixspool_writes or scheme in SCHEMES_EVERY_NIX:
         return None
     return (
-        f"{scheme}:// is opened by nix copy only where this Nix has it (S3: Nix 2.33+ "
-        "for public buckets, or a build with the AWS SDK; Debian's 2.8 and 2.26 have "
-        "none); `nixspool doctor` asks this machine's Nix"
+        f"{scheme}:// is opened by nix copy only where this Nix was built with it; "
+        "`nixspool doctor` asks this machine's Nix"
     )
 
 

@@ -100,6 +100,37 @@ class Entry:
         return "\n".join(lines) + "\n"
 
 
+class OtherContents(Exception):
+    """A narinfo there describes other contents of the path (another build of it)."""
+
+
+def fields_of(text: str) -> dict[str, str]:
+    """A narinfo's fields, Sig lines left out (sigs_of)."""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if key != "Sig":
+            fields[key] = value
+    return fields
+
+
+def sigs_of(text: str) -> list[str]:
+    return [line[len("Sig: ") :] for line in text.splitlines() if line.startswith("Sig: ")]
+
+
+def with_signatures(text: str, entry: Entry) -> str | None:
+    """`text` (a narinfo another writer put there) with the entry's signatures it
+    lacks; None if it has them all. OtherContents if it describes other contents
+    (a build of the path that differs from ours): our signatures sign our NarHash,
+    so they would not verify on theirs, and theirs is left as it is."""
+    if fields_of(text).get("NarHash") != entry.nar_hash:
+        raise OtherContents(fields_of(text).get("NarHash", "no NarHash"))
+    missing = [s for s in entry.signatures if s not in sigs_of(text)]
+    if not missing:
+        return None
+    return text.rstrip("\n") + "\n" + "".join(f"Sig: {s}\n" for s in missing)
+
+
 def cache_info(store_dir: str, priority: int = 30) -> str:
     """nix-cache-info for a new cache. WantMassQuery lets Nix ask about many paths
     at once; Priority 30 puts it before cache.nixos.org's 40 (Nix asks the lower

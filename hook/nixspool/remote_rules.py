@@ -17,6 +17,11 @@ from .errors import ConfigError
 
 SSH_SCHEMES = ("ssh://", "ssh-ng://")  # a Nix store at the end of an ssh login
 SFTP_SCHEME = "sftp://"  # a static binary cache (a directory) written over SFTP
+S3_SCHEME = "s3://"  # a binary cache in an S3-compatible bucket, written by nixspool
+# Nix's own s3:// parameters, as its manual lists them; nixspool writes the cache
+# itself, so those that tune Nix's writer (compression, ...) are its own keys.
+S3_PARAMETERS = ("endpoint", "scheme", "region", "profile")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 COMPRESSIONS = ("xz", "zstd", "none")
 
 # ssh:// and ssh-ng:// reach `ssh HOST` and, for remote-program, the remote's shell:
@@ -28,10 +33,13 @@ SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+-]*")
 
 
 def nixspool_writes(url: str, skip_signed_by: Sequence[str]) -> bool:
-    """nixspool writes the cache's files itself (static_cache.py): over SFTP, and for
-    a file:// cache that leaves paths to upstream (Nix's own writer refuses a path
+    """nixspool writes the cache's files itself (static_cache.py): over SFTP, to an
+    S3 bucket (Debian's Nix has no S3; Nix's own needs the AWS SDK), and for a
+    file:// cache that leaves paths to upstream (Nix's own writer refuses a path
     whose references the cache lacks)."""
-    return url.startswith(SFTP_SCHEME) or (url.startswith("file://") and bool(skip_signed_by))
+    return url.startswith((SFTP_SCHEME, S3_SCHEME)) or (
+        url.startswith("file://") and bool(skip_signed_by)
+    )
 
 
 def check_url(url: str, where: str) -> None:
@@ -40,6 +48,8 @@ def check_url(url: str, where: str) -> None:
     if any(not c.isprintable() or c.isspace() for c in url):
         raise ConfigError(f"{where}: url {url!r} has a space or control character")
     parsed = parsed_url(url, where)
+    if url.startswith(S3_SCHEME):
+        check_s3_url(url, parsed, where)
     if not url.startswith(SSH_SCHEMES):
         return
     user, _, host = parsed.netloc.rpartition("@")
@@ -57,6 +67,41 @@ def check_url(url: str, where: str) -> None:
             raise ConfigError(
                 f"{where}: url {url!r}: remote-program must be an absolute path to a "
                 "program, e.g. /nix/var/nix/profiles/default/bin/nix-daemon"
+            )
+
+
+def check_s3_url(url: str, parsed: urllib.parse.SplitResult, where: str) -> None:
+    """s3://BUCKET[/PREFIX]?endpoint=HOST[:PORT]&scheme=http|https&region=R&profile=P."""
+    shape = "s3://BUCKET[/PREFIX]?endpoint=HOST[:PORT]&scheme=http|https&region=R&profile=P"
+    if not S3_BUCKET.fullmatch(parsed.netloc) or ".." in parsed.netloc:
+        raise ConfigError(
+            f"{where}: url {url!r}: the bucket must be an S3 bucket name (3 to 63 "
+            f"lower-case letters, digits, '.' and '-'): {shape}"
+        )
+    query = urllib.parse.parse_qs(parsed.query, keep_blank_values=True)
+    for key, values in query.items():
+        if key not in S3_PARAMETERS:
+            raise ConfigError(
+                f"{where}: url {url!r}: nixspool does not know the parameter {key!r} "
+                f"(it takes {', '.join(S3_PARAMETERS)}; compression is a key of its own)"
+            )
+        if len(values) > 1 or not values[0]:
+            raise ConfigError(f"{where}: url {url!r}: give {key}= once, with a value")
+    scheme = query.get("scheme", ["https"])[0]
+    if scheme not in ("http", "https"):
+        raise ConfigError(f"{where}: url {url!r}: scheme must be http or https, not {scheme!r}")
+    endpoint = query.get("endpoint", [""])[0]
+    if endpoint:
+        full = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+        try:
+            split = urllib.parse.urlsplit(full)
+            split.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise ConfigError(f"{where}: url {url!r}: endpoint {endpoint!r}: {e}") from None
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise ConfigError(
+                f"{where}: url {url!r}: endpoint must be HOST[:PORT] or http(s)://HOST[:PORT], "
+                f"not {endpoint!r}"
             )
 
 
@@ -92,24 +137,33 @@ def check_binary_cache_keys(remote: dict[str, Any], name: str, sources: Mapping[
             "itself: give file:///absolute/directory without ?parameters (compression is "
             "its own key)"
         )
-    if remote.get("skip_signed_by") and not url.startswith((SFTP_SCHEME, "file://")):
+    if remote.get("skip_signed_by") and not url.startswith((SFTP_SCHEME, S3_SCHEME, "file://")):
         raise ConfigError(
             f"{sources[f'remotes.{name}.skip_signed_by']}: skip_signed_by is for binary "
-            "caches (sftp://, file://): a Nix store must hold every path's whole closure, "
-            "so it cannot leave out what an upstream cache serves"
+            "caches (sftp://, s3://, file://): a Nix store must hold every path's whole "
+            "closure, so it cannot leave out what an upstream cache serves"
+        )
+    for key in ("multipart_threshold", "part_size"):
+        if key in remote and not url.startswith(S3_SCHEME):
+            raise ConfigError(f"{sources[f'remotes.{name}.{key}']}: {key} is for s3:// caches")
+    if remote.get("part_size", 5 << 20) < 5 << 20:
+        raise ConfigError(
+            f"{sources[f'remotes.{name}.part_size']}: part_size must be 5M or more (S3 "
+            "refuses smaller parts)"
         )
     if ours and remote.get("verify"):
         raise ConfigError(
             f"{sources[f'remotes.{name}.verify']}: verify does not apply to a cache nixspool "
-            "writes itself (sftp://, file:// with skip_signed_by): it writes each narinfo, "
-            "signature and all"
+            "writes itself (sftp://, s3://, file:// with skip_signed_by): it writes each "
+            "narinfo, signature and all"
         )
     if "compression" in remote:
         where = sources[f"remotes.{name}.compression"]
         if not ours:
             raise ConfigError(
-                f"{where}: compression is for caches nixspool writes (sftp://, file:// with "
-                "skip_signed_by); Nix's own take it in the URL (file:///srv/cache?compression=zstd)"
+                f"{where}: compression is for caches nixspool writes (sftp://, s3://, file:// "
+                "with skip_signed_by); Nix's own take it in the URL "
+                "(file:///srv/cache?compression=zstd)"
             )
         if remote["compression"] not in COMPRESSIONS:
             raise ConfigError(

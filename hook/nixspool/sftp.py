@@ -1,5 +1,6 @@
-"""The cache writer's files: SFTP sessions over the user's own OpenSSH, or this
-machine's filesystem for a file:// cache, behind the same few calls.
+"""The cache writer's files in a directory: SFTP sessions over the user's own
+OpenSSH, or this machine's filesystem for a file:// cache, behind the same few
+calls (DirectoryFiles, a cache_files.CacheFiles).
 
 Each session is `ssh -s DESTINATION sftp` (probe.SshCommand: the options nix
 copy gets), run as the user in the writer's process, with paramiko's SFTP
@@ -14,17 +15,26 @@ session whose link went away, which the writer then sees as its end).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import posixpath
 import select
 import socket
 import subprocess
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import IO, Any
 
+from . import narinfo
+from .cache_files import PARTIAL_MAX_AGE, Kind, Stop
+from .narinfo import Entry
 from .probe import ProbeResult, SshCommand, Verdict, classify_ssh
+
+PARTIAL_DIR = ".nixspool-partial"
 
 
 class LoginFailed(Exception):
@@ -178,6 +188,9 @@ class LocalFiles:
     def mkdir(self, path: str) -> None:
         os.mkdir(path, 0o755)
 
+    def stat(self, path: str) -> os.stat_result:
+        return os.stat(path, follow_symlinks=False)
+
     def posix_rename(self, old: str, new: str) -> None:
         os.replace(old, new)
 
@@ -204,3 +217,155 @@ def connection(login: SshCommand | None) -> Iterator[tuple[Callable[[], Any], An
         yield link.open_session, link
     finally:
         link.close()
+
+
+class DirectoryFiles:
+    """A cache in a directory (cache_files.CacheFiles): each thread with its own SFTP
+    session (an SFTP session answers one request after another: with a few, small
+    paths travel side by side, and compression uses both cores).
+
+    How a cut link never leaves a file that looks whole: each NAR and narinfo is
+    written to a temporary name in `.nixspool-partial/` and renamed into place
+    (an atomic rename(2) on the host, through OpenSSH's posix-rename)."""
+
+    def __init__(self, open_files: Callable[[], Any], transport: Any, root: str) -> None:
+        self._open_files = open_files  # a new SFTPClient, or LocalFiles
+        self._mine = threading.local()
+        self.transport = transport
+        self.root = root
+        self.description = root
+        self.partial = posixpath.join(root, PARTIAL_DIR)
+
+    @property
+    def files(self) -> Any:
+        """This thread's session."""
+        files = getattr(self._mine, "files", None)
+        if files is None:
+            with self.step("opening an SFTP session"):
+                files = self._mine.files = self._open_files()
+        return files
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        """Turn what SFTP raises into why the upload stopped."""
+        import paramiko
+
+        try:
+            yield
+        except Stop:
+            raise
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            # A request that waited past the stall bound (TimeoutError), a closed
+            # channel or transport: the link, not the host's answer.
+            broken = (TimeoutError, EOFError, ConnectionError, paramiko.SSHException)
+            if isinstance(e, broken) or not self.transport.is_active():
+                raise Stop(
+                    Kind.LINK, f"the connection broke while {what}: {e or type(e).__name__}"
+                ) from None
+            if e.errno in (errno.ENOENT, errno.EACCES):
+                raise Stop(
+                    Kind.CACHE,
+                    f"{what}: {e.strerror or e}; does {self.root} exist, writable by "
+                    "the user nixspool writes as?",
+                ) from None
+            # OpenSSH reports most failed writes (ENOSPC, EROFS, EDQUOT) as the one
+            # SFTP status "Failure": space may come back, so try again later.
+            raise Stop(
+                Kind.WRITE,
+                f"{what}: the host refused a write ({e}); is its disk full?",
+            ) from None
+
+    def top_names(self, wanted: int) -> set[str]:
+        """One listing of the directory, whatever its size (one request)."""
+        with self.step(f"listing {self.root}"):
+            self._names = set(self.files.listdir(self.root))
+        return self._names
+
+    def has(self, name: str) -> bool:
+        path = posixpath.join(self.root, name)
+        with self.step(f"looking for {path}"):
+            try:
+                self.files.stat(path)
+            except FileNotFoundError:
+                return False
+        return True
+
+    def read(self, name: str) -> bytes | None:
+        path = posixpath.join(self.root, name)
+        with self.step(f"reading {path}"):
+            try:
+                with self.files.open(path) as f:
+                    data: bytes = f.read(4096)
+                    return data
+            except FileNotFoundError:
+                return None
+
+    def make_layout(self) -> None:
+        names = getattr(self, "_names", None)
+        if names is None:
+            names = self.top_names(0)
+        for name in (narinfo.NAR_DIR, PARTIAL_DIR):
+            if name not in names:
+                with self.step(f"creating {self.root}/{name}"):
+                    try:
+                        self.files.mkdir(posixpath.join(self.root, name))
+                    except OSError:
+                        if not self.transport.is_active():
+                            raise
+                        # Made by another writer just now; or the writes into it
+                        # will say what is wrong.
+
+    def clean_up(self) -> None:
+        with self.step(f"cleaning {self.partial}"):
+            for attr in self.files.listdir_attr(self.partial):
+                if attr.st_mtime is not None and attr.st_mtime < time.time() - PARTIAL_MAX_AGE:
+                    with contextlib.suppress(OSError):
+                        self.files.remove(posixpath.join(self.partial, attr.filename))
+
+    def _temporary(self, suffix: str) -> str:
+        return posixpath.join(self.partial, f"{uuid.uuid4().hex}{suffix}")
+
+    def _rename(self, temporary: str, name: str) -> None:
+        """Into place, atomically, replacing what is there (another writer's copy of
+        the same content)."""
+        self.files.posix_rename(temporary, posixpath.join(self.root, name))
+
+    def put(self, name: str, data: bytes) -> None:
+        temporary = self._temporary(".tmp")
+        with self.step(f"writing {self.root}/{name}"):
+            with self.files.open(temporary, "wb") as f:
+                f.write(data)
+            self._rename(temporary, name)
+
+    def put_narinfo(self, name: str, text: str, entry: Entry) -> None:
+        self.put(name, text.encode())
+
+    def add_signatures(self, name: str, entry: Entry) -> bool:
+        return False  # no conditional write over SFTP: another writer's could be lost
+
+    def new_nar(self, suffix: str) -> _DirectoryNar:
+        return _DirectoryNar(self, self._temporary(suffix))
+
+
+class _DirectoryNar:
+    """A NAR written to a temporary name, renamed into place once whole."""
+
+    def __init__(self, files: DirectoryFiles, temporary: str) -> None:
+        self._files = files
+        self._temporary = temporary
+        self._file = files.files.open(temporary, "wb")
+        if hasattr(self._file, "set_pipelined"):  # SFTP: no round trip per write
+            self._file.set_pipelined(True)
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self, name: str) -> None:
+        self._file.close()
+        self._files._rename(self._temporary, name)
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._file.close()
+        with contextlib.suppress(Exception):
+            self._files.files.remove(self._temporary)

@@ -28,6 +28,8 @@ from .check import Check
 
 def check_remote(remote: Remote, account: Account, our_keys: set[str]) -> list[Check]:
     name = f"remote {remote.name}"
+    if remote.is_s3_cache:
+        return [_bucket(remote, account, name)]
     if not remote.uses_ssh:
         return [_ping(remote, account, name)]
     resolved = _resolution(remote, account, name)
@@ -90,6 +92,33 @@ def _cache_directory(remote: Remote, account: Account, name: str) -> Check:
         )
     return Check(
         name, True, f"cache directory {directory} is there ({result.narinfo_files} paths in it)"
+    )
+
+
+def _bucket(remote: Remote, account: Account, name: str) -> Check:
+    """An s3:// cache: the user's credentials, the bucket listed, a probe object
+    written and deleted, its nix-cache-info."""
+    from .. import static_cache
+
+    try:
+        result = static_cache.read_cache(
+            remote, account, accept_new_host_keys=False, probe_write=True
+        )
+    except CommandError as e:
+        return Check(name, False, f"reading the bucket failed: {e}", "see man nixspool: S3")
+    if result.error is not None:
+        return Check(
+            name,
+            False,
+            f"as {account.name}: {result.error['message']}",
+            f"check {account.name}'s credentials and the bucket (see man nixspool: S3)",
+        )
+    notes = "".join(f"; {note}" for note in result.notes)
+    return Check(
+        name,
+        True,
+        f"bucket writable as {account.name} (credentials from {result.credentials}; "
+        f"{result.narinfo_files} paths in it){notes}",
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .. import filters, narinfo, nix, sign, static_cache, verify
+from ..cache_files import Kind
 from ..config import Remote
 from ..errors import (
     CommandError,
@@ -290,6 +291,7 @@ class CacheWriter:
                 self.link.account,
                 accept_new_host_keys=self.accept_new_host_keys,
                 store_dir=storepath.store_dir(),
+                sign_present=sorted(ours),
             ),
         )
         try:
@@ -303,18 +305,24 @@ class CacheWriter:
         self.uploaded_bytes += result.bytes
         if result.present:
             log.info("%s: %d paths were in the cache already", remote.name, len(result.present))
+        if result.signed:
+            log.info("%s: our signature added to %d of them", remote.name, len(result.signed))
+        for note in result.notes:
+            log.warning("%s: %s", remote.name, note)
         if result.error is None:
             return
         kind, message = result.error["kind"], f"{remote.url}: {result.error['message']}"
-        if kind == static_cache.Kind.LOGIN:  # as the probe would have said
+        if kind == Kind.AWAY:  # the endpoint did not answer a connect
+            raise UnreachableError(message)
+        if kind == Kind.LOGIN:  # as the probe would have said
             if result.error.get("verdict") == Verdict.UNREACHABLE:
                 raise UnreachableError(message)
             raise RemoteConfigError(message)
-        if kind == static_cache.Kind.LINK:
+        if kind == Kind.LINK:
             self.link.check_reachable(remote)  # away now: UnreachableError; back: try again
             raise Transient(result.error["message"])
-        if kind == static_cache.Kind.WRITE:
+        if kind == Kind.WRITE:
             raise Transient(result.error["message"])
-        if kind == static_cache.Kind.PATH:  # the rows' own reason: the loop finds which
+        if kind == Kind.PATH:  # the rows' own reason: the loop finds which
             raise CommandError(message, stderr=result.error["message"])
         raise RemoteFailed(result.error["message"])  # Kind.CACHE

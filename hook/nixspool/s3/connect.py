@@ -1,0 +1,193 @@
+"""Reaching an S3-compatible store: where (Location, from the remote's URL), with
+which credentials (boto3's chain, as the user), and what its answers mean."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..cache_files import Kind, Stop
+
+T = TypeVar("T")
+
+THROTTLE_ATTEMPTS = 6  # tries of one request the store throttles (SlowDown, 429)
+THROTTLE_WAIT_MAX = 30.0  # seconds: the longest wait honoured, Retry-After included
+# What the store says when a person must act: the credentials, the bucket, the policy.
+NEEDS_A_PERSON = {
+    "AccessDenied": "access denied: the credentials may not write this bucket",
+    "AllAccessDisabled": "all access to this bucket is disabled",
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key is wrong for this access key",
+    "ExpiredToken": "the credentials have expired",
+    "TokenRefreshRequired": "the credentials have expired",
+    "InvalidToken": "the session token is not valid",
+    "NoSuchBucket": "the bucket does not exist",
+    "InvalidBucketName": "the bucket's name is not valid",
+    "PermanentRedirect": "the bucket is in another region (set region=)",
+    "AuthorizationHeaderMalformed": "the region is wrong for this bucket (set region=)",
+    "AccountProblem": "the store reports a problem with the account",
+}
+THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
+CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the cache is and how to reach it; crosses into the writer as JSON."""
+
+    bucket: str
+    prefix: str  # "" or "some/prefix/"
+    endpoint: str | None  # http(s)://host[:port], None for AWS itself
+    region: str | None
+    profile: str | None
+    connect_timeout: float
+    read_timeout: float  # how long a request may go without an answer
+    multipart_threshold: int
+    part_size: int
+
+    @classmethod
+    def of(cls, remote: Any) -> Location:
+        """From a config.Remote whose url remote_rules.check_s3_url accepted."""
+        parsed = urllib.parse.urlsplit(remote.url)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        endpoint = query.get("endpoint")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        prefix = urllib.parse.unquote(parsed.path).strip("/")
+        return cls(
+            bucket=parsed.netloc,
+            prefix=f"{prefix}/" if prefix else "",
+            endpoint=endpoint,
+            region=query.get("region"),
+            profile=query.get("profile"),
+            connect_timeout=remote.connect_timeout,
+            read_timeout=max(remote.connect_timeout, min(remote.stall_timeout, 120.0)),
+            multipart_threshold=int(remote.multipart_threshold),
+            part_size=int(remote.part_size),
+        )
+
+    @property
+    def description(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def client(location: Location) -> tuple[Any, str]:
+    """A boto3 S3 client with the user's credentials and bounded waits, and where
+    boto3 found the credentials (its name for the source: env,
+    shared-credentials-file, ...). Retries are ours (throttled), not botocore's: a
+    connect that fails must end the upload within connect_timeout, not three times
+    that."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import NoCredentialsError
+
+    session = boto3.session.Session(profile_name=location.profile)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise NoCredentialsError()
+    options: dict[str, Any] = dict(
+        connect_timeout=location.connect_timeout,
+        read_timeout=location.read_timeout,
+        retries={"max_attempts": 1, "mode": "standard"},
+        max_pool_connections=16,
+        # Path-style (endpoint/bucket/key): what self-hosted stores serve without
+        # a wildcard DNS name per bucket.
+        s3={"addressing_style": "path"} if location.endpoint else None,
+    )
+    with contextlib.suppress(TypeError):  # botocore < 1.36 has neither
+        # The CRC checksums botocore adds since 1.36 are refused by many S3-compatible
+        # stores; send them only where an operation requires one.
+        Config(request_checksum_calculation="when_required")
+        options |= dict(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+    s3 = session.client(
+        "s3",
+        endpoint_url=location.endpoint,
+        region_name=location.region or ("us-east-1" if location.endpoint else None),
+        config=Config(**options),
+    )
+    return s3, str(credentials.method)
+
+
+def error_code(e: BaseException) -> tuple[str, int]:
+    """(the store's error code, the HTTP status) of a botocore ClientError."""
+    response = getattr(e, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def throttled(e: BaseException) -> bool:
+    code, status = error_code(e)
+    return code in THROTTLED or status in (429, 503)
+
+
+def _wait(state: Any) -> float:
+    """Retry-After where the store sends one; else exponential backoff with jitter."""
+    from tenacity import wait_random_exponential
+
+    error = state.outcome.exception()
+    headers = (getattr(error, "response", None) or {}).get("ResponseMetadata", {})
+    with contextlib.suppress(KeyError, ValueError):
+        return min(float(headers.get("HTTPHeaders", {})["retry-after"]), THROTTLE_WAIT_MAX)
+    return float(wait_random_exponential(multiplier=0.2, max=THROTTLE_WAIT_MAX)(state))
+
+
+def patiently(call: Callable[[], T]) -> T:
+    """call(), again while the store throttles us (honouring Retry-After), at most
+    THROTTLE_ATTEMPTS times."""
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt
+
+    retrying = Retrying(
+        retry=retry_if_exception(throttled),
+        stop=stop_after_attempt(THROTTLE_ATTEMPTS),
+        wait=_wait,
+        reraise=True,
+    )
+    return retrying(call)
+
+
+@contextlib.contextmanager
+def stopping(what: str, where: str) -> Iterator[None]:
+    """Turn what boto3 raises while doing `what` into why the upload stopped."""
+    from botocore import exceptions as bx
+
+    try:
+        yield
+    except Stop:
+        raise
+    except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.ProfileNotFound) as e:
+        raise Stop(
+            Kind.CACHE,
+            f"{what}: {e} (boto3 looks in the user's ~/.aws/credentials and "
+            "~/.aws/config, the profile= of the URL, and AWS_* variables)",
+        ) from None
+    except (bx.EndpointConnectionError, bx.ConnectTimeoutError) as e:
+        # No name, no route, refused, no answer to connect: the store is away.
+        raise Stop(Kind.AWAY, f"{what}: {e}") from None
+    except (bx.ReadTimeoutError, bx.ConnectionClosedError, bx.ResponseStreamingError) as e:
+        raise Stop(Kind.LINK, f"the connection broke while {what}: {e}") from None
+    except bx.ClientError as e:
+        code, status = error_code(e)
+        message = e.response.get("Error", {}).get("Message") or code or f"HTTP {status}"
+        if code in NEEDS_A_PERSON:
+            raise Stop(Kind.CACHE, f"{what}: {where}: {NEEDS_A_PERSON[code]} ({code})") from None
+        if throttled(e):
+            raise Stop(
+                Kind.WRITE,
+                f"{what}: the store kept asking us to slow down ({code or status}) "
+                f"through {THROTTLE_ATTEMPTS} tries",
+            ) from None
+        if status >= 500 or code in ("InternalError", "RequestTimeout"):
+            raise Stop(
+                Kind.WRITE, f"{what}: the store failed ({code}: {message}); is its disk full?"
+            ) from None
+        refused = f"the store refused ({code}: {message})"
+        raise Stop(Kind.CACHE, f"{what}: {where}: {refused}") from None
+    except bx.BotoCoreError as e:  # another failure of the request on its way
+        raise Stop(Kind.LINK, f"{what}: {e}") from None
