@@ -179,6 +179,21 @@ def store_note(remote: Remote) -> str | None:
     )
 
 
+def credentials_note(remote: Remote, user: str | None) -> str | None:
+    """Where an s3:// remote's credentials come from (never what they are)."""
+    if not remote.is_s3_cache:
+        return None
+    import urllib.parse
+
+    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(remote.url).query))
+    profile = f"profile {query['profile']}" if "profile" in query else "the default profile"
+    who = user or "the user nixspool runs as"
+    return (
+        f"credentials: boto3's chain as {who}: {profile} of ~/.aws/credentials and "
+        "~/.aws/config, or AWS_* in nixspool's environment (`nixspool doctor` says which)"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     spool: str

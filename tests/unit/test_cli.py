@@ -95,6 +95,14 @@ def test_config_shows_values_and_where_they_came_from(config: Path) -> None:
     config.write_text(config.read_text() + '\n[remotes.pi2]\nurl = "sftp://pi/srv/c"\n')
     out = nixspool(config, "config")[1]
     assert 'compression = "zstd"  # default' in out
+    assert "part_size" not in out and "credentials" not in out  # s3:// keys, s3:// notes
+    config.write_text(
+        config.read_text() + '\n[remotes.team]\nurl = "s3://team-cache?profile=ci"\n'
+        'part_size = "8M"\n'
+    )
+    out = nixspool(config, "config")[1]
+    assert "part_size = 8388608  # " in out and "multipart_threshold = 67108864  # default" in out
+    assert "# credentials: boto3's chain as" in out and "profile ci of ~/.aws/credentials" in out
 
 
 def test_config_errors_are_one_line(tmp_path: Path) -> None:

@@ -292,12 +292,15 @@ def config(
     for r in cfg.remotes:
         typer.echo(f"\n[remotes.{r.name}]")
         for key, value in remotes[r.name].items():
-            if value in (None, ()) or (key == "compression" and not r.nixspool_writes):
+            s3_only = key in ("multipart_threshold", "part_size") and not r.is_s3_cache
+            if value in (None, ()) or (key == "compression" and not r.nixspool_writes) or s3_only:
                 continue  # unset, or a key this kind of remote has no use for
             source = cfg.sources.get(f"remotes.{r.name}.{key}", "default")
             typer.echo(f"{key} = {_toml(value)}  # {source}")
         if note := config_mod.store_note(r):
             typer.echo(f"# note: {note}")
+        if note := config_mod.credentials_note(r, cfg.user):
+            typer.echo(f"# {note}")
 
 
 def _toml(value: Any) -> str:
