@@ -60,6 +60,11 @@ GLOBAL_KEYS: dict[str, tuple[type, Any, str]] = {
     "retry_min": (float, 30.0, "seconds before the first retry of a failed upload"),
     "retry_max": (float, 3600.0, "longest wait between retries of a row"),
     "accept_new_host_keys": (bool, False, "trust an SSH host key not yet in known_hosts"),
+    "flush_on_metered": (
+        bool,
+        False,
+        "NetworkManager: flush on a connection it calls metered (a phone's hotspot) too",
+    ),
     "gc_roots": (bool, True, "protect queued paths from garbage collection"),
     "metrics_file": (str, None, "write Prometheus metrics here after each flush (*.prom)"),
     "reconcile_interval": (
@@ -206,6 +211,8 @@ class Config:
     retry_min: float = _default("retry_min")
     retry_max: float = _default("retry_max")
     accept_new_host_keys: bool = _default("accept_new_host_keys")
+    # Read by the NetworkManager dispatcher script (as text), not by nixspool.
+    flush_on_metered: bool = _default("flush_on_metered")
     gc_roots: bool = _default("gc_roots")
     metrics_file: str | None = _default("metrics_file")
     reconcile_interval: float = _default("reconcile_interval")

@@ -30,6 +30,7 @@ UNITS = ("nixspool-flush.service", "nixspool-flush.timer", "nixspool-flush.path"
 DISPATCHER = "etc/NetworkManager/dispatcher.d/90-nixspool"
 NETWORKD_DISPATCHER = "etc/networkd-dispatcher/routable.d/50-nixspool"
 UNIT_DIR = "etc/systemd/system"
+DISPATCHER_CONFIG = "/etc/nixspool/config.toml"  # the file the dispatcher's template names
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,10 @@ def program(name: str) -> str:
 
 
 def render_dispatcher(
-    nixspool: str, interfaces: tuple[str, ...], connections: tuple[str, ...]
+    nixspool: str,
+    interfaces: tuple[str, ...],
+    connections: tuple[str, ...],
+    config_path: str = DISPATCHER_CONFIG,
 ) -> str:
     def quoted(items: tuple[str, ...]) -> str:
         return "'" + "\n".join(i.replace("'", "'\\''") for i in items) + "'" if items else '""'
@@ -110,6 +114,11 @@ def render_dispatcher(
     text = template("90-nixspool")
     text = text.replace('NIXSPOOL_INTERFACES=""', f"NIXSPOOL_INTERFACES={quoted(interfaces)}")
     text = text.replace('NIXSPOOL_CONNECTIONS=""', f"NIXSPOOL_CONNECTIONS={quoted(connections)}")
+    if config_path != DISPATCHER_CONFIG:  # where it looks for flush_on_metered
+        text = text.replace(
+            f"NIXSPOOL_CONFIG_FILE={DISPATCHER_CONFIG}",
+            f"NIXSPOOL_CONFIG_FILE={quoted((config_path,))}",
+        )
     return text.replace('NIXSPOOL=""', f"NIXSPOOL={quoted((nixspool,))}")
 
 
@@ -171,7 +180,9 @@ def install(req: SetupRequest) -> SetupReport:
         if os.path.isdir(os.path.join(root, "etc/NetworkManager")):
             write_file(
                 os.path.join(root, DISPATCHER),
-                render_dispatcher(nixspool, req.interfaces, req.connections),
+                render_dispatcher(
+                    nixspool, req.interfaces, req.connections, os.path.abspath(req.config_path)
+                ),
                 0o755,
                 report,
             )

@@ -110,6 +110,15 @@ class S3Server:
                 assert time.monotonic() < deadline, f"weed did not start:\n{self.log_tail()}"
                 time.sleep(0.3)
 
+    def restart(self, volumes: int) -> None:
+        """Stopped and started again with room for `volumes` volumes in all."""
+        self.stop()
+        self.volumes = volumes
+        self.start()
+
+    def volume_count(self) -> int:
+        return len(list(self.data.rglob("*.dat")))
+
     def unplug(self) -> None:
         """This machine's side of the link down: the laptop has left home (the store
         itself, on its own address, goes on as it was)."""

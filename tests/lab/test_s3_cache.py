@@ -243,3 +243,28 @@ def test_a_store_killed_mid_upload_leaves_no_narinfo_without_its_nar(
     s3.assert_whole(bucket)
     fresh = substitute(ssh_lab, outputs, [s3.http(bucket)], [ssh_lab.nixspool_public_key])
     assert fresh.returncode == 0, fresh.stderr
+
+
+def test_a_store_whose_disk_is_full_is_tried_again_later(
+    ssh_lab: lab.SshLab, s3: s3lab.S3Server
+) -> None:
+    outputs = ssh_lab.build(3, bytes_each=10_000)
+    # No room for one more volume: a new bucket (a collection of its own) cannot
+    # store a byte, which the store answers as a full disk does: 500 InternalError.
+    s3.restart(volumes=s3.volume_count())
+    try:
+        bucket = s3.bucket(f"full-{lab.nonce()}")
+        config = ssh_lab.config(ssh_lab.root / f"s3-{bucket}", remote(s3.url(bucket)))
+        ssh_lab.spool_in(config, outputs)
+        code, report = flush(ssh_lab, config)
+    finally:
+        s3.restart(volumes=300)
+    assert code == 75, report
+    assert report["deferred"] == report["queued"] == len(outputs), report
+    assert "the store failed (InternalError" in str(report["stderr"]), report
+    assert not s3.narinfos(bucket)
+    lab.shift_clock(config, 60)
+    code, report = flush(ssh_lab, config)
+    assert code == 0, report["stderr"]
+    assert set(s3.narinfos(bucket)) == outputs
+    s3.assert_whole(bucket)

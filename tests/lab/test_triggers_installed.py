@@ -166,6 +166,58 @@ def test_dispatcher_limited_to_named_interfaces_and_connections(tmp_path: Path) 
     assert (tmp_path / "systemctl-ran").read_text().count("start") == 1
 
 
+def standin_nmcli(directory: Path, devices: dict[str, str]) -> None:
+    """nmcli answering GENERAL.METERED of `devices` (name -> "yes (guessed)", "no"...)
+    and the connected ones' list, as NetworkManager's own would; and a logger that
+    writes where the test reads."""
+    metered = "".join(f'    {name}) echo "{value}" ;;\n' for name, value in devices.items())
+    connected = "\\n".join(f"{name}:connected" for name in devices)
+    (directory / "nmcli").write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = -g ] && [ "$2" = DEVICE,STATE ] && {{ printf "{connected}\\n"; exit 0; }}\n'
+        'case "$5" in\n' + metered + "    *) exit 10 ;;\nesac\n"
+    )
+    (directory / "logger").write_text(f'#!/bin/sh\necho "$*" >> {directory}/logged\n')
+    for name in ("nmcli", "logger"):
+        (directory / name).chmod(0o755)
+
+
+def test_dispatcher_leaves_a_metered_connection_alone(tmp_path: Path) -> None:
+    lab.require_lab()
+    config = tmp_path / "config.toml"
+    config.write_text('spool = "/x"\n')
+    script = tmp_path / "90-nixspool"
+    script.write_text(setup.render_dispatcher("/nonexistent/nixspool", (), (), str(config)))
+    script.chmod(0o755)
+    path = standin_systemctl(tmp_path, works=True)
+    standin_nmcli(path, {"wwan0": "yes", "wlan0": "yes (guessed)", "eth0": "no (guessed)"})
+    ran = tmp_path / "systemctl-ran"
+    for metered in ("wwan0", "wlan0"):
+        nm_run(script, metered, "up", {"PATH": str(path)})
+    assert not ran.exists()
+    assert (path / "logged").read_text().splitlines() == [
+        f"-t nixspool not flushing: {name} is metered (flush_on_metered = true in {config} "
+        "allows it)"
+        for name in ("wwan0", "wlan0")
+    ]
+    nm_run(script, "eth0", "up", {"PATH": str(path)})
+    assert ran.read_text().count("start") == 1
+    # A connectivity change: eth0, connected and unmetered, will do.
+    nm_run(script, "", "connectivity-change", {"PATH": str(path), "CONNECTIVITY_STATE": "FULL"})
+    assert ran.read_text().count("start") == 2
+    # Only metered links connected: no flush on a connectivity change either.
+    only = tmp_path / "only-metered"
+    only.mkdir()
+    standin_nmcli(only, {"wwan0": "yes"})
+    (only / "systemctl").symlink_to(path / "systemctl")
+    nm_run(script, "", "connectivity-change", {"PATH": str(only), "CONNECTIVITY_STATE": "FULL"})
+    assert ran.read_text().count("start") == 2
+    # The config allows it: the metered link triggers a flush too.
+    config.write_text('flush_on_metered = true\nspool = "/x"\n')
+    nm_run(script, "wwan0", "up", {"PATH": str(path)})
+    assert ran.read_text().count("start") == 3
+
+
 def reachable_by_alice(tmp_path: Path) -> None:
     """Let others search (not read) pytest's root-only directories down to tmp_path:
     root works in alice's spool directory with her rights, so she must reach it."""
