@@ -98,6 +98,9 @@ class UploadResult:
     signed: list[str] = field(default_factory=list)  # present: our signatures added
     notes: list[str] = field(default_factory=list)  # what the place wants said (a warning)
     credentials: str = ""  # a bucket: where boto3 found them (env, shared-credentials-file...)
+    # How the paths there were found: "listing", or "asked path by path" (a bucket
+    # too large to list for this batch).
+    looked_up: str = ""
     error: dict[str, str] | None = None
 
 
@@ -219,6 +222,7 @@ class _Writer:
         wanted = EVERY if self.request.check_only else len(self.request.entries)
         names = files.top_names(wanted)
         narinfos = None if names is None else {n for n in names if n.endswith(".narinfo")}
+        self.result.looked_up = "listing" if names is not None else "asked path by path"
         if narinfos is not None:
             self.result.narinfo_files = len(narinfos)
             if self.request.check_only:

@@ -169,6 +169,12 @@ class S3Server:
         """The bucket as a plain binary cache, read anonymously (a substituter)."""
         return f"{self.endpoint}/{bucket}"
 
+    def keys(self, bucket: str) -> set[str]:
+        """The keys in the bucket (nothing downloaded)."""
+        s3 = self.client()
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {item["Key"] for page in pages for item in page.get("Contents", ())}
+
     def objects(self, bucket: str, recovering: float = 60) -> dict[str, bytes]:
         """Every object in the bucket, by key; asked again while the store answers
         InternalError for up to `recovering` seconds (its volumes coming back after

@@ -303,6 +303,7 @@ class CacheWriter:
             raise RuntimeError(f"the cache writer failed: {e}") from None
         self.uploaded.update(result.uploaded)
         self.uploaded_bytes += result.bytes
+        log.debug("%s: which paths are there: %s", remote.name, result.looked_up)
         if result.present:
             log.info("%s: %d paths were in the cache already", remote.name, len(result.present))
         if result.signed:
