@@ -77,6 +77,16 @@ let
       (builtins.readFile (data + "/90-nixspool"))
   );
 
+  # Nix 2.35 added async-post-build-hook; Lix (pname "lix", versions 2.9x) has not.
+  nixPackage = config.nix.package;
+  hookSetting =
+    if cfg.hookSetting != "auto" then
+      cfg.hookSetting
+    else if (nixPackage.pname or "") == "nix" && lib.versionAtLeast (lib.getVersion nixPackage) "2.35" then
+      "async-post-build-hook"
+    else
+      "post-build-hook";
+
   service = unitSection (data + "/nixspool-flush.service") "Service";
   timer = unitSection (data + "/nixspool-flush.timer") "Timer";
   pathUnit = unitSection (data + "/nixspool-flush.path") "Path";
@@ -129,6 +139,20 @@ in
       default = null;
       example = "/etc/nixspool/cache.sec";
       description = "Nix secret key (`nixspool keygen`) to sign uploads with. Not in the store.";
+    };
+
+    hookSetting = lib.mkOption {
+      type = lib.types.enum [
+        "auto"
+        "post-build-hook"
+        "async-post-build-hook"
+      ];
+      default = "auto";
+      description = ''
+        Which nix.conf setting runs nixspool-hook. `auto`: `async-post-build-hook` on
+        Nix 2.35 and later (the hook no longer holds the build loop, and several run
+        at once), `post-build-hook` on older Nix and on Lix, which has no such setting.
+      '';
     };
 
     timerInterval = lib.mkOption {
@@ -209,7 +233,7 @@ in
     environment.systemPackages = [ cfg.package ];
     environment.etc."nixspool/config.toml".source = configFile;
 
-    nix.settings.post-build-hook = "${cfg.package}/bin/nixspool-hook";
+    nix.settings.${hookSetting} = "${cfg.package}/bin/nixspool-hook";
 
     systemd.tmpfiles.rules = [
       "d ${spoolDir} 0700 ${cfg.user} - -"

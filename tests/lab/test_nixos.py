@@ -121,6 +121,27 @@ def test_the_unit_carries_every_line_of_the_shipped_unit(
     assert evaluated[name]["postBuildHook"].endswith("/bin/nixspool-hook")
 
 
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [
+        ("minimal", "post-build-hook"),  # the pinned nixpkgs' Nix: 2.34
+        ("nix235", "async-post-build-hook"),  # the hook no longer holds the build loop
+        ("lix", "post-build-hook"),  # Lix 2.94 has no async-post-build-hook
+        ("nix235Blocking", "post-build-hook"),  # hookSetting chosen by hand
+    ],
+)
+def test_the_hook_runs_through_the_setting_this_nix_has(
+    evaluated: dict[str, Any], name: str, setting: str
+) -> None:
+    chosen = {
+        "post-build-hook": evaluated[name]["postBuildHook"],
+        "async-post-build-hook": evaluated[name]["asyncPostBuildHook"],
+    }
+    assert chosen[setting] is not None and chosen[setting].endswith("/bin/nixspool-hook")
+    other = next(s for s in chosen if s != setting)
+    assert chosen[other] is None, f"{name}: both settings run the hook"
+
+
 def test_the_timer_and_the_path_unit(evaluated: dict[str, Any]) -> None:
     shipped = section((DATA / "nixspool-flush.timer").read_text(), "Timer")
     assert "Persistent" not in shipped  # it means nothing without OnCalendar

@@ -58,6 +58,7 @@ let
       path = text "nixspool-flush.path";
       tmpfiles = builtins.filter (lib.hasInfix " alice ") config.systemd.tmpfiles.rules;
       postBuildHook = config.nix.settings.post-build-hook or null;
+      asyncPostBuildHook = config.nix.settings.async-post-build-hook or null;
       dispatchers = map (s: s.source.text) (config.networking.networkmanager.dispatcherScripts or [ ]);
       networkd = lib.mapAttrs (_: r: r.script) (config.services.networkd-dispatcher.rules or { });
       failedAssertions = failed;
@@ -129,6 +130,46 @@ in
       flushAfterBuild = true;
       timerInterval = "30min";
     };
+  };
+
+  # Which nix.conf setting runs the hook, by the Nix it is: Nix 2.35 has
+  # async-post-build-hook, Lix has not. (Stand-ins: only pname and version are read.)
+  nix235 = report {
+    module =
+      { pkgs, ... }:
+      {
+        nix.package = pkgs.runCommand "nix-2.35.0" { pname = "nix"; version = "2.35.0"; } "mkdir $out";
+        services.nixspool = {
+          enable = true;
+          user = "alice";
+          remotes.pi.url = "ssh-ng://pi";
+        };
+      };
+  };
+  lix = report {
+    module =
+      { pkgs, ... }:
+      {
+        nix.package = pkgs.runCommand "lix-2.94.0" { pname = "lix"; version = "2.94.0"; } "mkdir $out";
+        services.nixspool = {
+          enable = true;
+          user = "alice";
+          remotes.pi.url = "ssh-ng://pi";
+        };
+      };
+  };
+  nix235Blocking = report {
+    module =
+      { pkgs, ... }:
+      {
+        nix.package = pkgs.runCommand "nix-2.35.0" { pname = "nix"; version = "2.35.0"; } "mkdir $out";
+        services.nixspool = {
+          enable = true;
+          user = "alice";
+          remotes.pi.url = "ssh-ng://pi";
+          hookSetting = "post-build-hook";
+        };
+      };
   };
 
   noSuchUser = report {
