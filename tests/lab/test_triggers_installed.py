@@ -5,6 +5,7 @@ parsed.
 
 from __future__ import annotations
 
+import shlex
 import stat
 import subprocess
 import time
@@ -164,17 +165,28 @@ def test_dispatcher_limited_to_named_interfaces_and_connections(tmp_path: Path) 
     assert not (tmp_path / "systemctl-ran").exists()
     nm_run(script, "wlan0", "up", {"PATH": str(path), "CONNECTION_ID": "Home WiFi"})
     assert (tmp_path / "systemctl-ran").read_text().count("start") == 1
+    # A connectivity change names no interface: it counts only while a connection
+    # the filters name is active (nmcli escapes ':' in names).
+    change = {"PATH": str(path), "CONNECTIVITY_STATE": "FULL"}
+    standin_nmcli(path, {"eth0": "no"}, active=("eth0:Cafe", "wlan0:Cafe\\:2"))
+    nm_run(script, "", "connectivity-change", change)
+    assert (tmp_path / "systemctl-ran").read_text().count("start") == 1
+    standin_nmcli(path, {"wlan0": "no"}, active=("eth0:Cafe", "wlan0:Office"))
+    nm_run(script, "", "connectivity-change", change)
+    assert (tmp_path / "systemctl-ran").read_text().count("start") == 2
 
 
-def standin_nmcli(directory: Path, devices: dict[str, str]) -> None:
+def standin_nmcli(directory: Path, devices: dict[str, str], active: tuple[str, ...] = ()) -> None:
     """nmcli answering GENERAL.METERED of `devices` (name -> "yes (guessed)", "no"...)
     and the connected ones' list, as NetworkManager's own would; and a logger that
     writes where the test reads."""
     metered = "".join(f'    {name}) echo "{value}" ;;\n' for name, value in devices.items())
     connected = "\\n".join(f"{name}:connected" for name in devices)
+    active_words = " ".join(shlex.quote(a) for a in active) or "''"
     (directory / "nmcli").write_text(
         "#!/bin/sh\n"
         f'[ "$1" = -g ] && [ "$2" = DEVICE,STATE ] && {{ printf "{connected}\\n"; exit 0; }}\n'
+        f'[ "$1" = -t ] && [ "$3" = DEVICE,NAME ] && {{ printf "%s\\n" {active_words}; exit 0; }}\n'
         'case "$5" in\n' + metered + "    *) exit 10 ;;\nesac\n"
     )
     (directory / "logger").write_text(f'#!/bin/sh\necho "$*" >> {directory}/logged\n')
