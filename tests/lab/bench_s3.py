@@ -33,21 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 import s3lab
-
-
-def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compression: str) -> float:
-    shutil.rmtree(work, ignore_errors=True)
-    body = (
-        f'[remotes.team]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
-        f'compression = "{compression}"\n'
-    )
-    config = the_lab.config(work, body)
-    the_lab.spool_in(config, paths)
-    started = time.perf_counter()
-    result = the_lab.nixspool(config, "flush")
-    took = time.perf_counter() - started
-    assert result.returncode == 0, result.stderr
-    return took
+from bench_static import copy_to_staging, empty_staging, nixspool
 
 
 def staged(
@@ -58,19 +44,9 @@ def staged(
     paths: set[str],
     compression: str,
 ) -> float:
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    lab.sh("chown", lab.ALICE, str(staging))
-    env = the_lab.daemon.client_env()
-    env.pop("NIX_REMOTE")
-    copy = ["nix", "--extra-experimental-features", "nix-command", "copy"]
+    empty_staging(staging)
     started = time.perf_counter()
-    result = lab.run_as(
-        lab.ALICE,
-        [*copy, "--to", f"file://{staging}?compression={compression}", *sorted(paths)],
-        env,
-    )
-    assert result.returncode == 0, result.stderr
+    copy_to_staging(the_lab, staging, paths, compression)
     s3 = server.client()
     files = [p for p in staging.rglob("*") if p.is_file()]
     with ThreadPoolExecutor(10) as pool:

@@ -34,6 +34,7 @@ import lab
 
 
 def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compression: str) -> float:
+    """`nixspool flush` of `paths` to `url` from a new spool, signed: its seconds."""
     shutil.rmtree(work, ignore_errors=True)
     body = (
         f'[remotes.pi]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
@@ -48,6 +49,25 @@ def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compres
     return took
 
 
+def copy_to_staging(the_lab: lab.SshLab, staging: Path, paths: set[str], compression: str) -> None:
+    """Nix's own writer: `nix copy --to file:///staging` as alice (the clock runs)."""
+    env = the_lab.daemon.client_env()
+    env.pop("NIX_REMOTE")
+    copy = ["nix", "--extra-experimental-features", "nix-command", "copy"]
+    result = lab.run_as(
+        lab.ALICE,
+        [*copy, "--to", f"file://{staging}?compression={compression}", *sorted(paths)],
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def empty_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    lab.sh("chown", lab.ALICE, str(staging))
+
+
 def staged(
     the_lab: lab.SshLab,
     staging: Path,
@@ -56,20 +76,10 @@ def staged(
     paths: set[str],
     compression: str,
 ) -> float:
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    lab.sh("chown", lab.ALICE, str(staging))
-    env = the_lab.daemon.client_env()
-    env.pop("NIX_REMOTE")
-    copy = ["nix", "--extra-experimental-features", "nix-command", "copy"]
+    empty_staging(staging)
     scp = ["scp", "-q", "-r", "-o", "BatchMode=yes"]
     started = time.perf_counter()
-    result = lab.run_as(
-        lab.ALICE,
-        [*copy, "--to", f"file://{staging}?compression={compression}", *sorted(paths)],
-        env,
-    )
-    assert result.returncode == 0, result.stderr
+    copy_to_staging(the_lab, staging, paths, compression)
     target = f"{host.sftp_user}@{host.alias}:{cache}/"
     names = [str(p) for p in staging.iterdir()]
     result = lab.run_as(lab.ALICE, [*scp, *names, target], {})

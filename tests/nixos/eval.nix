@@ -64,6 +64,21 @@ let
       failedAssertions = failed;
       toplevel = if toplevel && failed == [ ] then config.system.build.toplevel.drvPath else null;
     };
+  onNix =
+    pname: version: extra:
+    report {
+      module =
+        { pkgs, ... }:
+        {
+          nix.package = pkgs.runCommand "${pname}-${version}" { inherit pname version; } "mkdir $out";
+          services.nixspool = {
+            enable = true;
+            user = "alice";
+            remotes.pi.url = "ssh-ng://pi";
+          }
+          // extra;
+        };
+    };
 in
 {
   flake = {
@@ -134,43 +149,9 @@ in
 
   # Which nix.conf setting runs the hook, by the Nix it is: Nix 2.35 has
   # async-post-build-hook, Lix has not. (Stand-ins: only pname and version are read.)
-  nix235 = report {
-    module =
-      { pkgs, ... }:
-      {
-        nix.package = pkgs.runCommand "nix-2.35.0" { pname = "nix"; version = "2.35.0"; } "mkdir $out";
-        services.nixspool = {
-          enable = true;
-          user = "alice";
-          remotes.pi.url = "ssh-ng://pi";
-        };
-      };
-  };
-  lix = report {
-    module =
-      { pkgs, ... }:
-      {
-        nix.package = pkgs.runCommand "lix-2.94.0" { pname = "lix"; version = "2.94.0"; } "mkdir $out";
-        services.nixspool = {
-          enable = true;
-          user = "alice";
-          remotes.pi.url = "ssh-ng://pi";
-        };
-      };
-  };
-  nix235Blocking = report {
-    module =
-      { pkgs, ... }:
-      {
-        nix.package = pkgs.runCommand "nix-2.35.0" { pname = "nix"; version = "2.35.0"; } "mkdir $out";
-        services.nixspool = {
-          enable = true;
-          user = "alice";
-          remotes.pi.url = "ssh-ng://pi";
-          hookSetting = "post-build-hook";
-        };
-      };
-  };
+  nix235 = onNix "nix" "2.35.0" { };
+  lix = onNix "lix" "2.94.0" { };
+  nix235Blocking = onNix "nix" "2.35.0" { hookSetting = "post-build-hook"; };
 
   noSuchUser = report {
     module.services.nixspool = {
