@@ -72,7 +72,7 @@ def side_by_side(
             bucket = server.bucket(f"bench-{lab.nonce()}")
             if variant == "nixspool":
                 url = server.url(bucket)
-                ours.append(nixspool(the_lab, root / "work", url, paths, compression))
+                ours.append(nixspool(the_lab, root / "work", url, paths, compression)[0])
             else:
                 theirs.append(staged(the_lab, server, root / "staging", bucket, paths, compression))
             narinfos = [k for k in server.objects(bucket) if k.endswith(".narinfo")]

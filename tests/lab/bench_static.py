@@ -13,12 +13,15 @@ fills it from nothing, as alice, compressed alike (xz unless --compression):
   the staging directory to the host: Nix's own writer, then one bulk transfer
   (sshfs, the other usual way, needs FUSE, which this lab does not assume).
 The directory is emptied between variants, and the order alternates round by
-round, so both meet the same machine. Printed: medians, and nixspool/staged.
+round, so both meet the same machine. Printed: medians, and nixspool/staged; with
+--lan-rate, also the link's own floor (the NAR bytes nixspool sent, at that rate)
+and the flush's ratio to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,8 +36,11 @@ sys.path.insert(0, str(Path(__file__).parent))  # lab
 import lab
 
 
-def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compression: str) -> float:
-    """`nixspool flush` of `paths` to `url` from a new spool, signed: its seconds."""
+def nixspool(
+    the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compression: str
+) -> tuple[float, int]:
+    """`nixspool flush` of `paths` to `url` from a new spool, signed: its seconds, and
+    the compressed NAR bytes it sent."""
     shutil.rmtree(work, ignore_errors=True)
     body = (
         f'[remotes.pi]\nurl = "{url}"\nsign_key_file = "{the_lab.nixspool_key}"\n'
@@ -43,10 +49,20 @@ def nixspool(the_lab: lab.SshLab, work: Path, url: str, paths: set[str], compres
     config = the_lab.config(work, body)
     the_lab.spool_in(config, paths)
     started = time.perf_counter()
-    result = the_lab.nixspool(config, "flush")
+    result = the_lab.nixspool(config, "flush", "--json")
     took = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
-    return took
+    (report,) = json.loads(result.stdout)["remotes"].values()
+    return took, int(report["uploaded_bytes"])
+
+
+def rate_bits(rate: str) -> float:
+    """tc's rate ("20mbit", "1gbit") in bits per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, factor in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[: -len(unit)]) * factor
+    raise ValueError(rate)
 
 
 def copy_to_staging(the_lab: lab.SshLab, staging: Path, paths: set[str], compression: str) -> None:
@@ -90,20 +106,21 @@ def staged(
 
 def side_by_side(
     the_lab: lab.SshLab, root: Path, paths: set[str], rounds: int, compression: str
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
     host = the_lab.hosts[0]
-    ours, theirs = [], []
+    ours, theirs, sent = [], [], 0
     for round_ in range(rounds):
         variants = ["nixspool", "staged"] if round_ % 2 == 0 else ["staged", "nixspool"]
         for variant in variants:
             cache = host.serve_sftp(the_lab.alice.public_key, name="bench-cache")
             if variant == "nixspool":
                 url = host.sftp_url(cache)
-                ours.append(nixspool(the_lab, root / "work", url, paths, compression))
+                took, sent = nixspool(the_lab, root / "work", url, paths, compression)
+                ours.append(took)
             else:
                 theirs.append(staged(the_lab, root / "staging", host, cache, paths, compression))
             assert len(list(cache.glob("*.narinfo"))) == len(paths), variant
-    return statistics.median(ours), statistics.median(theirs)
+    return statistics.median(ours), statistics.median(theirs), sent
 
 
 def main() -> None:
@@ -133,11 +150,17 @@ def main() -> None:
             ("big", args.big, int(args.big_mb * (1 << 20))),
         ):
             paths = the_lab.build(count, bytes_each=size)
-            ours, theirs = side_by_side(the_lab, root, paths, args.rounds, args.compression)
+            ours, theirs, sent = side_by_side(the_lab, root, paths, args.rounds, args.compression)
             print(
                 f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
                 f"nix copy to file:// + scp -r {theirs:6.2f} s, ratio {ours / theirs:.2f}"
             )
+            if args.lan_rate:  # the link's own floor: the NAR bytes at its rate
+                floor = sent * 8 / rate_bits(args.lan_rate)
+                print(
+                    f"{label}: {sent / 1e6:.1f} MB of NARs at {args.lan_rate}: floor "
+                    f"{floor:.2f} s, nixspool flush / floor {ours / floor:.2f}"
+                )
     finally:
         the_lab.close()
         shutil.rmtree(root, ignore_errors=True)
