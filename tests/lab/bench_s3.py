@@ -18,7 +18,6 @@ medians, and nixspool/staged.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lab
 
 import lab
 import s3lab
-from bench_static import copy_to_staging, empty_staging, nixspool
+from bench_static import arguments, copy_to_staging, empty_staging, header, nixspool, path_sets
 
 
 def staged(
@@ -81,14 +80,7 @@ def side_by_side(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", type=int, default=200, help="paths of a few bytes")
-    parser.add_argument("--big", type=int, default=20, help="paths of --big-mb random bytes")
-    parser.add_argument("--big-mb", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--lan-rate", help="shape the link to the host, e.g. 1gbit")
-    parser.add_argument("--compression", default="zstd", choices=["xz", "zstd", "none"])
-    args = parser.parse_args()
+    args = arguments(__doc__.split("\n\n")[0], "zstd")
     lab.require_lab("sshd", "ip", "ssh-keygen")
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
@@ -99,17 +91,8 @@ def main() -> None:
         host = the_lab.hosts[0]
         host.shape(args.lan_rate)
         with s3lab.serving(host, root / "s3", the_lab.alice.home) as server:
-            link = f" at {args.lan_rate}" if args.lan_rate else ""
-            print(
-                f"# {lab.nix_version()}, Python {sys.version.split()[0]}, "
-                f"{len(os.sched_getaffinity(0))} cores; SeaweedFS on a LAN host in a network "
-                f"namespace{link}; {args.compression}; medians of {args.rounds} rounds"
-            )
-            for label, count, size in (
-                ("tiny", args.tiny, 0),
-                ("big", args.big, int(args.big_mb * (1 << 20))),
-            ):
-                paths = the_lab.build(count, bytes_each=size)
+            print(header(args, "SeaweedFS on a LAN host"))
+            for label, paths in path_sets(the_lab, args):
                 ours, theirs = side_by_side(
                     the_lab, server, root, paths, args.rounds, args.compression
                 )

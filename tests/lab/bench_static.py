@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # programs
@@ -123,15 +124,38 @@ def side_by_side(
     return statistics.median(ours), statistics.median(theirs), sent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str, compression: str) -> argparse.Namespace:
+    """The options every cache benchmark takes (bench_static, bench_s3)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", type=int, default=200, help="paths of a few bytes")
     parser.add_argument("--big", type=int, default=20, help="paths of --big-mb random bytes")
     parser.add_argument("--big-mb", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lan-rate", help="shape the link to the host, e.g. 1gbit")
-    parser.add_argument("--compression", default="xz", choices=["xz", "zstd", "none"])
-    args = parser.parse_args()
+    parser.add_argument("--compression", default=compression, choices=["xz", "zstd", "none"])
+    return parser.parse_args()
+
+
+def header(args: argparse.Namespace, where: str) -> str:
+    link = f" at {args.lan_rate}" if args.lan_rate else ""
+    return (
+        f"# {lab.nix_version()}, Python {sys.version.split()[0]}, "
+        f"{len(os.sched_getaffinity(0))} cores; {where} in a network "
+        f"namespace{link}; {args.compression}; medians of {args.rounds} rounds"
+    )
+
+
+def path_sets(the_lab: lab.SshLab, args: argparse.Namespace) -> Iterator[tuple[str, set[str]]]:
+    """("tiny", its paths), then ("big", ...), built as the options say."""
+    for label, count, size in (
+        ("tiny", args.tiny, 0),
+        ("big", args.big, int(args.big_mb * (1 << 20))),
+    ):
+        yield label, the_lab.build(count, bytes_each=size)
+
+
+def main() -> None:
+    args = arguments(__doc__.split("\n\n")[0], "xz")
     lab.require_lab("sshd", "ip", "ssh-keygen", "scp")
     lab.ensure_user(lab.BUILDER, groups=["nix-users"])
     root = Path(tempfile.mkdtemp(prefix="nixspool-bench-static-"))
@@ -139,17 +163,8 @@ def main() -> None:
     the_lab = lab.SshLab(root / "ssh")
     try:
         the_lab.hosts[0].shape(args.lan_rate)
-        link = f" at {args.lan_rate}" if args.lan_rate else ""
-        print(
-            f"# {lab.nix_version()}, Python {sys.version.split()[0]}, "
-            f"{len(os.sched_getaffinity(0))} cores; SFTP to a LAN host in a network "
-            f"namespace{link}; {args.compression}; medians of {args.rounds} rounds"
-        )
-        for label, count, size in (
-            ("tiny", args.tiny, 0),
-            ("big", args.big, int(args.big_mb * (1 << 20))),
-        ):
-            paths = the_lab.build(count, bytes_each=size)
+        print(header(args, "SFTP to a LAN host"))
+        for label, paths in path_sets(the_lab, args):
             ours, theirs, sent = side_by_side(the_lab, root, paths, args.rounds, args.compression)
             print(
                 f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
