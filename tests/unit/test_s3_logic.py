@@ -4,6 +4,7 @@ behaviour against a real store is tests/lab/test_s3_cache.py."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import pytest
@@ -141,3 +142,11 @@ def test_a_bucket_is_listed_while_that_is_cheaper_than_asking_path_by_path() -> 
     assert bucket_over(huge).top_names(wanted=50) is None  # 50 HEADs, not 10,000 pages
     assert huge.asked == 1
     assert bucket_over(Pages(10_000)).top_names(wanted=1_000) is None
+
+
+def test_without_boto3_an_s3_cache_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` fails as if absent
+    with pytest.raises(Stop) as stopped:
+        BucketFiles(Location.of(Remote("r", "s3://bkt")), "zstd")
+    assert stopped.value.error["kind"] == Kind.CACHE
+    assert "pip install 'nixspool[s3]'" in stopped.value.error["message"]

@@ -28,6 +28,14 @@ class BucketFiles:
     the writer's threads (it is thread-safe)."""
 
     def __init__(self, location: Location, compression: str) -> None:
+        try:
+            import boto3  # noqa: F401 - the optional extra: here, or a clear word
+        except ImportError:
+            raise Stop(
+                Kind.CACHE,
+                "s3:// caches need boto3, which this nixspool was installed without: "
+                "pip install 'nixspool[s3]' (the NixOS package has it)",
+            ) from None
         self.location = location
         self.bucket = location.bucket
         self.description = location.description
