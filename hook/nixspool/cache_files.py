@@ -55,6 +55,8 @@ class CacheFiles(Protocol):
     place's own library raises into one."""
 
     description: str  # where, for messages: /srv/cache, s3://bucket/prefix
+    notes: list[str]  # what the parent should say as warnings
+    credentials: str  # where the place's credentials came from, if it has any
 
     def step(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 

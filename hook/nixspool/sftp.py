@@ -234,7 +234,10 @@ class DirectoryFiles:
         self.transport = transport
         self.root = root
         self.description = root
+        self.notes: list[str] = []  # a directory has nothing to warn of
+        self.credentials = ""  # the SSH login's, which ssh itself reports
         self.partial = posixpath.join(root, PARTIAL_DIR)
+        self._names: set[str] | None = None  # the last listing of root
 
     @property
     def files(self) -> Any:
@@ -301,9 +304,7 @@ class DirectoryFiles:
                 return None
 
     def make_layout(self) -> None:
-        names = getattr(self, "_names", None)
-        if names is None:
-            names = self.top_names(0)
+        names = self._names if self._names is not None else self.top_names(0)
         for name in (narinfo.NAR_DIR, PARTIAL_DIR):
             if name not in names:
                 with self.step(f"creating {self.root}/{name}"):

@@ -238,11 +238,10 @@ class _Writer:
                 f"{files.description} is a binary cache for the store {theirs}, not "
                 f"{self.request.store_dir}",
             )
+        if not self.request.check_only or self.request.probe_write:
+            files.make_layout()
         if self.request.check_only:
-            if self.request.probe_write:
-                files.make_layout()
             return set()
-        files.make_layout()
         if text is None:
             with files.step(f"writing {narinfo.CACHE_INFO}"):
                 files.put(narinfo.CACHE_INFO, narinfo.cache_info(self.request.store_dir).encode())
@@ -313,10 +312,9 @@ class _Writer:
                 upload.commit(url)
         return url, digest, file_size
 
-    def is_present(self, entry: Entry, narinfos: set[str] | None) -> bool:
+    def is_there(self, entry: Entry) -> bool:
+        """Its narinfo is in the cache, asked of the place (no listing to look in)."""
         name = narinfo.narinfo_name(entry.path)
-        if narinfos is not None:
-            return name in narinfos
         with self.files.step(f"looking for {name}"):
             return self.files.has(name)
 
@@ -334,15 +332,13 @@ class _Writer:
             return
         sign_present = set(self.request.sign_present)
         uploads: dict[str, Future[None]] = {}
+        entries = self.request.entries
         with ThreadPoolExecutor(WORKERS, thread_name_prefix="nixspool-writer") as pool:
-            # Looked up side by side where the place is asked path by path.
-            found = dict(
-                zip(
-                    (e.path for e in self.request.entries),
-                    pool.map(lambda e: self.is_present(e, present), self.request.entries),
-                    strict=True,
-                )
-            )
+            if present is None:  # asked path by path: side by side
+                there = pool.map(self.is_there, entries)
+            else:
+                there = (narinfo.narinfo_name(e.path) in present for e in entries)
+            found = dict(zip((e.path for e in entries), there, strict=True))
             signing = []
             for entry in self.request.entries:  # references first: theirs are submitted
                 if found[entry.path]:
@@ -364,7 +360,7 @@ def place(request: UploadRequest) -> Iterator[CacheFiles]:
     if request.s3 is not None:
         from . import s3
 
-        yield s3.BucketFiles(s3.Location(**request.s3), request.compression)
+        yield s3.BucketFiles(s3.Location(**request.s3))
         return
     with connection(request.login) as (open_files, transport):
         yield DirectoryFiles(open_files, transport, request.directory)
@@ -379,8 +375,8 @@ def upload(request: UploadRequest) -> UploadResult:
             try:
                 _Writer(files, request, result).run()
             finally:
-                result.notes.extend(getattr(files, "notes", ()))
-                result.credentials = getattr(files, "credentials", "")
+                result.notes.extend(files.notes)
+                result.credentials = files.credentials
     except LoginFailed as e:
         result.error = {
             "kind": Kind.LOGIN,

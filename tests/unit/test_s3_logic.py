@@ -147,6 +147,15 @@ def test_a_bucket_is_listed_while_that_is_cheaper_than_asking_path_by_path() -> 
 def test_without_boto3_an_s3_cache_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "boto3", None)  # `import boto3` fails as if absent
     with pytest.raises(Stop) as stopped:
-        BucketFiles(Location.of(Remote("r", "s3://bkt")), "zstd")
+        BucketFiles(Location.of(Remote("r", "s3://bkt")))
     assert stopped.value.error["kind"] == Kind.CACHE
     assert "pip install 'nixspool[s3]'" in stopped.value.error["message"]
+
+
+def test_a_missing_object_is_told_from_a_missing_bucket() -> None:
+    from nixspool.s3.bucket import _absent
+
+    assert _absent(client_error("NoSuchKey", 404))  # GET
+    assert _absent(client_error("404", 404))  # HEAD: no body, named by its status
+    assert not _absent(client_error("NoSuchBucket", 404))  # a person must look
+    assert not _absent(client_error("AccessDenied", 403))

@@ -27,7 +27,7 @@ class BucketFiles:
     """A cache in a bucket (cache_files.CacheFiles). boto3's client is shared by
     the writer's threads (it is thread-safe)."""
 
-    def __init__(self, location: Location, compression: str) -> None:
+    def __init__(self, location: Location) -> None:
         try:
             import boto3  # noqa: F401 - the optional extra: here, or a clear word
         except ImportError:
@@ -60,10 +60,10 @@ class BucketFiles:
         budget = 1 + wanted // PATHS_PER_PAGE
         names: set[str] = set()
         token: dict[str, str] = {}
+        start = len(self.location.prefix)
         with self.step(f"listing {self.description}"):
             for _ in range(budget):
                 page = patiently(functools.partial(self._list_page, token))
-                start = len(self.location.prefix)
                 names.update(o["Key"][start:] for o in page.get("Contents", ()))
                 for directory in page.get("CommonPrefixes", ()):
                     names.add(directory["Prefix"][start:].rstrip("/"))
@@ -83,7 +83,7 @@ class BucketFiles:
         try:
             patiently(lambda: self.s3.head_object(Bucket=self.bucket, Key=self.key(name)))
         except ClientError as e:
-            if error_code(e)[1] == 404:
+            if _absent(e):
                 return False
             raise
         return True
@@ -95,7 +95,7 @@ class BucketFiles:
         try:
             got = patiently(lambda: self.s3.get_object(Bucket=self.bucket, Key=self.key(name)))
         except ClientError as e:
-            if error_code(e)[0] in ("NoSuchKey", "404"):
+            if _absent(e):
                 return None
             raise
         return got["Body"].read(), got["ETag"]
@@ -218,6 +218,13 @@ class BucketFiles:
 
     def new_nar(self, suffix: str) -> _BucketNar:
         return _BucketNar(self)
+
+
+def _absent(e: BaseException) -> bool:
+    """The store says there is no such object: GET's NoSuchKey, or HEAD's bare 404
+    (a HEAD answer has no body, so botocore names it by its status). A missing
+    bucket (NoSuchBucket) is not this: it raises, and the upload stops there."""
+    return error_code(e)[0] in ("NoSuchKey", "404")
 
 
 class _BucketNar:
