@@ -13,8 +13,6 @@ connection, an interface the config leaves out).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,9 @@ from pathlib import Path
 import pytest
 
 import lab
+from lab import sh
 from nixspool import setup
+from test_systemd import build_with_this_machines_daemon, set_up_this_machine
 
 pytestmark = pytest.mark.systemd
 
@@ -30,10 +30,6 @@ SHARE = Path("/var/lib/nixspool-share")
 CONFIG = Path("/etc/nixspool/config.toml")
 DISPATCHER = Path("/etc/NetworkManager/dispatcher.d/90-nixspool")
 UNIT = "nixspool-flush.service"
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return lab.sh(*argv, check=check)
 
 
 def wait_for(what: str, done: object, seconds: float = 30) -> float:
@@ -114,40 +110,10 @@ def installed(cable: Cable, ssh_lab: lab.SshLab) -> lab.LanHost:
     """nixspool set up as README says, the hook in nix.conf, nothing else that flushes
     (no timer, no path unit): only the dispatcher starts the unit here."""
     host = ssh_lab.hosts[0]
-    for leftover in (Path("/var/lib/nixspool"), CONFIG.parent):
-        shutil.rmtree(leftover, ignore_errors=True)
-    nixspool = lab.installed_program("nixspool")
-    sh(nixspool, "setup", "--user", lab.ALICE, "--remote", f"pi=ssh-ng://{host.alias}", "--force")
+    set_up_this_machine(ssh_lab, host)
     assert DISPATCHER.exists(), "setup installed no dispatcher script"
-    # Signed, as the LAN host requires (the machine's own daemon signs nothing).
-    key = Path("/etc/nixspool/cache.sec")
-    key.write_text(ssh_lab.nixspool_key.read_text())
-    key.chmod(0o600)
-    header = CONFIG.read_text().split("\n\n")[0]
-    CONFIG.write_text(
-        f"{header}\naccept_new_host_keys = true\nconnect_timeout = 5\n\n"
-        f'[remotes.pi]\nurl = "ssh-ng://{host.alias}"\nsign_key_file = "{key}"\n'
-    )
-    Path("/etc/nix/nix.conf").write_text(
-        f"post-build-hook = {lab.installed_program('nixspool-hook')}\nsubstituters =\n"
-        "sandbox = false\nbuild-users-group = nixbld\n"
-    )
-    sh("systemctl", "restart", "nix-daemon.socket", "nix-daemon.service", check=False)
-    sh("systemctl", "daemon-reload")
     sh("systemctl", "disable", "--now", "nixspool-flush.timer", "nixspool-flush.path", check=False)
     return host
-
-
-def build(nix_lab: Path, count: int) -> set[str]:
-    """Built through the machine's own daemon; its hook records the outputs."""
-    expr = lab.write_expr(nix_lab)
-    args = ["--argstr", "nonce", lab.nonce(), "--argstr", "count", str(count)]
-    built = lab.run_as(
-        lab.BUILDER, ["nix-build", "--no-out-link", str(expr), *args], {"NIX_REMOTE": "daemon"}
-    )
-    assert built.returncode == 0, built.stderr
-    drvs = sh("nix-instantiate", str(expr), *args).stdout.split()
-    return set(sh("nix-store", "--query", "--outputs", *drvs).stdout.split())
 
 
 def arrive(host: lab.LanHost, outputs: set[str], seconds: float) -> float:
@@ -179,7 +145,7 @@ def nothing_starts(cable: Cable, before: str, seconds: float = 6) -> None:
 def test_a_cable_plugged_in_delivers_the_queued_build(
     cable: Cable, installed: lab.LanHost, nix_lab: Path
 ) -> None:
-    outputs = build(nix_lab, 3)
+    outputs = build_with_this_machines_daemon(nix_lab, 3)
     assert queued() == len(outputs)
     before = invocation()
     started = time.monotonic()
@@ -213,7 +179,7 @@ def test_a_metered_connection_starts_no_flush_until_an_unmetered_one_comes(
     since = sh("date", "+%Y-%m-%d %H:%M:%S").stdout.strip()
     sh("nmcli", "connection", "modify", "lan", "connection.metered", "yes")
     try:
-        outputs = build(nix_lab, 2)
+        outputs = build_with_this_machines_daemon(nix_lab, 2)
         before = invocation()
         cable.plug()
         nothing_starts(cable, before)
@@ -240,7 +206,7 @@ def test_an_interface_the_config_leaves_out_starts_no_flush(
     nixspool = lab.installed_program("nixspool")
     DISPATCHER.write_text(setup.render_dispatcher(nixspool, ("wlan0",), ()))
     try:
-        outputs = build(nix_lab, 1)
+        outputs = build_with_this_machines_daemon(nix_lab, 1)
         before = invocation()
         cable.plug()
         nothing_starts(cable, before)
@@ -257,7 +223,7 @@ def test_an_interface_the_config_leaves_out_starts_no_flush(
 def test_a_flapping_cable_gives_one_flush_at_a_time_and_none_left_waiting(
     cable: Cable, installed: lab.LanHost, nix_lab: Path
 ) -> None:
-    outputs = build(nix_lab, 2)
+    outputs = build_with_this_machines_daemon(nix_lab, 2)
     for _ in range(5):  # five times in ten seconds
         cable.set("up")
         time.sleep(1)
@@ -287,7 +253,7 @@ def test_the_path_unit_flushes_soon_after_a_build(
     sh("systemctl", "start", "nixspool-flush.path")
     try:
         started = time.monotonic()
-        outputs = build(nix_lab, 1)  # its hook writes the spool's WAL
+        outputs = build_with_this_machines_daemon(nix_lab, 1)  # its hook writes the spool's WAL
         arrive(installed, outputs, 60)
         timing(f".path unit: build done -> delivered in {time.monotonic() - started:.2f} s")
         wait_for("the unit done", lambda: invocation_result()[0] == "inactive", 60)
@@ -307,7 +273,7 @@ def test_the_timer_fires_the_unit_again_while_rows_wait(
         "AccuracySec=100ms\n"
     )
     sh("systemctl", "daemon-reload")
-    outputs = build(nix_lab, 1)
+    outputs = build_with_this_machines_daemon(nix_lab, 1)
     first = invocation()
     try:
         sh("systemctl", "start", "nixspool-flush.timer")
@@ -357,7 +323,7 @@ def test_a_cable_plugged_in_under_systemd_networkd_delivers_too(
     # networkd-dispatcher may run routable.d for what is up when it starts (lo):
     # whatever that started is over before the build, so only the cable is left.
     wait_for("the unit idle", lambda: invocation_result()[0] == "inactive", 60)
-    outputs = build(nix_lab, 2)
+    outputs = build_with_this_machines_daemon(nix_lab, 2)
     time.sleep(2)
     assert installed.remote_valid(outputs) == set()
     before = invocation()

@@ -33,6 +33,50 @@ def unit_property(unit: str, name: str) -> str:
     return systemctl("show", "-p", name, "--value", unit).stdout.strip()
 
 
+def set_up_this_machine(ssh_lab: lab.SshLab, host: lab.LanHost) -> subprocess.CompletedProcess[str]:
+    """nixspool set up on this (the test's own) machine from nothing, as a new user
+    does, for one signed remote on `host`; the hook in nix.conf, the daemon and
+    systemd told. Setup's own output, for what it said."""
+    nixspool = lab.installed_program("nixspool")
+    for leftover in (Path("/var/lib/nixspool"), CONFIG.parent):
+        shutil.rmtree(leftover, ignore_errors=True)
+    setup = lab.sh(
+        nixspool, "setup", "--user", lab.ALICE, "--remote", f"pi=ssh-ng://{host.alias}", "--force"
+    )
+    # The signing key where a unit with PrivateTmp can read it, as a user would keep
+    # it (the LAN host requires signatures; the machine's own daemon signs nothing).
+    key = Path("/etc/nixspool/cache.sec")
+    key.write_text(ssh_lab.nixspool_key.read_text())
+    key.chmod(0o600)
+    spool = CONFIG.read_text().split("\n\n")[0]  # setup's header, user and spool lines
+    CONFIG.write_text(
+        f"{spool}\naccept_new_host_keys = true\nconnect_timeout = 5\n\n"
+        f'[remotes.pi]\nurl = "ssh-ng://{host.alias}"\nsign_key_file = "{key}"\n'
+    )
+    # The line from the program's path, not from setup's prose: on a machine that has
+    # it already, setup says so in a sentence (and a second run of this test is one).
+    hook = lab.installed_program("nixspool-hook")
+    NIX_CONF.write_text(
+        f"post-build-hook = {hook}\nsubstituters =\nsandbox = false\nbuild-users-group = nixbld\n"
+    )
+    systemctl("restart", "nix-daemon.socket", "nix-daemon.service", check=False)
+    systemctl("daemon-reload")
+    return setup
+
+
+def build_with_this_machines_daemon(nix_lab: Path, count: int) -> set[str]:
+    """`count` fresh derivations built through the machine's own daemon, whose hook
+    records them: their outputs."""
+    expr = lab.write_expr(nix_lab)
+    args = ["--argstr", "nonce", lab.nonce(), "--argstr", "count", str(count)]
+    built = lab.run_as(
+        lab.BUILDER, ["nix-build", "--no-out-link", str(expr), *args], {"NIX_REMOTE": "daemon"}
+    )
+    assert built.returncode == 0, built.stderr
+    drvs = lab.sh("nix-instantiate", str(expr), *args).stdout.split()
+    return set(lab.sh("nix-store", "--query", "--outputs", *drvs).stdout.split())
+
+
 @pytest.fixture(scope="module", autouse=True)
 def systemd_is_pid_1() -> None:
     if Path("/proc/1/comm").read_text().strip() != "systemd":
@@ -45,30 +89,10 @@ def test_the_flush_unit_delivers_signed_as_the_user_with_its_hardening(
     host = ssh_lab.hosts[0]
     nixspool = lab.installed_program("nixspool")
     # This machine is the test's: start from no spool and no config, as a new user.
-    for leftover in (Path("/var/lib/nixspool"), CONFIG.parent):
-        shutil.rmtree(leftover, ignore_errors=True)
-    setup = lab.sh(
-        nixspool, "setup", "--user", lab.ALICE, "--remote", f"pi=ssh-ng://{host.alias}", "--force"
-    )
+    setup = set_up_this_machine(ssh_lab, host)
     assert "systemctl daemon-reload" in setup.stdout  # it saw a running systemd
-    # The signing key where a unit with PrivateTmp can read it, as a user would keep it.
-    key = Path("/etc/nixspool/cache.sec")
-    key.write_text(ssh_lab.nixspool_key.read_text())
-    key.chmod(0o600)
-    spool = CONFIG.read_text().split("\n\n")[0]  # setup's header, user and spool lines
-    CONFIG.write_text(
-        f"{spool}\naccept_new_host_keys = true\nconnect_timeout = 5\n\n"
-        f'[remotes.pi]\nurl = "ssh-ng://{host.alias}"\nsign_key_file = "{key}"\n'
-    )
-    # The line from the program's path, not from setup's prose: on a machine that has
-    # it already, setup says so in a sentence (and a second run of this test is one).
     hook = lab.installed_program("nixspool-hook")
-    assert hook in setup.stdout, setup.stdout  # setup names it, either way
-    NIX_CONF.write_text(
-        f"post-build-hook = {hook}\nsubstituters =\nsandbox = false\nbuild-users-group = nixbld\n"
-    )
-    systemctl("restart", "nix-daemon.socket", "nix-daemon.service", check=False)
-    systemctl("daemon-reload")
+    assert hook in setup.stdout, setup.stdout  # it names it, either way
     systemctl("enable", "--now", "nixspool-flush.timer")
     assert unit_property("nixspool-flush.timer", "ActiveState") == "active"
 
@@ -79,17 +103,7 @@ def test_the_flush_unit_delivers_signed_as_the_user_with_its_hardening(
     known_hosts.write_text("".join(others))
 
     # A build through the machine's own daemon; its hook records it.
-    expr = lab.write_expr(nix_lab)
-    args = {"nonce": lab.nonce(), "count": "3"}
-    argv = ["nix-build", "--no-out-link", str(expr)]
-    for name, value in args.items():
-        argv += ["--argstr", name, value]
-    built = lab.run_as(lab.BUILDER, argv, {"NIX_REMOTE": "daemon"})
-    assert built.returncode == 0, built.stderr
-    drvs = lab.sh(
-        "nix-instantiate", str(expr), "--argstr", "nonce", args["nonce"], "--argstr", "count", "3"
-    ).stdout.split()
-    outputs = set(lab.sh("nix-store", "--query", "--outputs", *drvs).stdout.split())
+    outputs = build_with_this_machines_daemon(nix_lab, 3)
 
     started = systemctl("start", "nixspool-flush.service", check=False)
     journal = lab.sh("journalctl", "-u", "nixspool-flush.service", "--no-pager", check=False)
