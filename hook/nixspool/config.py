@@ -188,10 +188,10 @@ def credentials_note(remote: Remote, user: str | None) -> str | None:
     """Where an s3:// remote's credentials come from (never what they are)."""
     if not remote.is_s3_cache:
         return None
-    import urllib.parse
+    from .s3 import Location  # the URL read as the writer reads it (no boto3 here)
 
-    query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(remote.url).query))
-    profile = f"profile {query['profile']}" if "profile" in query else "the default profile"
+    named = Location.of(remote).profile
+    profile = f"profile {named}" if named else "the default profile"
     who = user or "the user nixspool runs as"
     return (
         f"credentials: boto3's chain as {who}: {profile} of ~/.aws/credentials and "
