@@ -281,7 +281,7 @@ class _Writer:
 
     def write_nar(self, entry: Entry, chunks: Iterator[bytes]) -> tuple[str, str, int]:
         compression = self.request.compression
-        compress, flush = narinfo.compressor(compression)
+        compress, flush = narinfo.compressor(compression, entry.nar_size)
         nar_hash, file_hash = hashlib.sha256(), hashlib.sha256()
         nar_size = file_size = 0
         with self.files.step(f"uploading {entry.path}"):

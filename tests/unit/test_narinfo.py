@@ -3,6 +3,11 @@ Nix read what nixspool writes)."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
+import zstandard
+
 from nixspool import narinfo
 from nixspool.narinfo import Entry
 from nixspool.nix import PathInfo
@@ -80,3 +85,11 @@ def test_an_upload_request_crosses_to_the_writer_whole() -> None:
     for login in (ssh, None):
         request = UploadRequest(login, "/c", "xz", STORE, [entry], check_only=login is None)
         assert UploadRequest.from_json(json.dumps(asdict(request))) == request
+
+
+@pytest.mark.parametrize("size", [0, narinfo.ZSTD_THREADS_FROM])
+def test_zstd_of_a_small_and_a_big_nar_reads_back(size: int) -> None:
+    data = os.urandom(1 << 16) * 4 + b"end"
+    compress, flush = narinfo.compressor("zstd", size)
+    out = compress(data[:1000]) + compress(data[1000:]) + flush()
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(out) == data
