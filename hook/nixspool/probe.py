@@ -133,8 +133,8 @@ class SshCommand:
     def running(self, *command: str) -> list[str]:
         return ["ssh", *self.options, self.destination, *command]
 
-    def subsystem(self, name: str) -> list[str]:
-        return ["ssh", *self.options, "-s", self.destination, name]
+    def subsystem(self, name: str, *options: str) -> list[str]:
+        return ["ssh", *options, *self.options, "-s", self.destination, name]
 
     def resolving(self) -> list[str]:
         """`ssh -G`: what the user's ssh_config makes of this destination."""

@@ -269,3 +269,41 @@ def test_a_cache_directory_that_is_not_there_needs_a_person(ssh_lab: lab.SshLab)
     rows = ssh_lab.rows(config, "pi")
     assert {r["state"] for r in rows.values()} == {"queued"}
     assert all("does " in (r["last_error"] or "") for r in rows.values())
+
+
+def test_the_writers_sessions_share_one_login_unless_the_host_allows_one_session(
+    ssh_lab: lab.SshLab,
+) -> None:
+    host = ssh_lab.hosts[1]
+    outputs = ssh_lab.build(12)  # 16 paths: every writer thread opens a session
+
+    def flush(name: str) -> tuple[Path, int]:
+        """A flush into a new cache: the cache, and how many logins sshd accepted."""
+        cache = host.serve_sftp(ssh_lab.alice.public_key, name=name)
+        config = ssh_lab.config(
+            ssh_lab.root / name, f'[remotes.pi]\nurl = "{host.sftp_url(cache)}"\n'
+        )
+        ssh_lab.spool_in(config, outputs)
+        before = len(host.logins())
+        result = ssh_lab.nixspool(config, "flush", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["remotes"]["pi"]["uploaded"] == len(outputs)
+        assert set(narinfos(cache)) == outputs
+        assert_whole(cache)
+        return cache, len(host.logins()) - before
+
+    # The probe's login and the writer's: its other sessions are channels of it.
+    _, logins = flush("cache-one-login")
+    assert logins == 2
+
+    # sshd allowing one session per connection: each session logs in on its own.
+    sshd_config = host.root / "sshd_config"
+    saved = sshd_config.read_text()
+    host.configure_sshd("MaxSessions 1")
+    try:
+        _, logins = flush("cache-max-sessions")
+        assert logins > 2
+    finally:
+        sshd_config.write_text(saved)
+        host.stop_sshd()
+        host.start_sshd()
