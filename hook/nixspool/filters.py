@@ -22,6 +22,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 
+from . import nix
 from .config import ByteSize, Remote
 from .nix import PathInfo
 
@@ -89,12 +90,6 @@ def cache_closure(
     """(paths to write, paths left to upstream) of the roots' closures, for a binary
     cache: unlike a Nix store it may hold part of a closure, the rest coming from
     the upstream caches its users also substitute from."""
-    closure: set[str] = set()
-    todo = list(roots)
-    while todo:
-        path = todo.pop()
-        if path not in closure:
-            closure.add(path)
-            todo.extend(infos[path].references)
+    closure = nix.closure(roots, infos)
     left = {p for p in closure if upstream_key(remote, infos[p]) is not None}
     return closure - left, left

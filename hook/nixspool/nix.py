@@ -97,6 +97,19 @@ class PathInfo:
     ca: str | None = None  # content address in narinfo form (`fixed:r:sha256:...`)
 
 
+def closure(roots: Iterable[str], infos: Mapping[str, PathInfo]) -> set[str]:
+    """The roots and everything they refer to, through `infos` (which must hold
+    their closures: a --recursive path-info)."""
+    found: set[str] = set()
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path not in found:
+            found.add(path)
+            todo.extend(infos[path].references)
+    return found
+
+
 def normalize_nar_hash(value: object) -> str:
     """`sha256:<nix-base32>` from any form Nix prints: SRI (`sha256-<base64>`),
     `sha256:<base16>`, `sha256:<nix-base32>`, or a structured hash object."""

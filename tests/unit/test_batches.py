@@ -5,7 +5,7 @@ lab tests run the same loop with `nix copy` and the cache writer for real."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,15 @@ from nixspool import nix
 from nixspool.config import Remote
 from nixspool.errors import CommandError, RemoteConfigError, UnreachableError
 from nixspool.flush import Batches, RemoteReport
-from nixspool.flush.transport import RemoteFailed, Stalled, TimedOut, Transient
+from nixspool.flush.transport import (
+    RemoteFailed,
+    Stalled,
+    TimedOut,
+    Transient,
+    known_closures,
+)
 from nixspool.hook import rows
+from nixspool.nix import PathInfo
 from nixspool.spool import Spool, State
 
 H = "0" * 31
@@ -34,9 +41,10 @@ class FakeTransport:
         self.answer = answer
         self.copies: list[list[str]] = []
         self.delivered_paths: list[str] = []
+        self.wants_closures = False
 
-    def prepare(self, paths: list[str]) -> None:
-        pass
+    def prepare(self, paths: list[str], closures: Mapping[str, PathInfo]) -> None:
+        self.closures = closures
 
     def copy(self, paths: list[str]) -> None:
         self.copies.append(paths)
@@ -99,6 +107,36 @@ def refusal(path: str) -> CommandError:
         "nix copy failed",
         stderr=f"error: cannot add path '{path}' because it lacks a signature by a trusted key",
     )
+
+
+def info(path: str, *references: str) -> PathInfo:
+    return PathInfo(path, "sha256:" + "0" * 52, 1, references, ())
+
+
+def test_a_transport_that_wants_closures_gets_the_loops_and_nix_is_asked_once(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[bool] = []
+    dependency = f"/nix/store/{H}x-dependency"
+
+    def path_infos(paths: list[str], recursive: bool = False, **kw: object) -> dict[str, PathInfo]:
+        asked.append(recursive)
+        return {q: info(q, dependency) for q in paths} | {dependency: info(dependency)}
+
+    monkeypatch.setattr(nix, "path_infos", path_infos)
+    transport = FakeTransport(lambda paths: None)
+    transport.wants_closures = True
+    report, _ = run(spool, transport)
+    assert report.delivered == 16 and asked == [True]
+    assert set(transport.closures) == {p(i) for i in range(16)} | {dependency}
+
+
+def test_known_closures_are_each_paths_own_or_none_if_one_is_unknown() -> None:
+    a, b, c, d = (f"/nix/store/{H}{i}-{i}" for i in "abcd")
+    closures = {a: info(a, b), b: info(b), c: info(c, d), d: info(d)}
+    assert set(known_closures([a], closures) or ()) == {a, b}
+    assert set(known_closures([c, b], closures) or ()) == {b, c, d}
+    assert known_closures([a, f"/nix/store/{H}e-gone"], closures) is None
 
 
 def test_delivered_in_one_copy(spool: Spool) -> None:

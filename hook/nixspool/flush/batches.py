@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import tenacity
@@ -26,6 +26,7 @@ import tenacity
 from .. import filters, nix
 from ..config import Remote
 from ..errors import CommandError, LocalError, RemoteConfigError
+from ..nix import PathInfo
 from ..outcome import refusal_of, same_refusal
 from ..spool import Spool
 from .report import RemoteReport
@@ -108,6 +109,8 @@ class Batches:
         self.retry = retry
         self.retry_wait = retry_wait
         self.progress = progress or (lambda remote, done, total: None)
+        # The claimed batch's closures, as _select() asked Nix for them ({}: not asked).
+        self._closures: Mapping[str, PathInfo] = {}
 
     def deliver(self, due: int, due_by: float) -> None:
         """Every row due by `due_by`, batch by batch, each once."""
@@ -136,9 +139,11 @@ class Batches:
         remote = self.remote
         reasons = {i: why for i, p in batch if (why := filters.why_name_left_out(remote, p))}
         kept = [(i, p) for i, p in batch if i not in reasons]
-        # The closures only when max_size weighs them: one call either way.
+        # The closures when max_size weighs them or the transport needs them (handed
+        # to it, so that it does not ask Nix again): one call either way.
+        recursive = bool(remote.max_size) or self.transport.wants_closures
         try:
-            infos = local_path_infos(remote, [p for _, p in kept], recursive=bool(remote.max_size))
+            infos = local_path_infos(remote, [p for _, p in kept], recursive=recursive)
         except LocalError as e:
             if remote.max_size or remote.skip_signed_by:
                 raise
@@ -146,6 +151,7 @@ class Batches:
             # the user and may find a Nix this process does not, still goes.
             log.warning("%s: NAR sizes unknown, bytes delivered not counted: %s", remote.name, e)
             infos = {}
+        self._closures = infos if recursive else {}
         self.spool.queue.set_nar_sizes({p: infos[p].nar_size for _, p in kept if p in infos})
         if remote.max_size:
             # A path Nix no longer has is not weighed: the copy fails it with its reason.
@@ -196,7 +202,7 @@ class Batches:
         remote, report = self.remote, self.report
         ids, paths = [i for i, _ in batch], [p for _, p in batch]
         try:
-            self.transport.prepare(paths)
+            self.transport.prepare(paths, self._closures)
         except LocalError as signing:
             # Paths garbage-collected since they were queued make path-info fail:
             # theirs is a reason of their own. Anything else stops this remote.

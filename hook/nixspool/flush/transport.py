@@ -13,7 +13,7 @@ one of the CopyFailed kinds below, each handled by the loop as its docstring say
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .. import filters, narinfo, nix, sign, static_cache, verify
@@ -89,9 +89,14 @@ class Link(Protocol):
 
 class Transport(Protocol):
     remote: Remote
+    # The batch loop asks Nix for the batches' closures, not only the paths, and
+    # hands them to prepare().
+    wants_closures: bool
 
-    def prepare(self, paths: list[str]) -> None:
-        """Before a batch is copied (signing it); LocalError if that fails."""
+    def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
+        """Before a batch is copied (signing it); LocalError if that fails.
+        `closures`: path infos of the paths' closures where the loop has them (a
+        path missing from them: ask Nix)."""
 
     def copy(self, paths: list[str]) -> None:
         """One attempt at `paths` and their closures (see the module)."""
@@ -101,6 +106,16 @@ class Transport(Protocol):
 
     def account_for(self, report: RemoteReport) -> None:
         """Add what this transport counted over the flush to the remote's report."""
+
+
+def known_closures(
+    paths: list[str], closures: Mapping[str, nix.PathInfo]
+) -> dict[str, nix.PathInfo] | None:
+    """The path infos of `paths`' closures, taken from `closures`; None if one of
+    the paths is not among them."""
+    if not all(p in closures for p in paths):
+        return None
+    return {p: closures[p] for p in nix.closure(paths, closures)}
 
 
 def local_path_infos(
@@ -137,15 +152,16 @@ class NixCopy:
     def __init__(self, remote: Remote, link: Link) -> None:
         self.remote = remote
         self.link = link
+        self.wants_closures = bool(remote.sign_key_file)  # what prepare() signs
 
-    def prepare(self, paths: list[str]) -> None:
+    def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
         """Sign what the batch will upload (its closure) that lacks our signature, but
         only paths the hook recorded: nothing a user can slip into a closure is signed."""
         key = self.link.key(self.remote)
         if key is None:
             return
         try:
-            infos = nix.path_infos(paths, recursive=True)
+            infos = known_closures(paths, closures) or nix.path_infos(paths, recursive=True)
             ours = self.link.spool.queue.recorded(infos)
             signed = sign.attach(key, [info for path, info in infos.items() if path in ours])
         except (CommandError, NixOutputError, OSError) as e:
@@ -246,9 +262,11 @@ class CacheWriter:
         self.left_to_upstream: set[str] = set()
         self.uploaded: set[str] = set()
         self.uploaded_bytes = 0
+        self.wants_closures = True  # they are what it writes
+        self._closures: Mapping[str, nix.PathInfo] = {}
 
-    def prepare(self, paths: list[str]) -> None:
-        pass  # its narinfo files carry the signatures
+    def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
+        self._closures = closures  # its narinfo files carry the signatures
 
     def delivered(self, paths: list[str], report: RemoteReport) -> None:
         pass  # it wrote each narinfo, signature and all
@@ -261,7 +279,9 @@ class CacheWriter:
     def _closure(self, paths: list[str]) -> list[nix.PathInfo]:
         """What the cache receives for `paths`, references first. CommandError (the
         rows' own reason) if a path is gone from the local store."""
-        infos = local_path_infos(self.remote, paths, recursive=True)
+        infos = known_closures(paths, self._closures) or local_path_infos(
+            self.remote, paths, recursive=True
+        )
         gone = [p for p in paths if p not in infos]
         if gone:
             raise CommandError(f"{gone[0]} is not valid in the local store")
