@@ -60,6 +60,10 @@ class CacheFiles(Protocol):
 
     def step(self, what: str) -> contextlib.AbstractContextManager[None]: ...
 
+    def reach(self) -> None:
+        """Log in, connect: what takes time before the first request, done while
+        the parent still works out what to write."""
+
     def top_names(self, wanted: int) -> set[str] | None:
         """The names at the cache's top (narinfos, nix-cache-info), or None where
         listing them would cost more than asking about the `wanted` paths one by

@@ -10,6 +10,7 @@ waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -62,6 +63,14 @@ class Running:
         self.check = check
         self.stall = stall  # seconds the program may write nothing to stderr
         self.decode = decode or (lambda text: text)  # its stderr, as people read it
+
+    def send(self, text: str) -> None:
+        """Write `text` to its input now, for it to read while it runs (`input` is
+        written when wait() is called, and the input closed)."""
+        assert self.proc.stdin is not None, "started without input"
+        with contextlib.suppress(BrokenPipeError):  # it ended already: wait() says how
+            self.proc.stdin.write(text)
+            self.proc.stdin.flush()
 
     def wait(self) -> subprocess.CompletedProcess[str]:
         """The program's result; CommandError if it failed, ran past its bound, or

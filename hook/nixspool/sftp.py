@@ -306,6 +306,9 @@ class DirectoryFiles:
                 f"{what}: the host refused a write ({e}); is its disk full?",
             ) from None
 
+    def reach(self) -> None:
+        self.files  # noqa: B018 - this thread's session: the SSH login
+
     def top_names(self, wanted: int) -> set[str]:
         """One listing of the directory, whatever its size (one request)."""
         with self.step(f"listing {self.root}"):

@@ -13,10 +13,11 @@ The writing runs in a child process as the configured user
 (`python -m nixspool.static_cache`): over SFTP through the user's own ssh, as
 nix copy and the probe reach a host; to a bucket with the user's own
 credentials; bounded by copy_timeout as a whole and by connect_timeout for each
-step, so a link that goes away mid-transfer ends it. The parent signs (it may
-read the key; the child never sees it) and hands over each path's narinfo
-fields as JSON; the child answers with what it wrote, or why it stopped, as
-JSON.
+step, so a link that goes away mid-transfer ends it. It is started as soon as a
+flush finds rows due, with where to write on its first input line, and logs in
+while the parent asks Nix about the paths. The parent signs (it may read the
+key; the child never sees it) and then hands over each path's narinfo fields as
+JSON; the child answers with what it wrote, or why it stopped, as JSON.
 
 A reader never sees a narinfo that promises what is not there: each file goes
 into place whole (the place's own way: a rename, an object PUT), the NAR
@@ -35,7 +36,7 @@ import sys
 import threading
 import traceback
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,7 +72,7 @@ class UploadRequest:
 
     @classmethod
     def from_json(cls, text: str) -> UploadRequest:
-        """The request as start_upload() sent it (asdict, as JSON)."""
+        """The request as start_writer() sent it (asdict, as JSON)."""
         data = json.loads(text)
         login = data.pop("login")
         return cls(
@@ -83,6 +84,13 @@ class UploadRequest:
                 "entries": [Entry.from_json(e) for e in data["entries"]],
             }
         )
+
+    def take_batch(self, text: str) -> None:
+        """The entries and sign_present as send() wrote them ("": nothing to write)."""
+        if text:
+            data = json.loads(text)
+            self.entries = [Entry.from_json(e) for e in data["entries"]]
+            self.sign_present = data["sign_present"]
 
 
 @dataclass
@@ -112,19 +120,18 @@ def directory_of(url: str) -> str:
 # -- the parent: start it, read its answer ---------------------------------------------
 
 
-def start_upload(
+def start_writer(
     remote: Remote,
-    entries: Sequence[Entry],
     account: Account,
     *,
     accept_new_host_keys: bool,
     store_dir: str,
     check_only: bool = False,
     probe_write: bool = False,
-    sign_present: Sequence[str] = (),
 ) -> Running:
-    """Write `entries` (references first) to `remote`, as `account`, in a child;
-    where `sign_present`'s narinfos are there already, add their signatures."""
+    """The writer for `remote`, started as `account`: it reaches the cache at once
+    (an SSH login, an S3 client) while this process works out what to send, then
+    waits for the batch (send())."""
     s3 = None
     if remote.is_s3_cache:
         from .s3 import Location  # imports no boto3: the child does
@@ -135,22 +142,32 @@ def start_upload(
         directory=directory_of(remote.url),
         compression=remote.compression,
         store_dir=store_dir,
-        entries=list(entries),
+        entries=[],
         check_only=check_only,
         probe_write=probe_write,
         s3=s3,
-        sign_present=list(sign_present),
     )
     # The user's AWS_* settings (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE, keys a
     # unit's EnvironmentFile gives) reach the writer, which runs as the user.
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if s3 else {}
-    return spawn(
+    running = spawn(
         [sys.executable, "-m", "nixspool.static_cache"],
-        input=json.dumps(asdict(request)),
+        input="",
         account=account,
         env=privileges.child_env(account, aws),
         timeout=remote.copy_timeout,
     )
+    running.send(json.dumps(asdict(request)) + "\n")
+    return running
+
+
+def send(running: Running, entries: Sequence[Entry], sign_present: Sequence[str] = ()) -> Running:
+    """What a started writer is to write: `entries` (references first), and the
+    paths among them whose narinfos may be there already, to add our signatures to.
+    It reads them when result_of() waits."""
+    batch = {"entries": [asdict(e) for e in entries], "sign_present": list(sign_present)}
+    running.input = json.dumps(batch)
+    return running
 
 
 def read_cache(
@@ -161,16 +178,15 @@ def read_cache(
     written and deleted. CommandError as result_of() raises it."""
     from .hook.storepath import store_dir
 
-    running = start_upload(
+    running = start_writer(
         remote,
-        [],
         account,
         accept_new_host_keys=accept_new_host_keys,
         store_dir=store_dir(),
         check_only=True,
         probe_write=probe_write,
     )
-    return result_of(running)
+    return result_of(send(running, []))
 
 
 def result_of(running: Running) -> UploadResult:
@@ -366,13 +382,17 @@ def place(request: UploadRequest) -> Iterator[CacheFiles]:
         yield DirectoryFiles(open_files, transport, request.directory)
 
 
-def upload(request: UploadRequest) -> UploadResult:
-    """Reach the cache as the user, write the entries; what was written, and why it
-    stopped."""
+def upload(request: UploadRequest, batch: Callable[[], str]) -> UploadResult:
+    """Reach the cache as the user, then write the entries `batch()` gives; what was
+    written, and why it stopped."""
     result = UploadResult()
     try:
         with place(request) as files:
             try:
+                files.reach()
+                request.take_batch(batch())
+                if not request.entries and not request.check_only:
+                    return result  # nothing to write (send() was not called)
                 _Writer(files, request, result).run()
             finally:
                 result.notes.extend(files.notes)
@@ -389,10 +409,11 @@ def upload(request: UploadRequest) -> UploadResult:
 
 
 def main() -> None:
-    """`python -m nixspool.static_cache`: one upload, request and result as JSON."""
-    request = UploadRequest.from_json(sys.stdin.read())
+    """`python -m nixspool.static_cache`: one upload, request and result as JSON: the
+    request's first line says where, the rest what (see start_writer, send)."""
+    request = UploadRequest.from_json(sys.stdin.readline())
     try:
-        result = upload(request)
+        result = upload(request, sys.stdin.read)
     except Exception:  # a bug: the parent reports it as one, with this traceback
         traceback.print_exc()
         sys.exit(1)

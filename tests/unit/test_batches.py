@@ -43,6 +43,12 @@ class FakeTransport:
         self.delivered_paths: list[str] = []
         self.wants_closures = False
 
+    def begin(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def prepare(self, paths: list[str], closures: Mapping[str, PathInfo]) -> None:
         self.closures = closures
 

@@ -75,16 +75,28 @@ def test_the_store_dir_of_a_cache_is_read_from_nix_cache_info() -> None:
 
 def test_an_upload_request_crosses_to_the_writer_whole() -> None:
     import json
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
+    from types import SimpleNamespace
+    from typing import Any, cast
 
+    from nixspool import static_cache
     from nixspool.probe import SshCommand
+    from nixspool.run import Running
     from nixspool.static_cache import UploadRequest
 
     entry = Entry.of(info(p(1, "app"), p(2, "lib")), ["ours:c2ln"])
     ssh = SshCommand(("-o", "BatchMode=yes"), "ssh://u@pi:2222", 3.0)
     for login in (ssh, None):
-        request = UploadRequest(login, "/c", "xz", STORE, [entry], check_only=login is None)
-        assert UploadRequest.from_json(json.dumps(asdict(request))) == request
+        # Where, as start_writer() writes it first; then what, as send() leaves it.
+        where = UploadRequest(login, "/c", "xz", STORE, [], check_only=login is None)
+        request = UploadRequest.from_json(json.dumps(asdict(where)) + "\n")
+        assert request == where
+        wire: Any = SimpleNamespace(input=None)
+        static_cache.send(cast(Running, wire), [entry], [entry.path])
+        request.take_batch(wire.input)
+        assert request == replace(where, entries=[entry], sign_present=[entry.path])
+        request.take_batch("")  # no batch came: nothing changes
+        assert request.entries == [entry]
 
 
 @pytest.mark.parametrize("size", [0, narinfo.ZSTD_THREADS_FROM])

@@ -198,15 +198,19 @@ class Flusher:
                 from .batches import Batches  # only a flush with work pays for the import
 
                 self.key(remote)  # an unusable key stops this remote before anything moves
-                Batches(
-                    transport,
-                    self.spool,
-                    self.owner,
-                    report,
-                    self,
-                    retry=(self.cfg.retry_min, self.cfg.retry_max),
-                    progress=self.progress,
-                ).deliver(due, self.due_by)
+                transport.begin()
+                try:
+                    Batches(
+                        transport,
+                        self.spool,
+                        self.owner,
+                        report,
+                        self,
+                        retry=(self.cfg.retry_min, self.cfg.retry_max),
+                        progress=self.progress,
+                    ).deliver(due, self.due_by)
+                finally:
+                    transport.close()
             pending = self._probes.pop(remote.name, None)
             if pending is not None:  # nothing was copied; still say if it is reachable
                 self._require(self._verdict(remote, pending))

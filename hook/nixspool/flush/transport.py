@@ -12,6 +12,7 @@ one of the CopyFailed kinds below, each handled by the loop as its docstring say
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -93,6 +94,14 @@ class Transport(Protocol):
     # hands them to prepare().
     wants_closures: bool
 
+    def begin(self) -> None:
+        """Rows are due: start what takes a while before the first copy (a login),
+        while the batch loop asks Nix about them. Never raises."""
+
+    def close(self) -> None:
+        """The flush is done with this remote: stop what begin() started and no
+        copy used."""
+
     def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
         """Before a batch is copied (signing it); LocalError if that fails.
         `closures`: path infos of the paths' closures where the loop has them (a
@@ -153,6 +162,12 @@ class NixCopy:
         self.remote = remote
         self.link = link
         self.wants_closures = bool(remote.sign_key_file)  # what prepare() signs
+
+    def begin(self) -> None:
+        pass  # nix copy logs in itself
+
+    def close(self) -> None:
+        pass
 
     def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
         """Sign what the batch will upload (its closure) that lacks our signature, but
@@ -264,6 +279,25 @@ class CacheWriter:
         self.uploaded_bytes = 0
         self.wants_closures = True  # they are what it writes
         self._closures: Mapping[str, nix.PathInfo] = {}
+        self._writer: Running | None = None  # started by begin(), for the first copy
+
+    def begin(self) -> None:
+        if self._writer is None:
+            with contextlib.suppress(CommandError):  # copy() tries again, and says why
+                self._writer = self._start_writer()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.kill()
+            self._writer = None
+
+    def _start_writer(self) -> Running:
+        return static_cache.start_writer(
+            self.remote,
+            self.link.account,
+            accept_new_host_keys=self.accept_new_host_keys,
+            store_dir=storepath.store_dir(),
+        )
 
     def prepare(self, paths: list[str], closures: Mapping[str, nix.PathInfo]) -> None:
         self._closures = closures  # its narinfo files carry the signatures
@@ -303,16 +337,10 @@ class CacheWriter:
             )
             for info in infos
         ]
+        writer, self._writer = self._writer, None  # begin()'s, logged in by now
         running = self.link.start_copy(
             remote,
-            lambda: static_cache.start_upload(
-                remote,
-                entries,
-                self.link.account,
-                accept_new_host_keys=self.accept_new_host_keys,
-                store_dir=storepath.store_dir(),
-                sign_present=sorted(ours),
-            ),
+            lambda: static_cache.send(writer or self._start_writer(), entries, sorted(ours)),
         )
         try:
             result = static_cache.result_of(running)

@@ -45,6 +45,9 @@ class BucketFiles:
         with self.step("reading the S3 credentials"):
             self.s3, self.credentials = client(location)
 
+    def reach(self) -> None:
+        pass  # the client was made with the credentials; it connects on the first request
+
     def key(self, name: str) -> str:
         return self.location.prefix + name
 
