@@ -15,7 +15,8 @@ fills it from nothing, as alice, compressed alike (xz unless --compression):
 The directory is emptied between variants, and the order alternates round by
 round, so both meet the same machine. Printed: medians, and nixspool/staged; with
 --lan-rate, also the link's own floor (the NAR bytes nixspool sent, at that rate)
-and the flush's ratio to it.
+and the flush's ratio to it, and to the floor plus one SSH login to the host
+(measured in the same rounds), which any upload there pays first.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,15 +107,29 @@ def staged(
     return took
 
 
+def login(host: lab.LanHost) -> float:
+    """One SSH login to the host's SFTP account as alice, and nothing sent: what
+    any upload there pays before its first byte (scp's too)."""
+    ssh = ["ssh", "-o", "BatchMode=yes", "-s", f"{host.sftp_user}@{host.alias}", "sftp"]
+    started = time.perf_counter()
+    result = lab.run_as(lab.ALICE, ssh, {}, stdin=subprocess.DEVNULL)
+    took = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    return took
+
+
 def side_by_side(
     the_lab: lab.SshLab, root: Path, paths: set[str], rounds: int, compression: str
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, float]:
+    """Medians of nixspool's flush and the staged copy, the NAR bytes nixspool sent,
+    and the median of an SSH login measured in the same rounds."""
     host = the_lab.hosts[0]
-    ours, theirs, sent = [], [], 0
+    ours, theirs, logins, sent = [], [], [], 0
     for round_ in range(rounds):
         variants = ["nixspool", "staged"] if round_ % 2 == 0 else ["staged", "nixspool"]
         for variant in variants:
             cache = host.serve_sftp(the_lab.alice.public_key, name="bench-cache")
+            logins.append(login(host))
             if variant == "nixspool":
                 url = host.sftp_url(cache)
                 took, sent = nixspool(the_lab, root / "work", url, paths, compression)
@@ -121,7 +137,7 @@ def side_by_side(
             else:
                 theirs.append(staged(the_lab, root / "staging", host, cache, paths, compression))
             assert len(list(cache.glob("*.narinfo"))) == len(paths), variant
-    return statistics.median(ours), statistics.median(theirs), sent
+    return statistics.median(ours), statistics.median(theirs), sent, statistics.median(logins)
 
 
 def arguments(description: str, compression: str) -> argparse.Namespace:
@@ -165,7 +181,9 @@ def main() -> None:
         the_lab.hosts[0].shape(args.lan_rate)
         print(header(args, "SFTP to a LAN host"))
         for label, paths in path_sets(the_lab, args):
-            ours, theirs, sent = side_by_side(the_lab, root, paths, args.rounds, args.compression)
+            ours, theirs, sent, ssh = side_by_side(
+                the_lab, root, paths, args.rounds, args.compression
+            )
             print(
                 f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
                 f"nix copy to file:// + scp -r {theirs:6.2f} s, ratio {ours / theirs:.2f}"
@@ -174,7 +192,8 @@ def main() -> None:
                 floor = sent * 8 / rate_bits(args.lan_rate)
                 print(
                     f"{label}: {sent / 1e6:.1f} MB of NARs at {args.lan_rate}: floor "
-                    f"{floor:.2f} s, nixspool flush / floor {ours / floor:.2f}"
+                    f"{floor:.2f} s, nixspool flush / floor {ours / floor:.2f}; "
+                    f"with one SSH login ({ssh:.2f} s) {ours / (floor + ssh):.2f}"
                 )
     finally:
         the_lab.close()
