@@ -22,6 +22,7 @@ every path read back from Nix is checked to be a store path before it is used.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import re
@@ -71,10 +72,22 @@ class NixVersion:
         return self.text
 
 
+_asked: list[Running] = []  # ask_version()'s `nix --version`, running
+
+
+def ask_version() -> None:
+    """Start asking the local Nix's version now, for version() to read later (a
+    flush asks while its probes log in)."""
+    if not _asked and version.cache_info().currsize == 0:
+        with contextlib.suppress(CommandError):  # version() asks again, and says why
+            _asked.append(spawn(["nix", "--version"], timeout=30))
+
+
 @functools.cache
 def version() -> NixVersion:
     """The local Nix's version, asked once per process."""
-    return NixVersion.parse(run(["nix", "--version"], timeout=30).stdout)
+    asked = _asked.pop().wait() if _asked else run(["nix", "--version"], timeout=30)
+    return NixVersion.parse(asked.stdout)
 
 
 def chunks(items: Sequence[str], size: int = ARGV_CHUNK) -> list[Sequence[str]]:
@@ -213,6 +226,35 @@ def path_infos(
 ) -> dict[str, PathInfo]:
     """Hash, size, references and signatures of `paths` (and their closure, with
     `recursive`) in the local store, or in the store at URL `store`."""
+    argv = _path_info(recursive, store)
+    infos: dict[str, PathInfo] = {}
+    for chunk in chunks(paths):
+        result = run([*argv, "--", *chunk], env=env, account=account, timeout=timeout)
+        infos.update(_parsed("path-info", parse_path_infos, result.stdout))
+    return infos
+
+
+def start_path_infos(paths: Sequence[str]) -> Callable[[], dict[str, PathInfo]]:
+    """path_infos(paths) of the local store, started now: the function returned
+    waits for the answer, and raises what path_infos() would."""
+    argv = _path_info(recursive=False, store=None)
+    running = [spawn([*argv, "--", *chunk], timeout=120) for chunk in chunks(paths)]
+
+    def answer() -> dict[str, PathInfo]:
+        infos: dict[str, PathInfo] = {}
+        try:
+            for each in running:
+                infos.update(_parsed("path-info", parse_path_infos, each.wait().stdout))
+        finally:
+            for each in running:
+                if each.proc.poll() is None:  # left unread by a failure
+                    each.kill()
+        return infos
+
+    return answer
+
+
+def _path_info(recursive: bool, store: str | None) -> list[str]:
     argv = [*NIX, "path-info", "--json"]
     if version().has(2, 33):  # without it 2.33+ warns that --json alone will be an error
         argv += ["--json-format", "2"]
@@ -220,11 +262,7 @@ def path_infos(
         argv.append("--recursive")
     if store:
         argv += ["--store", store]
-    infos: dict[str, PathInfo] = {}
-    for chunk in chunks(paths):
-        result = run([*argv, "--", *chunk], env=env, account=account, timeout=timeout)
-        infos.update(_parsed("path-info", parse_path_infos, result.stdout))
-    return infos
+    return argv
 
 
 # -- derivations ---------------------------------------------------------------------

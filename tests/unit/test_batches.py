@@ -81,6 +81,7 @@ def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Spool]:
     # Every path is in the local store: the loop asks Nix only about gone and sizes.
     monkeypatch.setattr(nix, "invalid_paths", lambda paths, timeout=60: set())
     monkeypatch.setattr(nix, "path_infos", lambda paths, **kw: {})
+    monkeypatch.setattr(nix, "start_path_infos", lambda paths: lambda: {})
     s = Spool.open(str(tmp_path / "spool.sqlite"))
     with s.transaction():
         rows.store(s.conn, [rows.Record("", [p(i) for i in range(16)], [], 1.0)])
@@ -135,6 +136,39 @@ def test_a_transport_that_wants_closures_gets_the_loops_and_nix_is_asked_once(
     report, _ = run(spool, transport)
     assert report.delivered == 16 and asked == [True]
     assert set(transport.closures) == {p(i) for i in range(16)} | {dependency}
+
+
+def test_sizes_asked_alongside_the_copy_are_counted_as_bytes_delivered(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[list[str]] = []
+
+    def start_path_infos(paths: list[str]) -> Callable[[], dict[str, PathInfo]]:
+        asked.append(list(paths))
+        return lambda: {q: PathInfo(q, "sha256:" + "0" * 52, 1000, (), ()) for q in paths}
+
+    monkeypatch.setattr(nix, "start_path_infos", start_path_infos)
+    report, _ = run(spool, FakeTransport(lambda paths: None))
+    assert report.delivered == 16 and len(asked) == 1
+    assert spool.reports.status().remotes["pi"].delivered_bytes == 16 * 1000
+
+
+def test_sizes_nix_could_not_give_alongside_are_asked_again_for_the_paths_still_there(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failed() -> dict[str, PathInfo]:
+        raise CommandError("nix path-info failed", stderr=f"error: path '{p(3)}' is not valid")
+
+    monkeypatch.setattr(nix, "start_path_infos", lambda paths: failed)
+    monkeypatch.setattr(nix, "invalid_paths", lambda paths, timeout=60: set())
+    monkeypatch.setattr(
+        nix,
+        "path_infos",
+        lambda paths, **kw: {q: PathInfo(q, "sha256:" + "0" * 52, 10, (), ()) for q in paths},
+    )
+    report, _ = run(spool, FakeTransport(lambda paths: None))
+    assert report.delivered == 16
+    assert spool.reports.status().remotes["pi"].delivered_bytes == 16 * 10
 
 
 def test_known_closures_are_each_paths_own_or_none_if_one_is_unknown() -> None:

@@ -25,7 +25,7 @@ import tenacity
 
 from .. import filters, nix
 from ..config import Remote
-from ..errors import CommandError, LocalError, RemoteConfigError
+from ..errors import CommandError, LocalError, NixOutputError, RemoteConfigError
 from ..nix import PathInfo
 from ..outcome import refusal_of, same_refusal
 from ..spool import Spool
@@ -85,6 +85,66 @@ class Reach(Protocol):
     def check_reachable(self, remote: Remote) -> None: ...
 
 
+class AskedOfNix:
+    """What the batch loop asks the local Nix about a claimed batch's paths: their
+    closures where max_size or skip_signed_by weigh them or the transport wants
+    them (handed to it, so that it does not ask again), else only their NAR sizes
+    (the bytes-delivered figure), asked alongside the copy. One call either way."""
+
+    def __init__(self, transport: Transport, spool: Spool) -> None:
+        self.remote = transport.remote
+        self.spool = spool
+        # Closures when the filters need them: asked before the copy.
+        self.recursive = bool(self.remote.max_size) or transport.wants_closures
+        self.needed = self.recursive or bool(self.remote.skip_signed_by)
+        self.closures: Mapping[str, PathInfo] = {}  # the batch's, if recursive
+        # Paths whose sizes are being asked of Nix, and the answer to wait for.
+        self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]]] | None = None
+
+    def about(self, paths: list[str]) -> dict[str, PathInfo]:
+        """The path infos the filters need now ({} if none); the sizes either way.
+        LocalError if the filters need them and Nix cannot say."""
+        self.closures, self._sizes = {}, None
+        if not self.needed:
+            try:
+                self._sizes = (paths, nix.start_path_infos(paths))
+            except (CommandError, NixOutputError) as e:
+                self._unknown(e)
+            return {}
+        try:
+            infos = local_path_infos(self.remote, paths, recursive=self.recursive)
+        except LocalError as e:
+            if self.remote.max_size or self.remote.skip_signed_by:
+                raise
+            self._unknown(e)  # the transport asks again, and says why it cannot
+            return {}
+        if self.recursive:
+            self.closures = infos
+        self.spool.queue.set_nar_sizes({p: infos[p].nar_size for p in paths if p in infos})
+        return infos
+
+    def learn_sizes(self) -> None:
+        """The sizes asked alongside the copy, into the rows (before any of them
+        changes state: the spool's counts add them then)."""
+        if self._sizes is None:
+            return
+        (paths, answer), self._sizes = self._sizes, None
+        try:
+            try:
+                infos = answer()
+            except (CommandError, NixOutputError):  # a path gone meanwhile: ask about the rest
+                infos = local_path_infos(self.remote, paths, recursive=False)
+        except LocalError as e:
+            self._unknown(e)
+            return
+        self.spool.queue.set_nar_sizes({p: infos[p].nar_size for p in paths if p in infos})
+
+    def _unknown(self, why: Exception) -> None:
+        # The copy, which runs as the user and may find a Nix this process does
+        # not, still goes: only the bytes-delivered figure needs the sizes.
+        log.warning("%s: NAR sizes unknown, bytes delivered not counted: %s", self.remote.name, why)
+
+
 class Batches:
     """Deliver one remote's due rows through `transport` (see the module)."""
 
@@ -109,8 +169,7 @@ class Batches:
         self.retry = retry
         self.retry_wait = retry_wait
         self.progress = progress or (lambda remote, done, total: None)
-        # The claimed batch's closures, as _select() asked Nix for them ({}: not asked).
-        self._closures: Mapping[str, PathInfo] = {}
+        self.asked = AskedOfNix(transport, spool)
 
     def deliver(self, due: int, due_by: float) -> None:
         """Every row due by `due_by`, batch by batch, each once."""
@@ -139,20 +198,7 @@ class Batches:
         remote = self.remote
         reasons = {i: why for i, p in batch if (why := filters.why_name_left_out(remote, p))}
         kept = [(i, p) for i, p in batch if i not in reasons]
-        # The closures when max_size weighs them or the transport needs them (handed
-        # to it, so that it does not ask Nix again): one call either way.
-        recursive = bool(remote.max_size) or self.transport.wants_closures
-        try:
-            infos = local_path_infos(remote, [p for _, p in kept], recursive=recursive)
-        except LocalError as e:
-            if remote.max_size or remote.skip_signed_by:
-                raise
-            # Only the bytes-delivered figure needs them: the copy, which runs as
-            # the user and may find a Nix this process does not, still goes.
-            log.warning("%s: NAR sizes unknown, bytes delivered not counted: %s", remote.name, e)
-            infos = {}
-        self._closures = infos if recursive else {}
-        self.spool.queue.set_nar_sizes({p: infos[p].nar_size for _, p in kept if p in infos})
+        infos = self.asked.about([p for _, p in kept])
         if remote.max_size:
             # A path Nix no longer has is not weighed: the copy fails it with its reason.
             sizes = filters.closure_sizes([p for _, p in kept if p in infos], infos)
@@ -202,7 +248,7 @@ class Batches:
         remote, report = self.remote, self.report
         ids, paths = [i for i, _ in batch], [p for _, p in batch]
         try:
-            self.transport.prepare(paths, self._closures)
+            self.transport.prepare(paths, self.asked.closures)
         except LocalError as signing:
             # Paths garbage-collected since they were queued make path-info fail:
             # theirs is a reason of their own. Anything else stops this remote.
@@ -214,7 +260,10 @@ class Batches:
                 return None
             raise
         try:
-            self._copy_with_retries(paths)
+            try:
+                self._copy_with_retries(paths)
+            finally:
+                self.asked.learn_sizes()
         except TimedOut as e:
             self._timed_out(batch, e.reason)
             return None

@@ -166,9 +166,12 @@ class Flusher:
         # Probes take a moment (an SSH login): start them now, so they run while the
         # local work below and the first copy do; each remote's verdict is still
         # awaited before anything counts.
-        for remote in remotes:
-            if remote.uses_ssh and self.spool.queue.due_count(remote.name, now=self.due_by):
+        due = [r for r in remotes if self.spool.queue.due_count(r.name, now=self.due_by)]
+        for remote in due:
+            if remote.uses_ssh:
                 self._probes[remote.name] = self._start_probe(remote)
+        if due:
+            nix.ask_version()  # path-info's options depend on it
         errors = []
         try:
             try:
