@@ -576,7 +576,11 @@ class LanHost:
 
     def wipe(self) -> None:
         """Empty the host's store, as if it had never received anything."""
-        shutil.rmtree(self.store)
+        while self.store.exists():
+            # The Nix of a session that just ended may be closing its database,
+            # which deletes its -wal file under rmtree's feet: go again.
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.store)
         self.store.mkdir()
         sh("chown", self.user, str(self.store))
 
