@@ -3,6 +3,7 @@ Nix read what nixspool writes)."""
 
 from __future__ import annotations
 
+import lzma
 import os
 
 import pytest
@@ -99,9 +100,20 @@ def test_an_upload_request_crosses_to_the_writer_whole() -> None:
         assert request.entries == [entry]
 
 
-@pytest.mark.parametrize("size", [0, narinfo.ZSTD_THREADS_FROM])
-def test_zstd_of_a_small_and_a_big_nar_reads_back(size: int) -> None:
-    data = os.urandom(1 << 16) * 4 + b"end"
-    compress, flush = narinfo.compressor("zstd", size)
+@pytest.mark.parametrize("size", [None, 300, 1 << 18, narinfo.ZSTD_THREADS_FROM])
+@pytest.mark.parametrize("compression", ["zstd", "xz"])
+def test_a_nar_of_any_size_reads_back(compression: str, size: int | None) -> None:
+    data = (os.urandom(1 << 16) * 4 + b"end")[: size or None]
+    compress, flush = narinfo.compressor(compression, size)
     out = compress(data[:1000]) + compress(data[1000:]) + flush()
-    assert zstandard.ZstdDecompressor().decompressobj().decompress(out) == data
+    if compression == "xz":
+        assert lzma.decompress(out, format=lzma.FORMAT_XZ) == data
+    else:
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(out) == data
+
+
+def test_a_small_nar_compresses_as_well_with_a_dictionary_its_own_size() -> None:
+    data = b"".join(b"%d nixspool " % (i % 97) for i in range(20000))  # 230 KB, repetitive
+    ours, flush = narinfo.compressor("xz", len(data))
+    theirs = lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=6)
+    assert len(ours(data) + flush()) <= len(theirs.compress(data) + theirs.flush())
