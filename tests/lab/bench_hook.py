@@ -20,7 +20,10 @@ Run as root with the lab installed (`bash tests/run` installs it). Prints:
    / `/bin/true`; and the Nix manual's synchronous hook (`nix copy --to
    ssh-ng://LAN host $OUT_PATHS` inside the hook) / nixspool-hook, with the
    LAN host there;
-4. the same with the LAN host's link down: nixspool-hook's build as before,
+4. inside the daemon, each hook's own time (a shell around it times it), which
+   a build's time, varying by more, hides: nixspool-hook, its floor, the
+   empty Python hook, a build of N derivations each;
+5. the same with the LAN host's link down: nixspool-hook's build as before,
    and the manual's hook on a few derivations only (each hook waits for ssh to
    give up, then fails, and its build with it), bounded by --down-timeout.
 Variants are interleaved round by round, so a noisy neighbour hits them
@@ -204,6 +207,40 @@ def build_with_hooks(work: Path, derivations: int, rounds: int) -> dict[str, lis
     return samples
 
 
+# Around a hook inside the daemon: its own wall time, in nanoseconds, to a file.
+TIMED = """\
+#!/bin/sh
+started=$(date +%s%N)
+{program}
+code=$?
+echo $(( $(date +%s%N) - started )) >> {times}
+exit $code
+"""
+
+
+def inside_the_daemon(work: Path, derivations: int) -> dict[str, list[float]]:
+    """Each hook's own time as the daemon runs it after each build (a build's
+    time varies too much to show a millisecond): a build of `derivations` each,
+    the hook wrapped in a shell that times it (the same wrapper for all)."""
+    hooks = {
+        "nixspool-hook": lab.installed_program("nixspool-hook"),
+        "its floor": str(work / "floor-hook"),
+        "empty python -IS": str(work / "empty-hook"),
+    }
+    env = hook_env(work, "timed-spool")
+    env["FLOOR_SPOOL"] = str(work / "floor-timed" / "spool.sqlite")
+    Spool.open(env["FLOOR_SPOOL"]).close()
+    samples = {}
+    for i, (name, program) in enumerate(hooks.items()):
+        times, wrapper = work / f"times-{i}", work / f"timed-hook-{i}"
+        wrapper.write_text(TIMED.format(program=program, times=times))
+        wrapper.chmod(0o755)
+        _, failed = build_once(work, f"timed{i}", str(wrapper), env, derivations, 3600)
+        assert not failed, f"{name}: {failed}"
+        samples[name] = [int(ns) / 1e9 for ns in times.read_text().split()]
+    return samples
+
+
 def write_hooks(the_lab: lab.SshLab, work: Path) -> None:
     python = str(Path(lab.installed_program("nixspool-hook")).parent / "python3")
     (work / "empty-hook").write_text(f"#!{python} -IS\n")
@@ -311,6 +348,18 @@ def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_versio
         print(f"ratio nix copy (manual) / nixspool-hook: {build['nix copy (manual)'] / ours:.2f}")
     else:
         print("(Nix 2.8.0 passes no OUT_PATHS: the manual's nix copy hook cannot run here)")
+    timed = {k: med(v) for k, v in inside_the_daemon(work, args.derivations).items()}
+    print(
+        f"# each hook's own time inside the daemon, timed by a shell around it, "
+        f"median of {args.derivations} builds"
+    )
+    for name, seconds in timed.items():
+        over = seconds - timed["empty python -IS"]
+        print(f"post-build-hook = {name:<18} {seconds * 1000:7.2f} ms  (+{over * 1000:.2f} ms)")
+    print(
+        f"nixspool-hook / its floor inside the daemon: "
+        f"{timed['nixspool-hook'] / timed['its floor']:.2f}"
+    )
 
     host = the_lab.hosts[0]
     away = {
