@@ -124,11 +124,11 @@ class Running:
             heard = time.monotonic()
             while selector.get_map():
                 now = time.monotonic()
-                text = streams[err].decode(errors="replace")
                 if self.deadline is not None and now >= self.deadline:
+                    text = streams[err].decode(errors="replace")
                     raise subprocess.TimeoutExpired(self.argv, self.timeout or 0, stderr=text)
                 if now - heard >= self.stall:
-                    raise _Stalled(text)
+                    raise _Stalled(streams[err].decode(errors="replace"))
                 bound = heard + self.stall - now
                 if self.deadline is not None:
                     bound = min(bound, self.deadline - now)
