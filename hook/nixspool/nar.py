@@ -26,6 +26,8 @@ import stat
 import struct
 from collections.abc import Generator, Iterator
 
+from .run import stream
+
 MAGIC = b"nix-archive-1"
 CHUNK = 1 << 20
 
@@ -95,3 +97,17 @@ def _contents(path: bytes, size: int) -> Iterator[bytes]:
         os.close(fd)
     if size % 8:
         yield b"\0" * (-size % 8)
+
+
+def dump_by_nix(path: str, chunk_size: int = 1 << 20) -> Generator[bytes, None, None]:
+    """The NAR of a store path (its serialisation, whose sha256 is the path's
+    NarHash) as `nix-store --dump` writes it, in chunks; CommandError if it fails.
+    (dump() makes the same bytes without a process: the cache writer's way.)"""
+    dumping = stream(["nix-store", "--dump", "--", path])
+    try:
+        while chunk := dumping.stdout.read(chunk_size):
+            yield chunk
+    except BaseException:
+        dumping.kill()
+        raise
+    dumping.finish()

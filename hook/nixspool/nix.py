@@ -26,14 +26,14 @@ import contextlib
 import functools
 import json
 import re
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .errors import CommandError, NixOutputError
 from .hook import storepath
 from .hook.storepath import nix_base32, why_invalid
-from .run import Account, Running, run, spawn, stream
+from .run import Account, Running, run, spawn
 
 # `nix copy` and friends are behind the nix-command feature on 2.4 and later;
 # naming it explicitly keeps nixspool independent of the user's nix.conf.
@@ -347,6 +347,8 @@ def plain_log(stderr: str) -> str:
         if not line.startswith("@nix "):
             lines.append(line)
             continue
+        if '"msg"' not in line:  # not a message: one of a long copy's ~40 progress events per MB
+            continue
         try:
             event = json.loads(line[len("@nix ") :])
         except ValueError:
@@ -355,20 +357,6 @@ def plain_log(stderr: str) -> str:
         if isinstance(event, dict) and event.get("action") == "msg":
             lines.append(_ANSI.sub("", str(event.get("msg", ""))))
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-def dump(path: str, chunk_size: int = 1 << 20) -> Generator[bytes, None, None]:
-    """The NAR of a store path (its serialisation, whose sha256 is the path's
-    NarHash) as `nix-store --dump` writes it, in chunks; CommandError if it fails.
-    (nar.dump makes the same bytes without a process: the cache writer's way.)"""
-    dumping = stream(["nix-store", "--dump", "--", path])
-    try:
-        while chunk := dumping.stdout.read(chunk_size):
-            yield chunk
-    except BaseException:
-        dumping.kill()
-        raise
-    dumping.finish()
 
 
 def copy_sigs(

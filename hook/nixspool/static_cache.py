@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import nar, narinfo, nix, privileges
+from . import nar, narinfo, privileges
 from .cache_files import CacheFiles, Kind, Stop, discarding
 from .config import Remote
 from .errors import CommandError
@@ -289,7 +289,7 @@ class _Writer:
         try:
             chunks = nar.dump(entry.path)
         except OSError:  # not readable by this user: Nix reads it (through its daemon)
-            chunks = nix.dump(entry.path, CHUNK)
+            chunks = nar.dump_by_nix(entry.path, CHUNK)
         try:
             return self.write_nar(entry, chunks)
         finally:
