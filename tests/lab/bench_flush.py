@@ -93,7 +93,7 @@ def compare(
     args: argparse.Namespace,
 ) -> None:
     f, r = side_by_side(the_lab, work / f"{name}-{scheme}", paths, scheme, args.rounds)
-    target = {"big": 1.10, "tiny": 1.5}[name]
+    target = {"big": 1.05, "tiny": 1.15}[name]
     print(
         f"{scheme:<6} {name:<4} {len(paths)} paths: nixspool flush {f:6.2f} s, raw nix copy "
         f"{r:6.2f} s, ratio {f / r:.3f} (target <= {target}), fixed cost {f - r:.2f} s"
