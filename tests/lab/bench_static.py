@@ -188,7 +188,7 @@ def main() -> None:
                 f"{label}: {len(paths)} paths: nixspool flush {ours:6.2f} s, "
                 f"nix copy to file:// + scp -r {theirs:6.2f} s, ratio {ours / theirs:.2f}"
             )
-            if args.lan_rate:  # the link's own floor: the NAR bytes at its rate
+            if args.lan_rate and label == "big":  # the link's floor: the NAR bytes at its rate
                 floor = sent * 8 / rate_bits(args.lan_rate)
                 print(
                     f"{label}: {sent / 1e6:.1f} MB of NARs at {args.lan_rate}: floor "
