@@ -106,12 +106,20 @@ def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
     floor_env = {**env, "FLOOR_SPOOL": str(work / "floor" / "spool.sqlite")}
     Spool.open(floor_env["FLOOR_SPOOL"]).close()  # WAL, the schema: as the hook finds it
     site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
-    samples: dict[str, list[float]] = {"bare": [], "hook": [], "hook_with_site": [], "floor": []}
+    samples: dict[str, list[float]] = {
+        "bare": [],
+        "hook": [],
+        "hook_with_site": [],
+        "floor": [],
+        "hook_without_sh": [],
+    }
     for i in range(runs):
         env["OUT_PATHS"] = floor_env["OUT_PATHS"] = out_path(i)
         samples["bare"].append(timed([python, "-I", "-S", "-c", "pass"], env))
         samples["floor"].append(timed([python, "-I", "-S", "-c", FLOOR], floor_env))
         samples["hook"].append(timed([hook], env))
+        env["OUT_PATHS"] = out_path(i, "bench-without-sh")
+        samples["hook_without_sh"].append(timed([python, "-IS", hook], env))
         env["OUT_PATHS"] = out_path(i, "bench-site")
         samples["hook_with_site"].append(timed(site_hook, env))
     return samples
@@ -295,6 +303,11 @@ def report(the_lab: lab.SshLab, work: Path, args: argparse.Namespace, nix_versio
     print(
         f"its floor (start, _sqlite3, connect, INSERT):  {floor * 1000:7.2f} ms"
         f"  ratio hook / floor {hook / floor:.2f}, floor / bare start {floor / bare:.2f}"
+    )
+    without_sh = med(start["hook_without_sh"])
+    print(
+        f"the same without its /bin/sh line:            {without_sh * 1000:7.2f} ms"
+        f"  ratio hook / this {hook / without_sh:.2f}  (python -IS nixspool-hook)"
     )
     site = med(start["hook_with_site"])
     print(
