@@ -123,8 +123,6 @@ class SshLink:
         return self._session(("ControlMaster=no", "ControlPath=none"))
 
     def _session(self, options: tuple[str, ...]) -> Any:
-        import paramiko
-
         ours, theirs = socket.socketpair()
         with tempfile.TemporaryFile() as stderr:
             try:
@@ -141,6 +139,8 @@ class SshLink:
                 ) from None
             finally:
                 theirs.close()
+            import paramiko  # while ssh logs in: its import takes 0.1 s
+
             pipe = _Pipe(ours)
             pipe.settimeout(self.ssh.bound)
             try:
@@ -279,13 +279,15 @@ class DirectoryFiles:
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         """Turn what SFTP raises into why the upload stopped."""
-        import paramiko
-
         try:
             yield
         except Stop:
             raise
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except Exception as e:
+            import paramiko  # not before the first session's ssh runs (see _session)
+
+            if not isinstance(e, (OSError, EOFError, paramiko.SSHException)):
+                raise
             # A request that waited past the stall bound (TimeoutError), a closed
             # channel or transport: the link, not the host's answer.
             broken = (TimeoutError, EOFError, ConnectionError, paramiko.SSHException)
