@@ -94,9 +94,11 @@ class AskedOfNix:
     def __init__(self, transport: Transport, spool: Spool) -> None:
         self.remote = transport.remote
         self.spool = spool
-        # Closures when the filters need them: asked before the copy.
+        # What the filters weigh, asked before the copy: closures (max_size) or
+        # signatures (skip_signed_by); closures for a transport that wants them.
+        self.for_filters = bool(self.remote.max_size or self.remote.skip_signed_by)
         self.recursive = bool(self.remote.max_size) or transport.wants_closures
-        self.needed = self.recursive or bool(self.remote.skip_signed_by)
+        self.needed = self.for_filters or transport.wants_closures
         self.closures: Mapping[str, PathInfo] = {}  # the batch's, if recursive
         # Paths whose sizes are being asked of Nix, and the answer to wait for.
         self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]]] | None = None
@@ -114,13 +116,13 @@ class AskedOfNix:
         try:
             infos = local_path_infos(self.remote, paths, recursive=self.recursive)
         except LocalError as e:
-            if self.remote.max_size or self.remote.skip_signed_by:
+            if self.for_filters:
                 raise
             self._unknown(e)  # the transport asks again, and says why it cannot
             return {}
         if self.recursive:
             self.closures = infos
-        self.spool.queue.set_nar_sizes({p: infos[p].nar_size for p in paths if p in infos})
+        self._remember_sizes(paths, infos)
         return infos
 
     def learn_sizes(self) -> None:
@@ -137,6 +139,9 @@ class AskedOfNix:
         except LocalError as e:
             self._unknown(e)
             return
+        self._remember_sizes(paths, infos)
+
+    def _remember_sizes(self, paths: list[str], infos: Mapping[str, PathInfo]) -> None:
         self.spool.queue.set_nar_sizes({p: infos[p].nar_size for p in paths if p in infos})
 
     def _unknown(self, why: Exception) -> None:
