@@ -72,14 +72,17 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 
 
 def hook_env(work: Path, name: str) -> dict[str, str]:
-    """The hook's environment, with a config pointing at a fresh spool `name`."""
-    spool = work / name / "spool.sqlite"
-    Spool.open(str(spool)).close()
+    """The hook's environment, with a config pointing at a fresh spool `name`, and
+    FLOOR_SPOOL, another for the floor (WAL, the schema: as the hook finds one)."""
+    spool, floor = work / name / "spool.sqlite", work / f"floor-{name}" / "spool.sqlite"
+    for each in (spool, floor):
+        Spool.open(str(each)).close()
     config = work / f"{name}.toml"
     config.write_text(f'spool = "{spool}"\n')
     return {
         "PATH": "/usr/bin:/bin",
         "NIXSPOOL_CONFIG": str(config),
+        "FLOOR_SPOOL": str(floor),
         "DRV_PATH": f"/nix/store/{H}-bench.drv",
     }
 
@@ -103,8 +106,6 @@ def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
     hook = lab.installed_program("nixspool-hook")
     python = str(Path(hook).parent / "python3")
     env = hook_env(work, "spool")
-    floor_env = {**env, "FLOOR_SPOOL": str(work / "floor" / "spool.sqlite")}
-    Spool.open(floor_env["FLOOR_SPOOL"]).close()  # WAL, the schema: as the hook finds it
     site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
     samples: dict[str, list[float]] = {
         "bare": [],
@@ -114,9 +115,9 @@ def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
         "hook_without_sh": [],
     }
     for i in range(runs):
-        env["OUT_PATHS"] = floor_env["OUT_PATHS"] = out_path(i)
+        env["OUT_PATHS"] = out_path(i)
         samples["bare"].append(timed([python, "-I", "-S", "-c", "pass"], env))
-        samples["floor"].append(timed([python, "-I", "-S", "-c", FLOOR], floor_env))
+        samples["floor"].append(timed([python, "-I", "-S", "-c", FLOOR], env))
         samples["hook"].append(timed([hook], env))
         env["OUT_PATHS"] = out_path(i, "bench-without-sh")
         samples["hook_without_sh"].append(timed([python, "-IS", hook], env))
@@ -204,8 +205,6 @@ def build_with_hooks(work: Path, derivations: int, rounds: int) -> dict[str, lis
     if not lab.hook_gets_out_paths():  # Nix 2.8.0: the manual's hook has nothing to copy
         del hooks["nix copy (manual)"]
     env = hook_env(work, "build-spool")
-    env["FLOOR_SPOOL"] = str(work / "floor-build" / "spool.sqlite")
-    Spool.open(env["FLOOR_SPOOL"]).close()
     samples: dict[str, list[float]] = {name: [] for name in hooks}
     for _ in range(rounds):
         for name, program in hooks.items():
@@ -236,8 +235,6 @@ def inside_the_daemon(work: Path, derivations: int) -> dict[str, list[float]]:
         "empty python -IS": str(work / "empty-hook"),
     }
     env = hook_env(work, "timed-spool")
-    env["FLOOR_SPOOL"] = str(work / "floor-timed" / "spool.sqlite")
-    Spool.open(env["FLOOR_SPOOL"]).close()
     samples = {}
     for i, (name, program) in enumerate(hooks.items()):
         times, wrapper = work / f"times-{i}", work / f"timed-hook-{i}"
