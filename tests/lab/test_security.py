@@ -296,11 +296,18 @@ def _tree(root_pid: int) -> dict[int, dict[str, str]]:
     while todo:
         pid = todo.pop()
         try:
+            # The command line before the uids: a child changes uid before it execs,
+            # so uids read after a command line are at least as new as the program
+            # it names. (Read the other way round, a child that was still root's
+            # copy of nixspool when its status was read, and was nix when its
+            # command line was, looked like nix running as root.)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
             status = Path(f"/proc/{pid}/status").read_text()
             found[pid] = {
                 "uids": next(line for line in status.splitlines() if line.startswith("Uid:")),
-                "cmdline": Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"),
-                "environ": Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"),
+                "cmdline": cmdline,
+                "environ": environ,
                 "parent": str(parents.get(pid, 0)),
             }
         except (OSError, StopIteration):
