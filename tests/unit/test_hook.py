@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nixspool import setup
 from nixspool.hook import locate
 from nixspool.hook import main as hook
 from nixspool.spool import Owner, Spool
@@ -63,6 +64,65 @@ def test_the_installed_hook_runs_python_isolated_without_site() -> None:
     launcher = Path(installed_program("nixspool-hook")).read_text()
     assert launcher.startswith("#!/bin/sh\n")
     assert '-IS "$0"' in launcher
+
+
+@pytest.fixture
+def pip_hook(tmp_path: Path) -> Path:
+    """pip's launcher in a bin/ of its own, beside a python3 that is this one."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    hook_file = bin_dir / "nixspool-hook"
+    hook_file.write_text(Path(installed_program("nixspool-hook")).read_text())
+    hook_file.chmod(0o755)
+    return hook_file
+
+
+def test_setup_makes_the_hook_start_its_python_directly(pip_hook, hook_env, tmp_path) -> None:
+    """What `nixspool setup` leaves (as root, in a root-only installation): the
+    interpreter in the #! line, isolated and without site, no /bin/sh; it records
+    as pip's launcher does, and a second setup changes nothing."""
+    report = setup.SetupReport()
+    setup.start_hook_directly(str(pip_hook), report)
+    assert report.changed == [str(pip_hook)]
+    text = pip_hook.read_text()
+    assert text.startswith(f"#!{pip_hook.parent / 'python3'} -IS\n")
+    assert "/bin/sh" not in text.splitlines()[0]
+    spool = tmp_path / "spool" / "spool.sqlite"
+    Spool.open(str(spool)).close()
+    env = hook_env(out("a.drv"), out("a"))
+    result = subprocess.run([str(pip_hook)], env=env, stdin=subprocess.DEVNULL, text=True,
+                            capture_output=True, timeout=30)  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert paths_in(spool) == {out("a")}
+    # The flags Python really starts with from that #! line: the same file, with
+    # a question where it would launch the hook.
+    probe = "print(sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules)"
+    flags = text.replace("from nixspool.hook.main import launch\nlaunch()\n", probe + "\n")
+    pip_hook.with_name("flags").write_text(flags)
+    pip_hook.with_name("flags").chmod(0o755)
+    ran = subprocess.run([str(pip_hook.with_name("flags"))], text=True, capture_output=True)
+    assert ran.stdout.split() == ["1", "1", "False"], ran.stderr
+    again = setup.SetupReport()
+    setup.start_hook_directly(str(pip_hook), again)
+    assert (again.changed, again.unchanged) == ([], [str(pip_hook)])
+
+
+def test_setup_leaves_a_hook_it_did_not_install(pip_hook, tmp_path) -> None:
+    """Not pip's launcher (a file of the user's), a link, or an interpreter path a
+    #! line cannot hold: left as it is."""
+    mine = pip_hook.with_name("mine")
+    mine.write_text("#!/bin/bash\nexec true\n")
+    link = pip_hook.with_name("link")
+    link.symlink_to(pip_hook)
+    report = setup.SetupReport()
+    for hook_file in (mine, link):
+        setup.start_hook_directly(str(hook_file), report)
+    assert mine.read_text() == "#!/bin/bash\nexec true\n" and link.is_symlink()
+    assert report.changed == report.unchanged == []
+    assert setup.direct_hook("/opt/my venv/bin/nixspool-hook") is None
+    assert setup.direct_hook("/" + "d" * 250 + "/bin/nixspool-hook") is None
+    assert setup.direct_hook("/opt/nixspool/bin/nixspool-hook") is not None
 
 
 # -- input hygiene -------------------------------------------------------------

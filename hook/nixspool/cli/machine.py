@@ -160,8 +160,10 @@ def setup(
 ) -> None:
     """Write the config, create the spool, install the units and the dispatcher script.
 
-    Prints the nix.conf line to add; never edits nix.conf. Running it again with the
-    same options changes nothing.
+    Prints the nix.conf line to add; never edits nix.conf. As root, in an
+    installation only root can change, it also makes nixspool-hook start its Python
+    directly (pip installs it behind a /bin/sh line; run setup again after a
+    reinstall). Running it again with the same options changes nothing.
     """
     from ..setup import SetupRequest, install
 
