@@ -93,6 +93,9 @@ def test_the_flush_unit_delivers_signed_as_the_user_with_its_hardening(
     assert "systemctl daemon-reload" in setup.stdout  # it saw a running systemd
     hook = lab.installed_program("nixspool-hook")
     assert hook in setup.stdout, setup.stdout  # it names it, either way
+    # ...and left it starting its Python directly, with no /bin/sh in front of every
+    # build: the build below runs that file under the machine's own daemon.
+    assert Path(hook).read_text().startswith(f"#!{Path(hook).parent / 'python3'} -IS\n")
     systemctl("enable", "--now", "nixspool-flush.timer")
     assert unit_property("nixspool-flush.timer", "ActiveState") == "active"
 
