@@ -11,6 +11,7 @@ waits for it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import itertools
 import logging
@@ -118,6 +119,8 @@ class Running:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         streams = {self.proc.stdout.fileno(): bytearray(), self.proc.stderr.fileno(): bytearray()}
         err = self.proc.stderr.fileno()
+        with contextlib.suppress(OSError):  # the default 64 KiB does, if more is refused
+            fcntl.fcntl(err, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         with selectors.DefaultSelector() as selector:
             for fd in streams:
                 selector.register(fd, selectors.EVENT_READ)
@@ -133,13 +136,15 @@ class Running:
                 if self.deadline is not None:
                     bound = min(bound, self.deadline - now)
                 for key, _ in selector.select(bound):
-                    data = os.read(key.fd, 1 << 16)
+                    data = os.read(key.fd, PIPE_SIZE)
                     if not data:
                         selector.unregister(key.fd)
                         continue
                     streams[key.fd] += data
                     if key.fd == err:
                         heard = time.monotonic()
+                if selector.get_map():
+                    time.sleep(READ_EVERY)  # let the next events gather in the pipe
         self.proc.wait()
         out = streams[self.proc.stdout.fileno()].decode(errors="replace")
         return out, streams[err].decode(errors="replace")
@@ -151,6 +156,15 @@ class Running:
         except (ProcessLookupError, PermissionError):
             self.proc.kill()
         self.proc.wait()
+
+
+# A watched program's output is read at most every READ_EVERY seconds, in one
+# read of up to PIPE_SIZE bytes. nix copy reports about 40 progress events per MB
+# it copies, each written on its own: woken for every one, nixspool used 0.3 s of
+# CPU beside a 3 s copy of 551 MB (11,000 wake-ups), on cores the copy needs. A
+# stall bound is seconds; 20 ms late is nothing to it, or to a program's end.
+READ_EVERY = 0.02
+PIPE_SIZE = 1 << 20  # what the pipe holds meanwhile (Linux's default allowance)
 
 
 class _Stalled(Exception):
