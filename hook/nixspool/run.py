@@ -58,6 +58,7 @@ class Running:
     ) -> None:
         self.argv = list(argv)
         self.proc = proc
+        self.started = time.monotonic()
         self.input = input
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timeout = timeout
@@ -101,6 +102,12 @@ class Running:
             self.kill()  # interrupted: leave no child behind
             raise
         stderr = self.decode(stderr)
+        log.debug(
+            "`%s` exited %d after %.2f s",
+            command_name(self.argv),
+            self.proc.returncode,
+            time.monotonic() - self.started,
+        )
         result = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
         if self.check and self.proc.returncode != 0:
             raise CommandError(
