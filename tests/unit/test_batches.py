@@ -52,8 +52,9 @@ class FakeTransport:
     def prepare(self, paths: list[str], closures: Mapping[str, PathInfo]) -> None:
         self.closures = closures
 
-    def copy(self, paths: list[str]) -> None:
+    def copy(self, paths: list[str], started: Callable[[], None]) -> None:
         self.copies.append(paths)
+        started()
         error = self.answer(paths)
         if error is not None:
             raise error

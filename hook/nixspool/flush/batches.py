@@ -100,18 +100,16 @@ class AskedOfNix:
         self.recursive = bool(self.remote.max_size) or transport.wants_closures
         self.needed = self.for_filters or transport.wants_closures
         self.closures: Mapping[str, PathInfo] = {}  # the batch's, if recursive
-        # Paths whose sizes are being asked of Nix, and the answer to wait for.
-        self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]]] | None = None
+        # Paths whose sizes are to be asked of Nix once the copy runs, and then
+        # the answer to wait for.
+        self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]] | None] | None = None
 
     def about(self, paths: list[str]) -> dict[str, PathInfo]:
         """The path infos the filters need now ({} if none); the sizes either way.
         LocalError if the filters need them and Nix cannot say."""
         self.closures, self._sizes = {}, None
         if not self.needed:
-            try:
-                self._sizes = (paths, nix.start_path_infos(paths))
-            except (CommandError, NixOutputError) as e:
-                self._unknown(e)
+            self._sizes = (paths, None)  # asked by ask_sizes(), once the copy runs
             return {}
         try:
             infos = local_path_infos(self.remote, paths, recursive=self.recursive)
@@ -125,12 +123,27 @@ class AskedOfNix:
         self._remember_sizes(paths, infos)
         return infos
 
+    def ask_sizes(self) -> None:
+        """Ask Nix for the sizes about() left for later: called once the copy has
+        started, which then need not wait for `nix --version` (path-info's flags
+        depend on it; the copy's do not) nor share its first moments with it."""
+        if self._sizes is None or self._sizes[1] is not None:
+            return
+        paths = self._sizes[0]
+        try:
+            self._sizes = (paths, nix.start_path_infos(paths))
+        except (CommandError, NixOutputError) as e:
+            self._sizes = None
+            self._unknown(e)
+
     def learn_sizes(self) -> None:
         """The sizes asked alongside the copy, into the rows (before any of them
         changes state: the spool's counts add them then)."""
         if self._sizes is None:
             return
         (paths, answer), self._sizes = self._sizes, None
+        if answer is None:  # the copy never started: nothing will be delivered
+            return
         try:
             try:
                 infos = answer()
@@ -376,7 +389,7 @@ class Batches:
 
         for attempt in within_flush(self.retry_wait, before_retry):
             with attempt:
-                self.transport.copy(paths)
+                self.transport.copy(paths, self.asked.ask_sizes)
 
     def _defer(self, ids: list[int], reason: str) -> None:
         now = time.time()

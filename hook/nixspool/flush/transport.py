@@ -107,8 +107,9 @@ class Transport(Protocol):
         `closures`: path infos of the paths' closures where the loop has them (a
         path missing from them: ask Nix)."""
 
-    def copy(self, paths: list[str]) -> None:
-        """One attempt at `paths` and their closures (see the module)."""
+    def copy(self, paths: list[str], started: Callable[[], None]) -> None:
+        """One attempt at `paths` and their closures (see the module); `started()`
+        once it runs, before waiting for it (the batch loop asks Nix meanwhile)."""
 
     def delivered(self, paths: list[str], report: RemoteReport) -> None:
         """After the rows were marked delivered (verifying them there)."""
@@ -186,7 +187,7 @@ class NixCopy:
         if signed:
             log.info("%s: signed %d paths with %s", self.remote.name, len(signed), key.name)
 
-    def copy(self, paths: list[str]) -> None:
+    def copy(self, paths: list[str], started: Callable[[], None]) -> None:
         remote = self.remote
         running = self.link.start_copy(
             remote,
@@ -199,6 +200,7 @@ class NixCopy:
                 account=self.link.account,
             ),
         )
+        started()
         try:
             running.wait()
         except CommandError as e:
@@ -323,7 +325,7 @@ class CacheWriter:
         self.left_to_upstream.update(left)
         return [infos[p] for p in narinfo.references_first(upload, infos)]
 
-    def copy(self, paths: list[str]) -> None:
+    def copy(self, paths: list[str], started: Callable[[], None]) -> None:
         remote = self.remote
         infos = self._closure(paths)
         key = self.link.key(remote)
@@ -342,6 +344,7 @@ class CacheWriter:
             remote,
             lambda: static_cache.send(writer or self._start_writer(), entries, sorted(ours)),
         )
+        started()
         try:
             result = static_cache.result_of(running)
         except CommandError as e:
