@@ -317,6 +317,8 @@ def command_name(argv: Sequence[str]) -> str:
     """The program and its subcommand, for messages: `nix copy`, `nix store info`,
     `nix-store --check-validity`, `python3 -m nixspool.probe`."""
     program, rest = os.path.basename(argv[0]), list(argv[1:])
+    if program == "ssh":  # its options come first and take values: `ssh -o ...`
+        return program
     if rest[:1] == ["--extra-experimental-features"]:  # nix.NIX's prefix
         rest = rest[2:]
     words = list(itertools.takewhile(lambda arg: not arg.startswith("-"), rest))

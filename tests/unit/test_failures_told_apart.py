@@ -81,6 +81,7 @@ def test_each_verdict_has_its_own_error(verdict_: Verdict, error: type[Exception
         ),
         (["/v/bin/python3", "-m", "nixspool.probe"], "python3 -m nixspool.probe"),
         (["ssh"], "ssh"),
+        (["/usr/bin/ssh", "-o", "BatchMode=yes", "pi", "true"], "ssh"),
     ],
 )
 def test_failures_name_the_subcommand(argv: list[str], name: str) -> None:
