@@ -233,6 +233,9 @@ def test_the_readme_walkthrough_works_as_written(machines: Machines) -> None:
         if public.exists():
             filled["<the content of laptop-1.pub>"] = public.read_text().strip()
     assert restarts == 1, "the walkthrough no longer restarts nix-daemon"
+    # setup left the hook starting its Python directly: the build below runs it.
+    hook = Path("/opt/nixspool/bin/nixspool-hook").read_text()
+    assert hook.startswith("#!/opt/nixspool/bin/python3 -IS\n"), hook[:200]
 
     # "From now on every build is recorded; ... `nixspool flush` delivers it."
     nonce = time.time_ns()
