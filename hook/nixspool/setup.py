@@ -216,7 +216,10 @@ def install(req: SetupRequest) -> SetupReport:
             "change it runs code as root on every build; install nixspool as root, in a "
             "directory only root can write (see man nixspool: Ownership)"
         )
-    if root == "/" and os.geteuid() == 0 and not problems:
+    # Only the hook of the installation running this (program() may have found
+    # another on PATH, whose package is not this one).
+    ours = os.path.dirname(hook) == os.path.dirname(sys.executable)
+    if root == "/" and os.geteuid() == 0 and not problems and ours:
         start_hook_directly(hook, report)
     if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
         report.notes.append(
@@ -237,8 +240,8 @@ SHEBANG_MAX = 255  # bytes the kernel reads of a #! line (BINPRM_BUF_SIZE - 1, L
 
 def direct_hook(hook: str) -> str | None:
     """The hook as the NixOS package builds it: `#!<the python3 beside it> -IS` and
-    nixspool's own directory on sys.path, with no /bin/sh in front (1.4 ms less on
-    every build: docs/performance.md). None when the interpreter's path cannot be a
+    nixspool's own directory on sys.path, with no /bin/sh in front (1.6 to 3.2 ms
+    less on every build: docs/performance.md). None when the interpreter's path cannot be a
     #! line (whitespace, or too long), which leaves the installed launcher."""
     python = os.path.join(os.path.dirname(hook), "python3")
     shebang = f"#!{python} -IS"
