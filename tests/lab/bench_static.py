@@ -16,7 +16,9 @@ The directory is emptied between variants, and the order alternates round by
 round, so both meet the same machine. Printed: medians, and nixspool/staged; with
 --lan-rate, also the link's own floor (the NAR bytes nixspool sent, at that rate)
 and the flush's ratio to it, and to the floor plus one SSH login to the host
-(measured in the same rounds), which any upload there pays first.
+(measured in the same rounds), which any upload there pays first; and to an
+`scp` of one file of those bytes, login included: what the link really carries,
+its headers and SSH's framing counted, with nothing made or compressed first.
 """
 
 from __future__ import annotations
@@ -107,6 +109,27 @@ def staged(
     return took
 
 
+def one_file(the_lab: lab.SshLab, root: Path, size: int, rounds: int) -> float:
+    """Median seconds of `scp` of one file of `size` random bytes to the host, as
+    alice, login included: what the link really carries per byte (TCP, IP and
+    Ethernet headers, SSH's framing), with nothing made or compressed first."""
+    host = the_lab.hosts[0]
+    staging = root / "one-file"
+    empty_staging(staging)
+    blob = staging / "blob"
+    blob.write_bytes(os.urandom(size))
+    blob.chmod(0o644)
+    times = []
+    for _ in range(rounds):
+        cache = host.serve_sftp(the_lab.alice.public_key, name="bench-cache")
+        scp = ["scp", "-q", "-o", "BatchMode=yes", str(blob)]
+        started = time.perf_counter()
+        result = lab.run_as(lab.ALICE, [*scp, f"{host.sftp_user}@{host.alias}:{cache}/"], {})
+        times.append(time.perf_counter() - started)
+        assert result.returncode == 0, result.stderr
+    return statistics.median(times)
+
+
 def login(host: lab.LanHost) -> float:
     """One SSH login to the host's SFTP account as alice, and nothing sent: what
     any upload there pays before its first byte (scp's too)."""
@@ -194,6 +217,12 @@ def main() -> None:
                     f"{label}: {sent / 1e6:.1f} MB of NARs at {args.lan_rate}: floor "
                     f"{floor:.2f} s, nixspool flush / floor {ours / floor:.2f}; "
                     f"with one SSH login ({ssh:.2f} s) {ours / (floor + ssh):.2f}"
+                )
+                scp = one_file(the_lab, root, sent, args.rounds)
+                print(
+                    f"{label}: scp of one file of those {sent / 1e6:.1f} MB, login included: "
+                    f"{scp:.2f} s ({scp / floor:.2f} x floor), nixspool flush / this "
+                    f"{ours / scp:.2f}"
                 )
     finally:
         the_lab.close()
