@@ -218,8 +218,8 @@ def install(req: SetupRequest) -> SetupReport:
         )
     # Only the hook of the installation running this (program() may have found
     # another on PATH, whose package is not this one).
-    ours = os.path.dirname(hook) == os.path.dirname(sys.executable)
-    if root == "/" and os.geteuid() == 0 and not problems and ours:
+    this_install = os.path.dirname(hook) == os.path.dirname(sys.executable)
+    if root == "/" and os.geteuid() == 0 and not problems and this_install:
         start_hook_directly(hook, report)
     if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
         report.notes.append(
@@ -238,12 +238,17 @@ SH_LAUNCHER = "#!/bin/sh\n"
 SHEBANG_MAX = 255  # bytes the kernel reads of a #! line (BINPRM_BUF_SIZE - 1, Linux 5.1+)
 
 
+def _python_beside(hook: str) -> str:
+    """The interpreter pip's launcher re-executes the hook with."""
+    return os.path.join(os.path.dirname(hook), "python3")
+
+
 def direct_hook(hook: str) -> str | None:
     """The hook as the NixOS package builds it: `#!<the python3 beside it> -IS` and
     nixspool's own directory on sys.path, with no /bin/sh in front (1.6 to 3.2 ms
-    less on every build: docs/performance.md). None when the interpreter's path cannot be a
-    #! line (whitespace, or too long), which leaves the installed launcher."""
-    python = os.path.join(os.path.dirname(hook), "python3")
+    less on every build: docs/performance.md). None when the interpreter's path
+    cannot be a #! line (whitespace, or too long), which leaves the launcher."""
+    python = _python_beside(hook)
     shebang = f"#!{python} -IS"
     if any(c.isspace() for c in python) or len(os.fsencode(shebang)) > SHEBANG_MAX:
         return None
@@ -264,18 +269,20 @@ def direct_hook(hook: str) -> str | None:
 def start_hook_directly(hook: str, report: SetupReport) -> None:
     """Replace pip's /bin/sh launcher at `hook` with direct_hook(), in place: the
     nix.conf line stays the same, and a reinstall brings back a launcher that works.
-    Only a regular file that is the launcher (never through a link), only as root
-    in an installation only root can change (rootcode.hook_problems: checked)."""
+    Only a regular file that is the launcher or already this (never through a
+    link), only as root in an installation only root can change
+    (rootcode.hook_problems: checked)."""
     content = direct_hook(hook)
-    python = os.path.join(os.path.dirname(hook), "python3")
+    if content is None or not os.path.exists(_python_beside(hook)):
+        return
     try:
         st = os.lstat(hook)
         with open(hook, "rb") as f:
             first = f.readline().decode(errors="replace")
     except OSError:
         return
-    ours = first in (SH_LAUNCHER, content and content.split("\n", 1)[0] + "\n")
-    if content is not None and ours and stat.S_ISREG(st.st_mode) and os.path.exists(python):
+    already = content.partition("\n")[0] + "\n"
+    if stat.S_ISREG(st.st_mode) and first in (SH_LAUNCHER, already):
         write_file(hook, content, 0o755, report)
 
 
