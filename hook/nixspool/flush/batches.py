@@ -100,16 +100,17 @@ class AskedOfNix:
         self.recursive = bool(self.remote.max_size) or transport.wants_closures
         self.needed = self.for_filters or transport.wants_closures
         self.closures: Mapping[str, PathInfo] = {}  # the batch's, if recursive
-        # Paths whose sizes are to be asked of Nix once the copy runs, and then
-        # the answer to wait for.
-        self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]] | None] | None = None
+        # Paths whose sizes are to be asked of Nix once the copy runs; then those
+        # paths and the answer to wait for.
+        self._to_ask: list[str] | None = None
+        self._sizes: tuple[list[str], Callable[[], dict[str, PathInfo]]] | None = None
 
     def about(self, paths: list[str]) -> dict[str, PathInfo]:
         """The path infos the filters need now ({} if none); the sizes either way.
         LocalError if the filters need them and Nix cannot say."""
-        self.closures, self._sizes = {}, None
+        self.closures, self._to_ask, self._sizes = {}, None, None
         if not self.needed:
-            self._sizes = (paths, None)  # asked by ask_sizes(), once the copy runs
+            self._to_ask = paths  # by ask_sizes(), once the copy runs
             return {}
         try:
             infos = local_path_infos(self.remote, paths, recursive=self.recursive)
@@ -127,23 +128,21 @@ class AskedOfNix:
         """Ask Nix for the sizes about() left for later: called once the copy has
         started, which then need not wait for `nix --version` (path-info's flags
         depend on it; the copy's do not) nor share its first moments with it."""
-        if self._sizes is None or self._sizes[1] is not None:
+        if self._to_ask is None:
             return
-        paths = self._sizes[0]
+        paths, self._to_ask = self._to_ask, None
         try:
             self._sizes = (paths, nix.start_path_infos(paths))
         except (CommandError, NixOutputError) as e:
-            self._sizes = None
             self._unknown(e)
 
     def learn_sizes(self) -> None:
         """The sizes asked alongside the copy, into the rows (before any of them
         changes state: the spool's counts add them then)."""
+        self._to_ask = None  # still unasked: the copy never started, nothing is delivered
         if self._sizes is None:
             return
         (paths, answer), self._sizes = self._sizes, None
-        if answer is None:  # the copy never started: nothing will be delivered
-            return
         try:
             try:
                 infos = answer()
