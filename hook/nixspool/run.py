@@ -60,7 +60,7 @@ class Running:
         self.proc = proc
         self.started = time.monotonic()
         self.input = input
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline = None if timeout is None else self.started + timeout
         self.timeout = timeout
         self.check = check
         self.stall = stall  # seconds the program may write nothing to stderr
