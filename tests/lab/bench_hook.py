@@ -3,9 +3,9 @@
     python tests/lab/bench_hook.py [--runs 200] [--derivations 200] [--rounds 3]
                                [--concurrent 64] [--down-derivations 3]
 
-Run as root with the lab installed (`bash tests/run` installs it). Prints:
+Run as root with the lab installed (`bash tests/run` installs it).
 nixspool-hook is the file `nixspool setup` leaves (its Python in the #! line);
-pip's launcher, which runs /bin/sh first, is measured beside it.
+pip's launcher, which runs /bin/sh first, is measured beside it. Prints:
 1. the hook's median wall time / a bare start of the same interpreter
    (`python -I -S -c pass`); target <= 1.8; and / its floor in this design: the
    same interpreter start, `import _sqlite3`, one connect and one INSERT into
@@ -105,6 +105,11 @@ FLOOR = (
 )
 
 
+def installed_python() -> str:
+    """The interpreter nixspool-hook runs with: the venv's, beside it."""
+    return str(Path(lab.installed_program("nixspool-hook")).parent / "python3")
+
+
 def set_up_hook(work: Path) -> str:
     """nixspool-hook as `nixspool setup` leaves it on a machine, its Python in the
     #! line and no /bin/sh in front: setup's own rendering of the installed hook,
@@ -120,7 +125,7 @@ def set_up_hook(work: Path) -> str:
 
 def hook_vs_bare_start(work: Path, runs: int) -> dict[str, list[float]]:
     hook, launcher = set_up_hook(work), lab.installed_program("nixspool-hook")
-    python = str(Path(launcher).parent / "python3")
+    python = installed_python()
     env = hook_env(work, "spool")
     site_hook = [python, "-c", "from nixspool.hook.main import main; main()"]
     samples: dict[str, list[float]] = {
@@ -161,8 +166,7 @@ def all_at_once(argv: list[str], env: dict[str, str], n: int, first: int) -> lis
 
 
 def concurrent_hooks(work: Path, n: int, rounds: int) -> dict[str, list[float]]:
-    hook = set_up_hook(work)
-    python = str(Path(lab.installed_program("nixspool-hook")).parent / "python3")
+    hook, python = set_up_hook(work), installed_python()
     env = hook_env(work, "concurrent")
     samples: dict[str, list[float]] = {"hook": [], "bare": []}
     for r in range(rounds):
@@ -264,7 +268,7 @@ def inside_the_daemon(work: Path, derivations: int) -> dict[str, list[float]]:
 
 
 def write_hooks(the_lab: lab.SshLab, work: Path) -> None:
-    python = str(Path(lab.installed_program("nixspool-hook")).parent / "python3")
+    python = installed_python()
     (work / "empty-hook").write_text(f"#!{python} -IS\n")
     (work / "floor-hook").write_text(f"#!{python} -IS\n{FLOOR}")
     manual = MANUAL_HOOK.format(
