@@ -14,11 +14,11 @@ import functools
 import logging
 import os
 import pwd
-import shutil
 import socket
 import stat
 import struct
 
+from . import installation
 from .config import Config
 from .errors import PrivilegeError
 from .run import Account
@@ -42,7 +42,6 @@ PASSED_ON = (
     "LANGUAGE",
     "TZ",
 )
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # ssh waits for its agent without any bound: one that never answers would hold
 # every login of a flush until the server gives up on it (LoginGraceTime, 2 min).
 AGENT_TIMEOUT_SECONDS = 2.0
@@ -130,15 +129,16 @@ def _agent_answers(path: str) -> bool:
 
 
 def child_env(account: Account, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """A clean environment for commands run as `account`."""
+    """A clean environment for commands run as `account`. Its PATH is the one this
+    process was given (a unit's, the person's; as root, root's decision, never the
+    user's) and the usual places: a nix copy finds the ssh nixspool would."""
     env = {k: v for k, v in os.environ.items() if k in PASSED_ON or k.startswith("LC_")}
-    nix_dir = os.path.dirname(shutil.which("nix") or "/usr/bin/nix")
     env.update(
         HOME=account.home,
         USER=account.name,
         LOGNAME=account.name,
         SHELL=account.shell,
-        PATH=f"{nix_dir}:{DEFAULT_PATH}",
+        PATH=installation.search_path(),
     )
     sock = agent_socket(account)
     if sock:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from . import installation
 from .errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,10 @@ def spawn(
             "group": account.gid,
             "extra_groups": list(account.groups),
         }
+    program = executable(argv[0], env)
     try:
         proc = subprocess.Popen(
-            list(argv),
+            [program, *argv[1:]],
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -218,9 +220,7 @@ def spawn(
             **user_args,  # type: ignore[call-overload]
         )
     except OSError as e:
-        raise CommandError(
-            f"cannot run {argv[0]}: {e.strerror}; is it installed and on PATH?"
-        ) from None
+        raise CommandError(f"cannot run {program}: {e.strerror}") from None
     return Running(argv, proc, input, timeout, check, stall, decode)
 
 
@@ -277,16 +277,19 @@ def stream(argv: Sequence[str]) -> Streaming:
     writer, whose paramiko runs threads, where a preexec_fn is not safe); and
     if the caller dies, its next write into the closed pipe ends it."""
     log.debug("$ %s", shlex.join(argv))
+    program = executable(argv[0], None)
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by finish() or kill()
     try:
         proc = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd="/"
+            [program, *argv[1:]],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd="/",
         )
     except OSError as e:
         stderr.close()
-        raise CommandError(
-            f"cannot run {argv[0]}: {e.strerror}; is it installed and on PATH?"
-        ) from None
+        raise CommandError(f"cannot run {program}: {e.strerror}") from None
     return Streaming(argv, proc, stderr)
 
 
@@ -313,10 +316,28 @@ def _die_with(parent: int) -> Callable[[], None]:
     return set_parent_death_signal
 
 
+def executable(program: str, env: Mapping[str, str] | None) -> str:
+    """`program` as the child would find it on its own PATH (`env`'s, or this
+    process's), resolved here so that a missing one is told as such, with the
+    PATH searched: on NixOS that PATH is all there is (no /usr/bin)."""
+    path = (os.environ if env is None else env).get("PATH", "")
+    found = installation.find(program, path)
+    if found is None:
+        raise CommandError(
+            f"cannot run {program}: it is not on PATH ({path or 'empty'}); install it, "
+            "or start nixspool with a PATH that has it (a unit's Environment=PATH; "
+            "on NixOS, services.nixspool.extraPackages)"
+        )
+    return found
+
+
 def command_name(argv: Sequence[str]) -> str:
     """The program and its subcommand, for messages: `nix copy`, `nix store info`,
     `nix-store --check-validity`, `python3 -m nixspool.probe`."""
     program, rest = os.path.basename(argv[0]), list(argv[1:])
+    module = installation.module_of(list(argv))
+    if module is not None:
+        return f"{program} -m {module}"
     if program == "ssh":  # its options come first and take values: `ssh -o ...`
         return program
     if rest[:1] == ["--extra-experimental-features"]:  # nix.NIX's prefix

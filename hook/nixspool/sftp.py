@@ -3,7 +3,9 @@ OpenSSH, or this machine's filesystem for a file:// cache, behind the same few
 calls (DirectoryFiles, a cache_files.CacheFiles).
 
 Each session is `ssh -s DESTINATION sftp` (probe.SshCommand: the options nix
-copy gets), run as the user in the writer's process, with paramiko's SFTP
+copy gets), run as the user in the writer's process (started here rather than
+through run.spawn: its ends are a socket paramiko reads, not pipes; the program
+is found as spawn finds it), with paramiko's SFTP
 client speaking the protocol over ssh's stdin and stdout. So an sftp:// cache
 is reached exactly as `ssh` reaches it (ProxyJump, certificates, known_hosts
 markers, ...), and a login that fails is told apart by the probe's own
@@ -32,8 +34,10 @@ from typing import IO, Any
 
 from . import narinfo
 from .cache_files import PARTIAL_MAX_AGE, Kind, Stop
+from .errors import CommandError
 from .narinfo import Entry
 from .probe import ProbeResult, SshCommand, Verdict, classify_ssh
+from .run import executable
 
 PARTIAL_DIR = ".nixspool-partial"
 
@@ -123,20 +127,20 @@ class SshLink:
         return self._session(("ControlMaster=no", "ControlPath=none"))
 
     def _session(self, options: tuple[str, ...]) -> Any:
+        argv = self.ssh.subsystem("sftp", *(o for option in options for o in ("-o", option)))
         ours, theirs = socket.socketpair()
         with tempfile.TemporaryFile() as stderr:
             try:
                 proc = subprocess.Popen(
-                    self.ssh.subsystem("sftp", *(o for option in options for o in ("-o", option))),
+                    [executable(argv[0], None), *argv[1:]],
                     stdin=theirs.fileno(),
                     stdout=theirs.fileno(),
                     stderr=stderr.fileno(),
                 )
-            except OSError as e:
+            except (OSError, CommandError) as e:
                 ours.close()
-                raise LoginFailed(
-                    ProbeResult(Verdict.ERROR, "error", f"cannot run ssh: {e.strerror}")
-                ) from None
+                said = str(e) if isinstance(e, CommandError) else f"cannot run ssh: {e.strerror}"
+                raise LoginFailed(ProbeResult(Verdict.ERROR, "error", said)) from None
             finally:
                 theirs.close()
             import paramiko  # while ssh logs in: its import takes 0.1 s

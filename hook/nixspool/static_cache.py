@@ -10,8 +10,8 @@ here (sftp.py), a bucket (s3.py). A file:// cache that leaves paths to upstream
 writer refuses a path whose references the cache lacks, which is the point.
 
 The writing runs in a child process as the configured user
-(`python -m nixspool.static_cache`): over SFTP through the user's own ssh, as
-nix copy and the probe reach a host; to a bucket with the user's own
+(`python -m nixspool.static_cache`, started as installation.py says): over SFTP
+through the user's own ssh, as nix copy and the probe reach a host; to a bucket with the user's own
 credentials; bounded by copy_timeout as a whole and by connect_timeout for each
 step, so a link that goes away mid-transfer ends it. It is started as soon as a
 flush finds rows due, with where to write on its first input line, and logs in
@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import nar, narinfo, privileges
+from . import installation, nar, narinfo, privileges
 from .cache_files import CacheFiles, Kind, Stop, discarding
 from .config import Remote
 from .errors import CommandError
@@ -151,7 +151,7 @@ def start_writer(
     # unit's EnvironmentFile gives) reach the writer, which runs as the user.
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if s3 else {}
     running = spawn(
-        [sys.executable, "-m", "nixspool.static_cache"],
+        installation.python_module("nixspool.static_cache"),
         input="",
         account=account,
         env=privileges.child_env(account, aws),
