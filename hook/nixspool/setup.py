@@ -110,6 +110,7 @@ def render_dispatcher(
     interfaces: tuple[str, ...],
     connections: tuple[str, ...],
     config_path: str = DISPATCHER_CONFIG,
+    nmcli: str = "",
 ) -> str:
     def quoted(items: tuple[str, ...]) -> str:
         return "'" + "\n".join(i.replace("'", "'\\''") for i in items) + "'" if items else '""'
@@ -122,6 +123,8 @@ def render_dispatcher(
             f"NIXSPOOL_CONFIG_FILE={DISPATCHER_CONFIG}",
             f"NIXSPOOL_CONFIG_FILE={quoted((config_path,))}",
         )
+    if nmcli:  # NixOS's module names it: its dispatcher's PATH has no nmcli
+        text = text.replace('NIXSPOOL_NMCLI=""', f"NIXSPOOL_NMCLI={quoted((nmcli,))}")
     return text.replace('NIXSPOOL=""', f"NIXSPOOL={quoted((nixspool,))}")
 
 
@@ -136,6 +139,14 @@ def render_unit(name: str, nixspool: str, spool_dir: str, home: str) -> str:
 def install(req: SetupRequest) -> SetupReport:
     """`nixspool setup`: what the request asks for, written only where it differs."""
     report = SetupReport()
+    if os.path.exists(os.path.join(req.root, "etc/NIXOS")):
+        # /etc there is the system's build: a config written here would be replaced
+        # at the next switch, and units beside the module's would fight them.
+        raise UsageError(
+            "this is NixOS: nixspool is set up by its module, not by `nixspool setup`: "
+            "services.nixspool in your configuration (see docs/nixos.md, or `man "
+            "nixspool`, NIXOS); setup changed nothing"
+        )
     account = account_of(req.user)
     if not req.remotes:
         raise UsageError("name at least one remote: --remote pi=ssh-ng://pi")
@@ -163,50 +174,42 @@ def install(req: SetupRequest) -> SetupReport:
     os.makedirs(roots, mode=0o755, exist_ok=True)
     if os.geteuid() == 0:
         os.chown(roots, account.uid, account.gid)
-    # 3. Triggers: systemd units and dispatcher scripts, except on NixOS.
+    # 3. Triggers: systemd units and dispatcher scripts.
     root = req.root
     nixspool = program("nixspool")
-    if os.path.exists(os.path.join(root, "etc/NIXOS")):
-        report.notes.append(
-            "NixOS: use services.nixspool (contrib/nixos/module.nix) for the "
-            "units, the dispatcher and the post-build-hook"
+    spool_dir = os.path.dirname(cfg.spool)
+    for unit in UNITS:
+        write_file(
+            os.path.join(root, UNIT_DIR, unit),
+            render_unit(unit, nixspool, spool_dir, account.home),
+            0o644,
+            report,
+        )
+    if os.path.isdir(os.path.join(root, "etc/NetworkManager")):
+        write_file(
+            os.path.join(root, DISPATCHER),
+            render_dispatcher(
+                nixspool, req.interfaces, req.connections, os.path.abspath(req.config_path)
+            ),
+            0o755,
+            report,
         )
     else:
-        spool_dir = os.path.dirname(cfg.spool)
-        for unit in UNITS:
-            write_file(
-                os.path.join(root, UNIT_DIR, unit),
-                render_unit(unit, nixspool, spool_dir, account.home),
-                0o644,
-                report,
-            )
-        if os.path.isdir(os.path.join(root, "etc/NetworkManager")):
-            write_file(
-                os.path.join(root, DISPATCHER),
-                render_dispatcher(
-                    nixspool, req.interfaces, req.connections, os.path.abspath(req.config_path)
-                ),
-                0o755,
-                report,
-            )
-        else:
-            report.notes.append(
-                "NetworkManager is not installed: no dispatcher script (the timer, "
-                "or networkd-dispatcher if present, starts the flush)"
-            )
-        if os.path.isdir(os.path.join(root, "etc/networkd-dispatcher")):
-            write_file(
-                os.path.join(root, NETWORKD_DISPATCHER), template("50-nixspool"), 0o755, report
-            )
-        if root == "/" and os.path.isdir("/run/systemd/system"):
-            report.notes.append(
-                "run: systemctl daemon-reload && systemctl enable --now nixspool-flush.timer"
-            )
-        else:
-            report.notes.append(
-                "systemd is not running here: start `nixspool flush` from cron "
-                "or by hand; the dispatcher script starts it detached"
-            )
+        report.notes.append(
+            "NetworkManager is not installed: no dispatcher script (the timer, "
+            "or networkd-dispatcher if present, starts the flush)"
+        )
+    if os.path.isdir(os.path.join(root, "etc/networkd-dispatcher")):
+        write_file(os.path.join(root, NETWORKD_DISPATCHER), template("50-nixspool"), 0o755, report)
+    if root == "/" and os.path.isdir("/run/systemd/system"):
+        report.notes.append(
+            "run: systemctl daemon-reload && systemctl enable --now nixspool-flush.timer"
+        )
+    else:
+        report.notes.append(
+            "systemd is not running here: start `nixspool flush` from cron "
+            "or by hand; the dispatcher script starts it detached"
+        )
     hook = program("nixspool-hook")
     hook_line = f"post-build-hook = {hook}"
     problems = rootcode.hook_problems(hook)
