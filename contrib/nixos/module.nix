@@ -68,11 +68,13 @@ let
     items: "'" + lib.concatMapStringsSep "\n" (builtins.replaceStrings [ "'" ] [ "'\\''" ]) items + "'";
   dispatcher = pkgs.writeScript "90-nixspool" (
     builtins.replaceStrings
-      [ ''NIXSPOOL_INTERFACES=""'' ''NIXSPOOL_CONNECTIONS=""'' ''NIXSPOOL=""'' ]
+      [ ''NIXSPOOL_INTERFACES=""'' ''NIXSPOOL_CONNECTIONS=""'' ''NIXSPOOL=""'' ''NIXSPOOL_NMCLI=""'' ]
       [
         (if cfg.networkmanager.interfaces == [ ] then ''NIXSPOOL_INTERFACES=""'' else "NIXSPOOL_INTERFACES=${shellList cfg.networkmanager.interfaces}")
         (if cfg.networkmanager.connections == [ ] then ''NIXSPOOL_CONNECTIONS=""'' else "NIXSPOOL_CONNECTIONS=${shellList cfg.networkmanager.connections}")
         "NIXSPOOL='${cfg.package}/bin/nixspool'"
+        # NetworkManager-dispatcher's PATH has no nmcli: the metered check needs it.
+        "NIXSPOOL_NMCLI='${config.networking.networkmanager.package}/bin/nmcli'"
       ]
       (builtins.readFile (data + "/90-nixspool"))
   );

@@ -157,7 +157,9 @@ def test_the_dispatcher_is_the_one_setup_renders(evaluated: dict[str, Any]) -> N
     (script,) = evaluated["laptop"]["dispatchers"]
     nixspool = re.search(r"^NIXSPOOL='(.*)'$", script, re.M)
     assert nixspool and nixspool[1].endswith("/bin/nixspool")
-    ours = setup.render_dispatcher(nixspool[1], ("wlan0",), ("Home's WiFi",))
+    nmcli = re.search(r"^NIXSPOOL_NMCLI='(.*)'$", script, re.M)
+    assert nmcli and nmcli[1].endswith("/bin/nmcli")  # not on the dispatcher's PATH there
+    ours = setup.render_dispatcher(nixspool[1], ("wlan0",), ("Home's WiFi",), nmcli=nmcli[1])
     assert script == ours
     # ...and sh reads the quoted names back as they were given.
     names = subprocess.run(
