@@ -157,6 +157,17 @@ in
       '';
     };
 
+    extraPackages = lib.mkOption {
+      type = lib.types.listOf lib.types.package;
+      default = [ ];
+      example = lib.literalExpression "[ pkgs.netcat-openbsd ]";
+      description = ''
+        More programs on the flush unit's PATH, for what the user's ssh_config runs
+        (a ProxyCommand's nc, a certificate helper). Nix and OpenSSH are always
+        there; nixspool, ssh and nix copy find programs on that PATH alone.
+      '';
+    };
+
     timerInterval = lib.mkOption {
       type = lib.types.str;
       default = timer.OnUnitInactiveSec;
@@ -249,10 +260,12 @@ in
         "nix-daemon.service"
       ];
       wants = [ "network-online.target" ];
+      # The PATH nixspool and everything it starts (ssh, nix copy) find programs on.
       path = [
         config.nix.package
         pkgs.openssh
-      ];
+      ]
+      ++ cfg.extraPackages;
       # A switch must not kill an upload in progress (it may run for hours).
       restartIfChanged = false;
       serviceConfig = service // {

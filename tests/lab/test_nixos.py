@@ -172,6 +172,21 @@ def test_the_dispatcher_is_the_one_setup_renders(evaluated: dict[str, Any]) -> N
     assert evaluated["minimal"]["dispatchers"] == []  # no NetworkManager, no script
 
 
+def test_the_units_path_has_nix_openssh_and_the_extra_packages(evaluated: dict[str, Any]) -> None:
+    """The PATH nixspool and its children find every program on (no /usr/bin there)."""
+
+    def path(name: str) -> list[str]:
+        environment = section(evaluated[name]["service"], "Service")["Environment"]
+        (line,) = [e for e in environment if e.startswith('"PATH=')]
+        return line.strip('"').removeprefix("PATH=").split(":")
+
+    names = [re.sub(r"^/nix/store/[0-9a-z]{32}-", "", d) for d in path("server")]
+    assert names[0].startswith("nix-2.") and names[1].startswith("openssh-")
+    assert names[2].startswith("netcat-openbsd-")  # extraPackages, for a ProxyCommand
+    assert not [d for d in path("minimal") if "netcat" in d]
+    assert not [d for d in path("server") if not d.startswith("/nix/store/")]
+
+
 def test_networkd_dispatcher(evaluated: dict[str, Any]) -> None:
     assert evaluated["server"]["networkd"] == {"nixspool": (DATA / "50-nixspool").read_text()}
 

@@ -25,9 +25,9 @@ let
   inherit (nixpkgsFlake) lib;
   system = "x86_64-linux";
 
-  evaluate =
+  nixosSystem =
     module:
-    (lib.nixosSystem {
+    lib.nixosSystem {
       modules = [
         flake.nixosModules.default
         {
@@ -38,7 +38,8 @@ let
         }
         module
       ];
-    }).config;
+    };
+  evaluate = module: (nixosSystem module).config;
 
   report =
     {
@@ -79,8 +80,56 @@ let
           // extra;
         };
     };
+
+  # What a NixOS machine with the module runs, for tests/lab/nixos_shape.py to
+  # imitate without building nixpkgs (`-A shape` evaluates this alone, in seconds):
+  # the package's store path, the inputs of nixpkgs' Python wrapper, the hook's
+  # postFixup, the flush unit and NetworkManager's dispatcher as rendered.
+  shape =
+    let
+      machine = nixosSystem {
+        networking.networkmanager.enable = true;
+        services.nixspool = {
+          enable = true;
+          user = "alice";
+          remotes.pi.url = "ssh-ng://pi";
+        };
+      };
+      inherit (machine) config pkgs;
+      package = config.services.nixspool.package;
+      python = pkgs.python3Packages.python;
+      # wrap-python.nix's substitutions, taken from nixpkgs' own file: the sed
+      # expression that puts site.addsitedir(...) into each wrapped script.
+      wrapPython =
+        (import (nixpkgs + "/pkgs/development/interpreters/python/wrap-python.nix") {
+          inherit lib python;
+          makePythonHook = hook: _script: hook;
+          makeWrapper = null;
+        }).substitutions;
+      dispatcher = builtins.head config.networking.networkmanager.dispatcherScripts;
+    in
+    {
+      package = package.outPath;
+      postFixup = package.postFixup;
+      python = {
+        store = python.outPath; # not `outPath`: that would make the set a string
+        interpreter = python.interpreter;
+        sitePackages = python.sitePackages;
+      };
+      magicalSedExpression = wrapPython.magicalSedExpression;
+      shell = pkgs.runtimeShell;
+      hook = config.nix.settings.post-build-hook;
+      service = config.systemd.units."nixspool-flush.service".text;
+      dispatcher = {
+        path = "${dispatcher.source}";
+        text = dispatcher.source.text;
+        environment = config.systemd.services.NetworkManager-dispatcher.environment;
+      };
+    };
 in
 {
+  inherit shape;
+
   flake = {
     package = flake.packages.${system}.default.drvPath;
     overlay = (import nixpkgs { inherit system; overlays = [ flake.overlays.default ]; }).nixspool.drvPath;
@@ -137,14 +186,19 @@ in
 
   # No NetworkManager; networkd-dispatcher and the .path unit instead.
   server = report {
-    module.services.nixspool = {
-      enable = true;
-      user = "alice";
-      remotes.pi.url = "ssh-ng://pi";
-      networkdDispatcher.enable = true;
-      flushAfterBuild = true;
-      timerInterval = "30min";
-    };
+    module =
+      { pkgs, ... }:
+      {
+        services.nixspool = {
+          enable = true;
+          user = "alice";
+          remotes.pi.url = "ssh-ng://pi";
+          networkdDispatcher.enable = true;
+          flushAfterBuild = true;
+          timerInterval = "30min";
+          extraPackages = [ pkgs.netcat-openbsd ]; # a ProxyCommand's nc
+        };
+      };
   };
 
   # Which nix.conf setting runs the hook, by the Nix it is: Nix 2.35 has
