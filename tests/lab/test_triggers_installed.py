@@ -5,6 +5,7 @@ parsed.
 
 from __future__ import annotations
 
+import re
 import shlex
 import stat
 import subprocess
@@ -285,6 +286,29 @@ def test_setup_installs_what_networkmanager_and_systemd_accept(installed) -> Non
     spool = config.parent.parent / "spool"
     assert oct(spool.stat().st_mode & 0o777) == "0o700"
     assert spool.stat().st_uid == int(lab.sh("id", "-u", lab.ALICE).stdout)
+
+
+# What `systemd-analyze security` says of the flush unit (docs/nixos.md, security.md):
+# a hardening directive dropped raises it, and this fails.
+EXPOSURE = 4.6
+
+
+def exposure(unit: Path) -> float:
+    """systemd's "overall exposure level" of a unit file, read offline."""
+    lab.require_lab("systemd-analyze")
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    return float(found[1])
+
+
+def test_the_installed_unit_is_as_hardened_as_the_docs_say(installed) -> None:
+    root, _ = installed
+    assert exposure(root / setup.UNIT_DIR / "nixspool-flush.service") <= EXPOSURE
 
 
 def test_setup_refuses_to_clobber_a_different_config(installed) -> None:
