@@ -1,7 +1,7 @@
 """How a batch reaches a remote: `nix copy` to a Nix store (NixCopy), or the cache
-writer for a binary cache nixspool writes itself (CacheWriter: sftp://, file://
-with skip_signed_by). The batch loop (batches.py) takes either and does not know
-which; an S3 writer will be a third.
+writer for a binary cache nixspool writes itself (CacheWriter: sftp://, s3://,
+file:// with skip_signed_by). The batch loop (batches.py) takes either and does
+not know which.
 
 A transport makes one attempt at a time and says how it ended by what it raises:
 nothing (delivered); CommandError (the remote or a path refused the batch: the
