@@ -320,11 +320,11 @@ def executable(program: str, env: Mapping[str, str] | None) -> str:
     """`program` as the child would find it on its own PATH (`env`'s, or this
     process's), resolved here so that a missing one is told as such, with the
     PATH searched: on NixOS that PATH is all there is (no /usr/bin)."""
-    path = (os.environ if env is None else env).get("PATH", "")
+    path = (os.environ if env is None else env).get("PATH", os.defpath)  # as exec would
     found = installation.find(program, path)
     if found is None:
         raise CommandError(
-            f"cannot run {program}: it is not on PATH ({path or 'empty'}); install it, "
+            f"cannot run {program}: it is not on PATH ({path}); install it, "
             "or start nixspool with a PATH that has it (a unit's Environment=PATH; "
             "on NixOS, services.nixspool.extraPackages)"
         )

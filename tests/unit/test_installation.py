@@ -127,3 +127,9 @@ def test_no_child_is_started_by_module_name(tmp_path: Path) -> None:
 def test_a_python_module_child_is_named_as_python_m_in_messages() -> None:
     argv = installation.python_module("nixspool.static_cache")
     assert run.command_name(argv) == f"{Path(sys.executable).name} -m nixspool.static_cache"
+
+
+def test_an_environment_without_path_searches_where_exec_would(tmp_path: Path) -> None:
+    """No PATH at all is exec's default path, not an empty one (Popen's own rule)."""
+    found = run.run(["sh", "-c", "echo found"], env={"HOME": str(tmp_path)}, timeout=10)
+    assert found.stdout == "found\n"
