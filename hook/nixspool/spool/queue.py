@@ -188,17 +188,18 @@ class Queue:
         owner: str,
         ids: Sequence[int],
         reason: str,
-        retry_at: float,
+        retry_at: float | Mapping[int, float],
         now: float | None = None,
     ) -> int:
-        """An attempt that failed for now: stays queued until `retry_at`."""
+        """An attempt that failed for now: stays queued until `retry_at`, one time for
+        all or each row's own (its backoff), in one transaction for the whole batch."""
         now = time.time() if now is None else now
-        return self._finish(
+        at = retry_at if isinstance(retry_at, Mapping) else dict.fromkeys(ids, retry_at)
+        return self._finish_each(
             remote,
             owner,
-            ids,
             "attempts = attempts + 1, last_error = ?, updated_at = ?, next_attempt_at = ?",
-            (reason, now, retry_at),
+            {path_id: (reason, now, at[path_id]) for path_id in ids},
         )
 
     def mark_skipped(
