@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -258,19 +259,22 @@ def test_a_remote_that_rejects_one_path_fails_only_that_row(ssh_lab: lab.SshLab)
     assert ssh_lab.hosts[0].remote_valid(signed | unsigned) == signed
 
 
+@pytest.mark.parametrize("count", [1, 3, 16])
 def test_a_remote_that_refuses_every_path_is_one_error_not_2n_copies(
-    ssh_lab: lab.SshLab,
+    ssh_lab: lab.SshLab, count: int
 ) -> None:
     """The host trusts none of our keys: every path is refused alike. Bisection
-    stops once both halves keep being refused in their parent's words, down to
-    single paths: the remote's error (exit 1), every row still queued with the
-    reason and one attempt, in about 2·log2(N) copies instead of 2N-1."""
+    follows the first halves while both halves are refused in their parent's
+    words, down to one path: the remote's error (exit 1), every row still queued
+    with the reason and one attempt, none failed, in 1 + 2·floor(log2 N) copies
+    instead of 2N-1. A batch of one path (the flush after one build) is the same:
+    nothing says the refusal is the path's own."""
     host = ssh_lab.hosts[0]
     nix_conf = Path(os.path.expanduser(f"~{host.user}")) / ".config" / "nix" / "nix.conf"
     trusting = nix_conf.read_text()
-    config = ssh_lab.config(ssh_lab.root / "refuses-all", batch_size=16)
-    outputs = ssh_lab.build(12)
-    assert len(outputs) == 16
+    config = ssh_lab.config(ssh_lab.root / f"refuses-all-{count}", batch_size=16)
+    outputs = set(sorted(ssh_lab.build(12))[:count])
+    assert len(outputs) == count
     ssh_lab.spool_in(config, outputs)
     logins = len(host.logins())
     nix_conf.write_text(
@@ -286,14 +290,15 @@ def test_a_remote_that_refuses_every_path_is_one_error_not_2n_copies(
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)["remotes"]["pi"]
     assert (report["delivered"], report["failed"], report["unreachable"]) == (0, 0, False)
-    assert "refuses every path alike" in report["error"]
+    alike = "refuses the one path offered" if count == 1 else "refuses every path alike"
+    assert alike in report["error"]
     assert lab.unsigned_refusal() in report["error"]
     rows = ssh_lab.rows(config, "pi")
     assert {(r["state"], r["attempts"]) for r in rows.values()} == {("queued", 1)}
     assert all(lab.unsigned_refusal() in r["last_error"] for r in rows.values())
-    # One login for the probe, one per nix copy: 1 + 2 per halving down to pairs.
+    # One login for the probe, one per nix copy.
     copies = len(host.logins()) - logins - 1
-    assert 0 < copies <= 2 * 4 + 1, copies  # 2N-1 = 31 before
+    assert copies == 1 + 2 * int(math.log2(count)), copies  # 2N-1 before; N=3 failed all
 
 
 def test_a_remote_whose_nix_is_missing_is_an_error_with_its_message(ssh_lab: lab.SshLab) -> None:

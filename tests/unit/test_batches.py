@@ -4,11 +4,15 @@ lab tests run the same loop with `nix copy` and the cache writer for real."""
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from nixspool import nix
 from nixspool.config import Remote
@@ -251,3 +255,102 @@ def test_a_remote_whose_nix_fails_is_a_persons_job(spool: Spool) -> None:
     with pytest.raises(RemoteConfigError, match="command not found"):
         run(spool, transport)
     assert {(r.state, r.attempts) for r in spool.reports.rows()} == {(State.QUEUED, 1)}
+
+
+# -- a refusal every path shares, over the whole range of batch sizes ---------------
+
+
+def refusing(
+    directory: Path, count: int, bad: Callable[[str], bool]
+) -> tuple[FakeTransport, RemoteReport | RemoteConfigError, dict[str, State]]:
+    """A flush of `count` paths in one batch to a remote that refuses each path for
+    which `bad` says so, in that path's words (every path alike when all are bad)."""
+    directory.mkdir()
+    spool = Spool.open(str(directory / "spool.sqlite"))
+    try:
+        paths = [f"/nix/store/{i:032d}-path-{i}" for i in range(count)]
+        with spool.transaction():
+            rows.store(spool.conn, [rows.Record("", paths, [], 1.0)])
+        spool.intake.sync_remotes(["pi"])
+        transport = FakeTransport(lambda batch: next((refusal(q) for q in batch if bad(q)), None))
+        transport.remote = Remote("pi", "ssh-ng://pi", batch_size=1000)
+        outcome: RemoteReport | RemoteConfigError
+        try:
+            outcome, _ = run(spool, transport)
+        except RemoteConfigError as e:
+            outcome = e
+        states = {r.path: r.state for r in spool.reports.rows()}
+    finally:
+        spool.close()
+    return transport, outcome, states
+
+
+def copies_allowed(count: int) -> int:
+    return 2 * math.ceil(math.log2(count)) + 1
+
+
+@pytest.fixture
+def every_path_in_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nix, "invalid_paths", lambda paths, timeout=60: set())
+    monkeypatch.setattr(nix, "start_path_infos", lambda paths: lambda: {})
+
+
+# Always tried: the sizes where the old chain went wrong (all but powers of two), the
+# ends, and the default batch_size; Hypothesis adds others from the whole range.
+SIZES = [1, 2, 3, 5, 6, 7, 12, 27, 100, 500, 999, 1000]
+# Each example is a flush of up to 1000 rows: at most 50 of them, even when thorough.
+CONCURRENT_SAFE = settings(
+    max_examples=min(50, settings().max_examples),  # settings(): the profile loaded
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def with_sizes(*, smallest: int = 1, **fixed: object) -> Callable[..., Callable[..., None]]:
+    """Hypothesis examples for each of SIZES from `smallest` up, with `fixed` too."""
+
+    def add(test: Callable[..., None]) -> Callable[..., None]:
+        for count in (c for c in SIZES if c >= smallest):
+            test = example(count=count, **fixed)(test)
+        return test
+
+    return add
+
+
+@pytest.mark.usefixtures("every_path_in_the_store")
+@given(count=st.integers(1, 1000))
+@with_sizes()
+@CONCURRENT_SAFE
+def test_every_batch_size_refused_alike_is_the_remotes_refusal_and_no_row_fails(
+    tmp_path: Path, count: int
+) -> None:
+    """A remote that refuses every path (it trusts none of our keys) costs one copy
+    and two for each level of the chain, exits 1 naming the refusal, and fails no
+    row: nothing says the refusal is any one path's."""
+    transport, outcome, states = refusing(tmp_path / lab_dir(), count, lambda q: True)
+    assert isinstance(outcome, RemoteConfigError)
+    assert "lacks a signature by a trusted key" in str(outcome)
+    assert set(states.values()) == {State.QUEUED}  # deferred with the reason, none failed
+    assert len(transport.copies) == 1 + 2 * int(math.log2(count)) <= copies_allowed(count)
+
+
+@pytest.mark.usefixtures("every_path_in_the_store")
+@given(count=st.integers(2, 1000), which=st.floats(0, 1, exclude_max=True))
+@with_sizes(smallest=2, which=0.5)
+@CONCURRENT_SAFE
+def test_one_bad_path_among_good_ones_is_found_and_failed_alone(
+    tmp_path: Path, count: int, which: float
+) -> None:
+    bad = f"/nix/store/{int(which * count):032d}"
+    transport, outcome, states = refusing(tmp_path / lab_dir(), count, lambda q: q.startswith(bad))
+    assert isinstance(outcome, RemoteReport)
+    assert (outcome.delivered, outcome.failed) == (count - 1, 1)
+    assert [q for q, s in states.items() if s is State.FAILED] == [
+        next(q for q in states if q.startswith(bad))
+    ]
+    assert len(transport.copies) <= copies_allowed(count)
+
+
+def lab_dir() -> str:
+    """A directory of its own for each example (Hypothesis reuses tmp_path)."""
+    return uuid.uuid4().hex

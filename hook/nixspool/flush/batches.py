@@ -248,6 +248,13 @@ class Batches:
         except RemoteRefuses as e:
             # One attempt for each row still waiting, with the reason `status` shows.
             self._defer([i for i, _ in batch], e.reason)
+            if len(batch) == 1:
+                raise RemoteConfigError(
+                    f"{remote.url} refuses the one path offered: {e.reason}; with no other "
+                    "path to compare, that is most likely the remote's settings (`nixspool "
+                    "doctor` checks them); the row stays queued and is tried again after "
+                    "its backoff"
+                ) from None
             raise RemoteConfigError(
                 f"{remote.url} refuses every path alike, so the remote's settings refuse "
                 f"us, not the paths: {e.reason}; the rows stay queued and are tried "
@@ -345,14 +352,18 @@ class Batches:
         path (it trusts none of our keys, its store is read-only) would cost
         2N-1 copies and fail every row; so while both halves keep being refused
         in the same words as their parent (`chain`), only the first half is
-        split further, and refusals alike all the way down to single paths are
-        the remote's, not the paths': RemoteRefuses (about 2·log2 N copies).
-        One half that goes through ends the chain: the rest is bisected as usual.
+        split further. A row fails only on evidence that the refusal is its
+        path's own: another half went through, or was refused in other words
+        (the chain broke). Refusals alike all the way down to one path, or of
+        a batch of one, are the remote's as far as anyone can tell:
+        RemoteRefuses, no row failed, 1 + 2·floor(log2 N) copies in all.
         """
         # Paths garbage-collected since they were queued are the usual suspects,
         # and cheap to find: asked only now, never for a batch that went through.
         if self._fail_gone(batch):
             return
+        if len(batch) == 1 and chain:
+            raise RemoteRefuses(refusal_of(error))
         if len(batch) == 1:
             reason = refusal_of(error)
             (path_id, path), remote = batch[0], self.remote
@@ -366,8 +377,6 @@ class Batches:
         halves = (batch[:middle], batch[middle:])
         refusals = [self._attempt(half) for half in halves]
         alike = chain and all(r is not None and same_refusal(r, error) for r in refusals)
-        if alike and len(batch) == 2:
-            raise RemoteRefuses(refusal_of(error))
         for i, (half, refusal) in enumerate(zip(halves, refusals, strict=True)):
             if refusal is not None:
                 self._refused(half, refusal, chain=alike and i == 0)
@@ -393,8 +402,8 @@ class Batches:
     def _defer(self, ids: list[int], reason: str) -> None:
         now = time.time()
         retry_min, retry_max = self.retry
-        for path_id, attempts in self.spool.queue.attempts(self.remote.name, ids).items():
-            retry_at = now + backoff(attempts + 1, retry_min, retry_max)
-            self.report.deferred += self.spool.queue.mark_deferred(
-                self.remote.name, self.owner, [path_id], reason, retry_at, now
-            )
+        attempts = self.spool.queue.attempts(self.remote.name, ids)
+        retry_at = {i: now + backoff(n + 1, retry_min, retry_max) for i, n in attempts.items()}
+        self.report.deferred += self.spool.queue.mark_deferred(
+            self.remote.name, self.owner, list(retry_at), reason, retry_at, now
+        )
