@@ -16,11 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent / "lab"))  # the lab's helpers, for its fixtures
 sys.path.insert(0, str(Path(__file__).parent / "unit"))  # data the lab reuses (test_nar.odd_tree)
 
 from programs import installed_program
+
+# How many examples a property test tries: a few in the fast tier (it must stay
+# seconds on two cores), many where tests/run runs everything (NIXSPOOL_HYPOTHESIS=
+# thorough). A test sets its own count only where its range needs more than that.
+settings.register_profile("fast", max_examples=10)
+settings.register_profile("thorough", max_examples=400)
+settings.load_profile(os.environ.get("NIXSPOOL_HYPOTHESIS", "fast"))
 
 if TYPE_CHECKING:
     import lab

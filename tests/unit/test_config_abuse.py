@@ -139,7 +139,7 @@ def check_answer(config: Path, code: int, err: str) -> None:
         assert re.match(rf"error: {re.escape(str(config))}:\d+: \S", err), err
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
 @given(configs())
 def test_any_config_is_taken_or_refused_in_one_line_naming_file_and_line(text: str) -> None:
     with tempfile.TemporaryDirectory(prefix="nixspool-config-") as tmp:
