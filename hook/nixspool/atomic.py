@@ -1,8 +1,9 @@
 """The one way nixspool writes a file whole: a new file of its own beside it
 (mkstemp: O_EXCL, mode 0600 until told otherwise), mode and owner set while it is
 still private, fsync'ed, then renamed over the old one (or linked, where an old one
-must not be replaced). A reader sees the old file or the new one, never half of one;
-a crash leaves no half-written key, unit or metrics file under the real name."""
+must not be replaced), and the directory fsync'ed. A reader sees the old file or
+the new one, never half of one; a crash leaves no half-written key, unit or
+metrics file under the real name."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def write_file(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    # The rename is an entry of the directory: until that is on disk too, a power
+    # cut can leave the old file (or none) under the name.
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory_fd)
+    finally:
+        os.close(directory_fd)

@@ -38,3 +38,21 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         atomic.write_file(str(path), None, 0o600)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
+
+
+def test_the_file_then_its_directory_reach_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fsync of the file before the rename, of the directory after it: a power cut
+    then leaves the old file or the new one under the name, not none."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        is_dir = stat.S_ISDIR(os.fstat(fd).st_mode)
+        synced.append(f"directory {(tmp_path / 'key.sec').exists()}" if is_dir else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic.write_file(str(tmp_path / "key.sec"), "secret\n", 0o600)
+    assert synced == ["file", "directory True"]

@@ -306,3 +306,49 @@ def test_a_hook_in_a_spool_with_a_newer_schema_uses_the_journal(
     result = run_hook(hook_env(out("a.drv"), out("a")))
     assert result.returncode == 0
     assert "no such table: paths; recorded in" in result.stderr
+
+
+@pytest.mark.parametrize("at_once", [0.0, 0.3, 1.9])
+def test_a_locked_spool_is_waited_for_one_bound_in_all(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, at_once: float
+) -> None:
+    """WAL recovery answers "locked" at once, without SQLite's busy handler: a retry
+    then must wait only what is left of HOOK_BUSY_TIMEOUT_SECONDS, not a whole
+    bound anew (the hook could wait about twice its bound). A clock of our own:
+    each first try fails `at_once` seconds in, every later one after its full wait."""
+    from nixspool.hook import rows
+
+    clock = [0.0]
+    tries: list[float] = []
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            clock[0] += seconds
+
+    class LockedSpool:
+        def __init__(self, timeout: float) -> None:
+            self.timeout = timeout
+
+        def execute(self, sql: str, *args: object) -> LockedSpool:
+            if sql.startswith("BEGIN"):
+                tries.append(self.timeout)
+                clock[0] += at_once if len(tries) == 1 else self.timeout
+                raise sqlite3.OperationalError("database is locked")
+            return self
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(hook, "time", Clock)
+    monkeypatch.setattr(hook.files, "check_database", lambda path: None)
+    monkeypatch.setattr(hook.sqlite3, "connect", lambda *args, timeout, **kw: LockedSpool(timeout))
+    record = rows.Record("", [f"/nix/store/{'a' * 32}-a"], [], 1.0)
+    with pytest.raises(sqlite3.OperationalError):
+        hook.write_spool(str(tmp_path / "spool.sqlite"), record)
+    assert len(tries) >= 2
+    assert clock[0] <= rows.HOOK_BUSY_TIMEOUT_SECONDS + 0.01, tries

@@ -80,9 +80,10 @@ def write_spool(spool: str, record: Record) -> None:
     uri = "file:" + spool.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
     deadline = time.monotonic() + HOOK_BUSY_TIMEOUT_SECONDS
     while True:
-        con = sqlite3.connect(
-            uri + "?mode=rw", uri=True, timeout=HOOK_BUSY_TIMEOUT_SECONDS, isolation_level=None
-        )
+        # SQLite's busy handler waits at most what is left of our one bound: a
+        # retry after an immediate "locked" must not start a whole wait anew.
+        left = max(0.0, deadline - time.monotonic())
+        con = sqlite3.connect(uri + "?mode=rw", uri=True, timeout=left, isolation_level=None)
         try:
             # As durable as Nix's own record of the build: Nix keeps its store
             # database in WAL mode with synchronous = normal too. A commit
