@@ -4,7 +4,11 @@ behaviour against a real store is tests/lab/test_s3_cache.py."""
 
 from __future__ import annotations
 
+import http.server
+import os
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,3 +163,88 @@ def test_a_missing_object_is_told_from_a_missing_bucket() -> None:
     assert _absent(client_error("404", 404))  # HEAD: no body, named by its status
     assert not _absent(client_error("NoSuchBucket", 404))  # a person must look
     assert not _absent(client_error("AccessDenied", 403))
+
+
+def test_the_place_is_named_once_in_a_refusal() -> None:
+    with pytest.raises(Stop) as stopped, stopping("listing s3://bkt/", "s3://bkt/"):
+        raise client_error("SignatureDoesNotMatch", 403)
+    said = stopped.value.error["message"]
+    assert said == "listing s3://bkt/: the secret key is wrong for this access key " + (
+        "(SignatureDoesNotMatch)"
+    )
+    with pytest.raises(Stop) as stopped, stopping("writing a probe object", "s3://bkt/"):
+        raise client_error("NoSuchBucket", 404)
+    assert stopped.value.error["message"].startswith("writing a probe object: s3://bkt/: ")
+
+
+def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: str) -> None:
+    """The user's AWS settings: `config` as ~/.aws/config, nothing else."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "aws-config").write_text(config)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_credentials_that_cannot_be_had_need_a_person_not_a_retry(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A credential_process that fails (an expired SSO login, a locked vault) is
+    not a broken link: exit 1 with the profile and the reason, not 75 for ever."""
+    s3_env(monkeypatch, tmp_path, "[profile team]\ncredential_process = /bin/false\n")
+    location = Location.of(Remote("r", "s3://bkt?profile=team&endpoint=127.0.0.1:9"))
+    with pytest.raises(Stop) as stopped:
+        BucketFiles(location)
+    assert stopped.value.error["kind"] == Kind.CACHE
+    said = stopped.value.error["message"]
+    assert said.startswith("reading the S3 credentials of profile team: the credentials ")
+    assert "custom-process" in said and "aws sso login" in said
+
+
+class WebPortal(http.server.BaseHTTPRequestHandler):
+    """What a hotel's Wi-Fi answers every request with: a login page, or a redirect."""
+
+    def answer(self) -> None:
+        if self.path.startswith("/redirected"):
+            self.send_response(302)
+            self.send_header("Location", "http://portal.example/login")
+            self.end_headers()
+            return
+        body = b"<html><body>Please log in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("bucket", ["page", "redirected"])
+def test_a_web_page_where_s3_should_answer_is_named_and_never_taken_for_an_object(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bucket: str
+) -> None:
+    """A captive portal: away (75), in words that say what answered; a HEAD it
+    answers 200 is not an object that is there; a redirect is not followed."""
+    s3_env(monkeypatch, tmp_path, "")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebPortal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        remote = Remote("r", f"s3://{bucket}?endpoint={endpoint}&scheme=http")
+        files = BucketFiles(Location.of(remote))
+        for step in (lambda: files.top_names(10), lambda: files.has("x.narinfo")):
+            with pytest.raises(Stop) as stopped, files.step("reading the cache"):
+                step()
+            assert stopped.value.error["kind"] == Kind.AWAY
+            assert "a web page answered, not S3" in stopped.value.error["message"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 import tempfile
 import threading
@@ -42,7 +43,8 @@ class BucketFiles:
         self.notes: list[str] = []  # said by the parent as warnings
         self._lock = threading.Lock()
         self.conditional = True  # until make_layout() finds otherwise
-        with self.step("reading the S3 credentials"):
+        profile = location.profile or os.environ.get("AWS_PROFILE")
+        with self.step(f"reading the S3 credentials{f' of profile {profile}' if profile else ''}"):
             self.s3, self.credentials = client(location)
 
     def reach(self) -> None:

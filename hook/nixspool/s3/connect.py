@@ -30,6 +30,17 @@ NEEDS_A_PERSON = {
     "AuthorizationHeaderMalformed": "the region is wrong for this bucket (set region=)",
     "AccountProblem": "the store reports a problem with the account",
 }
+# Credentials boto3 could not get (an expired SSO login, a credential_process that
+# fails, a locked vault): botocore calls them BotoCoreErrors, like a broken link,
+# but no retry brings them back; a person must act. By name: older botocores lack some.
+CREDENTIALS_UNAVAILABLE = (
+    "CredentialRetrievalError",
+    "SSOError",
+    "SSOTokenLoadError",
+    "UnauthorizedSSOTokenError",
+    "TokenRetrievalError",
+    "InvalidConfigError",
+)
 THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict"}
 
@@ -74,6 +85,24 @@ class Location:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
+class WebPage(Exception):
+    """A web page answered where S3 should have: a captive portal, a proxy."""
+
+
+def refuse_web_pages(response_dict: dict[str, Any], **_: Any) -> None:
+    """botocore's before-parse hook: an answer no S3 store gives (an HTML page, a
+    302/303 redirect to a login) stops the request there. Parsed, a portal's "200"
+    to a HEAD would read as "the object is there" and a redirect is followed until
+    Python's recursion limit. nixspool's objects are never text/html."""
+    headers = response_dict.get("headers") or {}
+    status = int(response_dict.get("status_code") or 0)
+    content_type = str(headers.get("content-type", "")).lower()
+    if content_type.startswith("text/html"):
+        raise WebPage(f"HTTP {status}, text/html")
+    if status in (302, 303):
+        raise WebPage(f"HTTP {status}, a redirect to {headers.get('location', 'elsewhere')}")
+
+
 def client(location: Location) -> tuple[Any, str]:
     """A boto3 S3 client with the user's credentials and bounded waits, and where
     boto3 found the credentials (its name for the source: env,
@@ -111,6 +140,7 @@ def client(location: Location) -> tuple[Any, str]:
         region_name=location.region or ("us-east-1" if location.endpoint else None),
         config=Config(**options),
     )
+    s3.meta.events.register("before-parse.s3.*", refuse_web_pages)
     return s3, str(credentials.method)
 
 
@@ -157,15 +187,31 @@ def stopping(what: str, where: str) -> Iterator[None]:
     """Turn what boto3 raises while doing `what` into why the upload stopped."""
     from botocore import exceptions as bx
 
+    unavailable = tuple(getattr(bx, name) for name in CREDENTIALS_UNAVAILABLE if hasattr(bx, name))
+    # `what` names the bucket already ("listing s3://b/"): the place is said once.
+    place = "" if where in what else f"{where}: "
     try:
         yield
     except Stop:
         raise
+    except WebPage as e:
+        raise Stop(
+            Kind.AWAY,
+            f"{what}: a web page answered, not S3 ({e}): a captive portal or a proxy "
+            "between here and the store? Log in to the network, or flush from elsewhere",
+        ) from None
     except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.ProfileNotFound) as e:
         raise Stop(
             Kind.CACHE,
             f"{what}: {e} (boto3 looks in the user's ~/.aws/credentials and "
             "~/.aws/config, the profile= of the URL, and AWS_* variables)",
+        ) from None
+    except unavailable as e:
+        raise Stop(
+            Kind.CACHE,
+            f"{what}: the credentials cannot be had: {str(e).rstrip(': ')} (an expired "
+            "SSO login wants `aws sso login`; a credential_process or vault must answer "
+            "for the user nixspool runs as)",
         ) from None
     except (bx.EndpointConnectionError, bx.ConnectTimeoutError) as e:
         # No name, no route, refused, no answer to connect: the store is away.
@@ -176,7 +222,7 @@ def stopping(what: str, where: str) -> Iterator[None]:
         code, status = error_code(e)
         message = e.response.get("Error", {}).get("Message") or code or f"HTTP {status}"
         if code in NEEDS_A_PERSON:
-            raise Stop(Kind.CACHE, f"{what}: {where}: {NEEDS_A_PERSON[code]} ({code})") from None
+            raise Stop(Kind.CACHE, f"{what}: {place}{NEEDS_A_PERSON[code]} ({code})") from None
         if throttled(e):
             raise Stop(
                 Kind.WRITE,
@@ -188,6 +234,6 @@ def stopping(what: str, where: str) -> Iterator[None]:
                 Kind.WRITE, f"{what}: the store failed ({code}: {message}); is its disk full?"
             ) from None
         refused = f"the store refused ({code}: {message})"
-        raise Stop(Kind.CACHE, f"{what}: {where}: {refused}") from None
+        raise Stop(Kind.CACHE, f"{what}: {place}{refused}") from None
     except bx.BotoCoreError as e:  # another failure of the request on its way
         raise Stop(Kind.LINK, f"{what}: {e}") from None
