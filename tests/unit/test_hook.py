@@ -344,9 +344,13 @@ def test_a_locked_spool_is_waited_for_one_bound_in_all(
         def close(self) -> None:
             pass
 
+    from nixspool.hook import files
+
     monkeypatch.setattr(hook, "time", Clock)
-    monkeypatch.setattr(hook.files, "check_database", lambda path: None)
-    monkeypatch.setattr(hook.sqlite3, "connect", lambda *args, timeout, **kw: LockedSpool(timeout))
+    monkeypatch.setattr(files, "check_database", lambda path: None)
+    # The hook's own sqlite3: the C module behind it, where there is one.
+    sqlite = sys.modules.get("_sqlite3", sqlite3)
+    monkeypatch.setattr(sqlite, "connect", lambda *args, timeout, **kw: LockedSpool(timeout))
     record = rows.Record("", [f"/nix/store/{'a' * 32}-a"], [], 1.0)
     with pytest.raises(sqlite3.OperationalError):
         hook.write_spool(str(tmp_path / "spool.sqlite"), record)
