@@ -28,6 +28,7 @@ class Kind:
     CACHE = "cache"  # the place refuses us (missing, permission, credentials): a person
     WRITE = "write"  # a write failed there (a full disk, throttled past our patience)
     PATH = "path"  # one path cannot be written (gone from the local store, corrupt)
+    LOCAL = "local"  # this machine failed the writer (no room for a NAR on its way)
 
 
 class Stop(Exception):

@@ -38,6 +38,7 @@ PASSED_ON = (
     "NIX_LOG_DIR",
     "NIX_SSL_CERT_FILE",
     "SSL_CERT_FILE",
+    "TMPDIR",  # where the cache writer keeps a NAR too big for memory
     "LANG",
     "LANGUAGE",
     "TZ",

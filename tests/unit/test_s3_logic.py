@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import os
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,21 @@ def test_a_web_page_where_s3_should_answer_is_named_and_never_taken_for_an_objec
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_no_room_for_a_nar_on_its_way_is_this_machines_fault(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A NAR past what is kept in memory goes to TMPDIR; a full or unusable one is a
+    local fault named as such (exit 1), never a bug and never "away"."""
+    from nixspool.s3 import bucket
+
+    monkeypatch.setattr(bucket, "SPOOL_IN_MEMORY", 16)
+    monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/tmp")
+    nar = bucket._BucketNar(bucket_over(Pages(0)))
+    nar.write(b"x" * 8)  # in memory still
+    with pytest.raises(Stop) as stopped:
+        nar.write(b"x" * 64)
+    assert stopped.value.error["kind"] == Kind.LOCAL
+    assert "/nonexistent/tmp" in stopped.value.error["message"]
+    assert "TMPDIR" in stopped.value.error["message"]

@@ -377,4 +377,6 @@ class CacheWriter:
             raise Transient(result.error["message"])
         if kind == Kind.PATH:  # the rows' own reason: the loop finds which
             raise CommandError(message, stderr=result.error["message"])
+        if kind == Kind.LOCAL:  # not the remote's doing: rows untouched, a person looks
+            raise LocalError(result.error["message"])
         raise RemoteFailed(result.error["message"])  # Kind.CACHE

@@ -243,7 +243,15 @@ class _BucketNar:
         )
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as e:  # past SPOOL_IN_MEMORY, on disk: full, or not ours to write
+            raise Stop(
+                Kind.LOCAL,
+                f"no room on this machine for a NAR on its way to the bucket "
+                f"({tempfile.gettempdir()}: {e.strerror}): free some, or set TMPDIR "
+                "for nixspool to a directory on a disk (a unit's Environment=TMPDIR=/var/tmp)",
+            ) from None
 
     def commit(self, name: str) -> None:
         from boto3.s3.transfer import TransferConfig
