@@ -185,9 +185,10 @@ def nixspool_page() -> str:
             "nixspool-hook(8), Nix's post-build-hook, records what each build made in a "
             "SQLite spool and exits at once. `nixspool flush` uploads what the spool holds "
             "to the configured remotes whenever they can be reached: Nix stores (anything "
-            "`nix copy --to` takes) and static binary caches it writes itself over SFTP; "
-            "as the user who owns the SSH key, with retries, backoff and signing. The other "
-            "commands show, correct and check the spool and the setup."
+            "`nix copy --to` takes) and binary caches it writes itself, over SFTP "
+            "(sftp://), into an S3-compatible bucket (s3://) or a directory; as the user "
+            "who owns the keys, with retries, backoff and signing. The other commands "
+            "show, correct and check the spool and the setup."
         ),
         ".SH OPTIONS AND COMMANDS\n",
         ".PP\n.nf\n" + escape(help_text()) + ".fi\n",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sysconfig
 
 import nixspool
 
@@ -41,12 +42,38 @@ def who_else_may_change(path: str) -> str | None:
     return None
 
 
-def hook_problems(hook: str) -> list[str]:
-    """Who else could change what root runs as `hook`: the file, the python3 beside
-    it, and every file of the nixspool package (this one: the hook imports it)."""
+def what_root_runs(hook: str) -> list[str]:
+    """What root loads when Nix runs `hook`: the file, the python3 beside it, the
+    venv's pyvenv.cfg (its `home =` decides which Python, so which standard
+    library) with that home and the standard library, and every file of the
+    nixspool package (the hook imports it), compiled ones in __pycache__ included:
+    Python loads a .pyc it finds current without reading the .py."""
     package = os.path.dirname(nixspool.__file__)
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(hook)))
     paths = [hook, os.path.join(os.path.dirname(hook), "python3"), package]
+    pyvenv = os.path.join(venv, "pyvenv.cfg")
+    if os.path.exists(pyvenv):
+        paths.append(pyvenv)
+        with open(pyvenv) as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key.strip() == "home" and value.strip():
+                    paths.append(value.strip())
+    paths += [sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")]
+    paths.append(os.path.join(sysconfig.get_path("platstdlib"), "lib-dynload"))
     for directory, _, names in os.walk(package):
-        paths += [os.path.join(directory, name) for name in names if name.endswith(".py")]
+        paths += [os.path.join(directory, name) for name in names]
+    return list(dict.fromkeys(paths))
+
+
+def hook_problems(hook: str) -> list[str]:
+    """Who else could change what root runs as `hook` (what_root_runs)."""
+    paths = what_root_runs(hook)
     problems = [why for p in paths if os.path.exists(p) and (why := who_else_may_change(p))]
     return list(dict.fromkeys(problems))
+
+
+def installation_problems(hook: str, nixspool_program: str) -> list[str]:
+    """hook_problems, and the `nixspool` program the units and dispatcher run as root."""
+    program = who_else_may_change(nixspool_program) if os.path.exists(nixspool_program) else None
+    return list(dict.fromkeys([*hook_problems(hook), *([program] if program else [])]))

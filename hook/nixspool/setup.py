@@ -47,6 +47,7 @@ class SetupRequest:
     connections: tuple[str, ...] = ()
     root: str = "/"  # where etc/ lives; another directory for tests and images
     force: bool = False
+    allow_unsafe_install: bool = False  # root runs an installation others can change
 
 
 @dataclass
@@ -147,6 +148,20 @@ def install(req: SetupRequest) -> SetupReport:
             "services.nixspool in your configuration (see docs/nixos.md, or `man "
             "nixspool`, NIXOS); setup changed nothing"
         )
+    # What the units, the dispatcher and the hook would run as root, checked before
+    # anything is written: whoever can change it runs code as root on the next
+    # build or network event.
+    hook = program("nixspool-hook")
+    unsafe = rootcode.installation_problems(hook, program("nixspool"))
+    if unsafe and os.geteuid() == 0 and not req.allow_unsafe_install:
+        more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
+        raise UsageError(
+            f"this installation is not root's alone: {unsafe[0]}{more}; the units, the "
+            "dispatcher and the post-build-hook would run it as root, so whoever can "
+            "change it could run code as root. Install nixspool as root where only root "
+            "can write (python3 -m venv /opt/nixspool; /opt/nixspool/bin/pip install ...), "
+            "or pass --allow-unsafe-install to accept that (see man nixspool: Ownership)"
+        )
     account = account_of(req.user)
     if not req.remotes:
         raise UsageError("name at least one remote: --remote pi=ssh-ng://pi")
@@ -210,19 +225,18 @@ def install(req: SetupRequest) -> SetupReport:
             "systemd is not running here: start `nixspool flush` from cron "
             "or by hand; the dispatcher script starts it detached"
         )
-    hook = program("nixspool-hook")
     hook_line = f"post-build-hook = {hook}"
-    problems = rootcode.hook_problems(hook)
-    for unsafe in problems:
+    if unsafe:
+        more = f" (and {len(unsafe) - 1} more)" if len(unsafe) > 1 else ""
         report.notes.append(
-            f"WARNING: nix-daemon runs nixspool-hook as root, but {unsafe}: whoever can "
-            "change it runs code as root on every build; install nixspool as root, in a "
-            "directory only root can write (see man nixspool: Ownership)"
+            f"WARNING: nix-daemon runs nixspool-hook as root, but {unsafe[0]}{more}: "
+            "whoever can change it runs code as root on every build; install nixspool "
+            "as root, in a directory only root can write (see man nixspool: Ownership)"
         )
     # Only the hook of the installation running this (program() may have found
     # another on PATH, whose package is not this one).
     this_install = os.path.dirname(hook) == os.path.dirname(sys.executable)
-    if root == "/" and os.geteuid() == 0 and not problems and this_install:
+    if root == "/" and os.geteuid() == 0 and not unsafe and this_install:
         start_hook_directly(hook, report)
     if _has_line(os.path.join(root, "etc/nix/nix.conf"), hook_line):
         report.notes.append(

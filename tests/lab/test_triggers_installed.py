@@ -9,6 +9,8 @@ import re
 import shlex
 import stat
 import subprocess
+import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -370,3 +372,51 @@ def test_setup_skips_what_is_not_there_and_says_only_what_is_true(tmp_path: Path
     assert f'spool = "{spool}"' in config.read_text()
     again = subprocess.run(argv, capture_output=True, text=True)
     assert f"unchanged {spool}" in again.stdout
+
+
+def venv_of_alice(where: Path) -> Path:
+    """An installation alice can change, as a venv in her home would be: its own
+    bin/ with nixspool, nixspool-hook and python3, its pyvenv.cfg, and the test
+    venv's packages through a .pth (no network, no pip). Its bin/nixspool."""
+    real = Path(sys.prefix)
+    site = Path(sysconfig.get_path("purelib")).relative_to(real)
+    (where / "bin").mkdir(parents=True)
+    (where / site).mkdir(parents=True)
+    (where / "pyvenv.cfg").write_text((real / "pyvenv.cfg").read_text())
+    (where / site / "test-venv.pth").write_text(f"{real / site}\n")
+    (where / "bin" / "python3").symlink_to(real / "bin" / "python3")
+    for name in ("nixspool", "nixspool-hook"):
+        text = (real / "bin" / name).read_text()
+        if name == "nixspool":  # pip's console script: its #! names the test venv's python
+            text = f"#!{where / 'bin' / 'python3'}\n" + text.split("\n", 1)[1]
+        (where / "bin" / name).write_text(text)
+        (where / "bin" / name).chmod(0o755)
+    lab.sh("chown", "-R", lab.ALICE, str(where))
+    return where / "bin" / "nixspool"
+
+
+def test_setup_as_root_refuses_an_installation_its_user_can_change(tmp_path: Path) -> None:
+    """Its units and dispatcher would run alice's nixspool as root on every network
+    event, its hook on every build: refused, nothing written, one message with the
+    fix; accepted with --allow-unsafe-install, with one warning, not one per file."""
+    lab.require_lab()
+    lab.ensure_user(lab.ALICE, groups=["nix-users"])
+    reachable_by_alice(tmp_path)
+    nixspool = venv_of_alice(tmp_path / "home" / "venv")
+    root = tmp_path / "root"
+    (root / "etc" / "NetworkManager" / "dispatcher.d").mkdir(parents=True)
+    config = tmp_path / "etc-nixspool" / "config.toml"
+    argv = [
+        str(nixspool), "setup", "--user", lab.ALICE, "--remote", "pi=ssh-ng://lanhost0",
+        "--spool", str(tmp_path / "spool/spool.sqlite"), "--config-file", str(config),
+        "--root", str(root),
+    ]  # fmt: skip
+    refused = subprocess.run(argv, capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr
+    assert "this installation is not root's alone" in refused.stderr
+    assert f"{nixspool.parent}" in refused.stderr and "--allow-unsafe-install" in refused.stderr
+    assert not config.exists() and not (root / setup.UNIT_DIR).exists()
+    accepted = subprocess.run([*argv, "--allow-unsafe-install"], capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr
+    assert (accepted.stdout + accepted.stderr).count("WARNING") == 1
+    assert str(nixspool) in (root / setup.UNIT_DIR / "nixspool-flush.service").read_text()

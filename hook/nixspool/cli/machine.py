@@ -157,6 +157,13 @@ def setup(
         ),
     ] = "/",
     force: Annotated[bool, typer.Option(help="Replace a config with other content.")] = False,
+    allow_unsafe_install: Annotated[
+        bool,
+        typer.Option(
+            help="As root, set up an installation others than root can change "
+            "(refused without this: its units and hook run as root)."
+        ),
+    ] = False,
 ) -> None:
     """Write the config, create the spool, install the units and the dispatcher script.
 
@@ -188,6 +195,7 @@ def setup(
             connections=tuple(connection or ()),
             root=root,
             force=force,
+            allow_unsafe_install=allow_unsafe_install,
         )
     )
     show.setup(report)
