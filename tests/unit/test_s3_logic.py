@@ -267,3 +267,15 @@ def test_no_room_for_a_nar_on_its_way_is_this_machines_fault(
     assert stopped.value.error["kind"] == Kind.LOCAL
     assert "/nonexistent/tmp" in stopped.value.error["message"]
     assert "TMPDIR" in stopped.value.error["message"]
+
+
+def test_a_store_failure_says_disk_full_only_in_the_stores_own_words() -> None:
+    def said(error: Exception) -> str:
+        with pytest.raises(Stop) as stopped, stopping("writing", "s3://bkt/"):
+            raise error
+        assert stopped.value.error["kind"] == Kind.WRITE
+        return str(stopped.value.error["message"])
+
+    assert "out of space" not in said(client_error("InternalError", 500))
+    assert "tried again later" in said(client_error("InternalError", 500))
+    assert "out of space" in said(client_error("XMinioStorageFull", 507))

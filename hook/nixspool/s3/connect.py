@@ -230,9 +230,11 @@ def stopping(what: str, where: str) -> Iterator[None]:
                 f"through {THROTTLE_ATTEMPTS} tries",
             ) from None
         if status >= 500 or code in ("InternalError", "RequestTimeout"):
-            raise Stop(
-                Kind.WRITE, f"{what}: the store failed ({code}: {message}); is its disk full?"
-            ) from None
+            # "Disk full" only where the store says so: a 500 is more often a hiccup.
+            said = f"{code} {message}".lower()
+            full = status == 507 or any(w in said for w in ("full", "space", "quota"))
+            hint = "; it says it is out of space" if full else "; tried again later"
+            raise Stop(Kind.WRITE, f"{what}: the store failed ({code}: {message}){hint}") from None
         refused = f"the store refused ({code}: {message})"
         raise Stop(Kind.CACHE, f"{what}: {place}{refused}") from None
     except bx.BotoCoreError as e:  # another failure of the request on its way
