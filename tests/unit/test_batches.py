@@ -298,9 +298,9 @@ def every_path_in_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
 # Always tried: the sizes where the old chain went wrong (all but powers of two), the
 # ends, and the default batch_size; Hypothesis adds others from the whole range.
 SIZES = [1, 2, 3, 5, 6, 7, 12, 27, 100, 500, 999, 1000]
-# Each example is a flush of up to 1000 rows: at most 50 of them, even when thorough.
+# Each example is a flush of up to 1000 rows: at most 25 of them, even when thorough.
 CONCURRENT_SAFE = settings(
-    max_examples=min(50, settings().max_examples),  # settings(): the profile loaded
+    max_examples=min(25, settings().max_examples),  # settings(): the profile loaded
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
