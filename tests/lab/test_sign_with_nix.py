@@ -162,22 +162,31 @@ def test_a_flush_signs_so_an_untrusted_user_delivers(ssh_lab: lab.SshLab) -> Non
     assert "do NOT (see `nixspool verify`)" in ssh_lab.nixspool(config, "status").stdout
 
 
-def test_a_key_the_remote_does_not_trust_fails_the_rows_with_its_reason(
-    ssh_lab, tmp_path: Path
+def test_a_key_the_remote_does_not_trust_is_its_refusal_and_fails_no_row(
+    ssh_lab: lab.SshLab,
 ) -> None:
+    """Every path signed with a key the remote does not trust is refused alike: that
+    is the remote's setting (or ours), not any path's, so no row fails (they used
+    to, for any batch not a power of two); exit 1 names it, the rows wait with the
+    reason, and `status` shows what needs a person."""
     other = ssh_lab.root / "untrusted.sec"
     other.write_text(sign.generate("not-trusted")[0])
     other.chmod(0o600)
     outputs = ssh_lab.build(2, daemon=ssh_lab.unsigned)
+    assert len(outputs) == 3
     config = signing_config(ssh_lab, "untrusted", other)
     ssh_lab.spool_in(config, outputs)
     result = ssh_lab.nixspool(config, "flush", "--remote", "pi", "--json")
     assert result.returncode == 1
     report = json.loads(result.stdout)["remotes"]["pi"]
-    assert report["failed"] == len(outputs)
-    assert all(lab.unsigned_refusal() in f["error"] for f in report["failures"])
+    assert (report["failed"], report["delivered"]) == (0, 0)
+    assert "refuses every path alike" in report["error"]
+    assert lab.unsigned_refusal() in report["error"]
+    rows = ssh_lab.rows(config, "pi").values()
+    assert {r["state"] for r in rows} == {"queued"}
+    assert all(lab.unsigned_refusal() in r["last_error"] for r in rows)
     status = json.loads(ssh_lab.nixspool(config, "status", "--json").stdout)
-    assert status["remotes"]["pi"]["failed"] == len(outputs)  # shown, not dropped
+    assert lab.unsigned_refusal() in json.dumps(status["remotes"]["pi"])  # shown, not lost
 
 
 def test_only_paths_the_hook_recorded_are_signed(ssh_lab: lab.SshLab) -> None:
