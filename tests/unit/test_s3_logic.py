@@ -279,3 +279,61 @@ def test_a_store_failure_says_disk_full_only_in_the_stores_own_words() -> None:
     assert "out of space" not in said(client_error("InternalError", 500))
     assert "tried again later" in said(client_error("InternalError", 500))
     assert "out of space" in said(client_error("XMinioStorageFull", 507))
+
+
+class FailsOnce(http.server.BaseHTTPRequestHandler):
+    """A store whose first PUT fails with 500 and whose next one goes through."""
+
+    puts = 0
+    protocol_version = "HTTP/1.1"
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).puts += 1
+        if type(self).puts == 1:
+            error = b"<Error><Code>InternalError</Code><Message>hiccup</Message></Error>"
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        self.send_response(200)
+        self.send_header("ETag", '"0"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_part_the_store_fails_once_is_sent_again_not_the_whole_nar(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Requests for a NAR's bytes are tried PART_ATTEMPTS times (a 500 mid-upload
+    cost the whole NAR before); every other request once, our own retries aside."""
+    from nixspool.s3.connect import PART_ATTEMPTS, client
+
+    s3_env(monkeypatch, tmp_path, "")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailsOnce)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        location = Location.of(Remote("r", f"s3://b?endpoint={endpoint}&scheme=http"))
+        once, parts, _ = client(location)
+        FailsOnce.puts = 0
+        with pytest.raises(Exception, match="InternalError"):
+            once.put_object(Bucket="b", Key="k", Body=b"x")
+        assert FailsOnce.puts == 1
+        FailsOnce.puts = 0
+        parts.put_object(Bucket="b", Key="k", Body=b"x")
+        assert FailsOnce.puts == 2 and PART_ATTEMPTS >= 2
+        assert (once.meta.config.retries, parts.meta.config.retries) == (
+            {"mode": "standard", "total_max_attempts": 1},
+            {"mode": "standard", "total_max_attempts": PART_ATTEMPTS},
+        )
+    finally:
+        server.shutdown()
+        server.server_close()

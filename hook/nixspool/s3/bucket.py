@@ -45,7 +45,7 @@ class BucketFiles:
         self.conditional = True  # until make_layout() finds otherwise
         profile = location.profile or os.environ.get("AWS_PROFILE")
         with self.step(f"reading the S3 credentials{f' of profile {profile}' if profile else ''}"):
-            self.s3, self.credentials = client(location)
+            self.s3, self.s3_parts, self.credentials = client(location)
 
     def reach(self) -> None:
         pass  # the client was made with the credentials; it connects on the first request
@@ -265,7 +265,7 @@ class _BucketNar:
 
         def send() -> None:
             self._file.seek(0)
-            files.s3.upload_fileobj(
+            files.s3_parts.upload_fileobj(
                 _Lent(self._file),
                 files.bucket,
                 files.key(name),

@@ -14,6 +14,7 @@ from ..cache_files import Kind, Stop
 T = TypeVar("T")
 
 THROTTLE_ATTEMPTS = 6  # tries of one request the store throttles (SlowDown, 429)
+PART_ATTEMPTS = 3  # tries of one part of a NAR the store fails (a 500, a reset link)
 THROTTLE_WAIT_MAX = 30.0  # seconds: the longest wait honoured, Retry-After included
 # What the store says when a person must act: the credentials, the bucket, the policy.
 NEEDS_A_PERSON = {
@@ -103,12 +104,15 @@ def refuse_web_pages(response_dict: dict[str, Any], **_: Any) -> None:
         raise WebPage(f"HTTP {status}, a redirect to {headers.get('location', 'elsewhere')}")
 
 
-def client(location: Location) -> tuple[Any, str]:
-    """A boto3 S3 client with the user's credentials and bounded waits, and where
+def client(location: Location) -> tuple[Any, Any, str]:
+    """Two boto3 S3 clients with the user's credentials and bounded waits, and where
     boto3 found the credentials (its name for the source: env,
-    shared-credentials-file, ...). Retries are ours (throttled), not botocore's: a
-    connect that fails must end the upload within connect_timeout, not three times
-    that."""
+    shared-credentials-file, ...). The first makes one try of each request: retries
+    are ours (throttled), so that a connect that fails ends the upload within
+    connect_timeout, not three times that. The second, for a NAR's parts, tries a
+    request PART_ATTEMPTS times where botocore's standard mode would (a 500, a
+    reset): one failed part of a multipart upload must not send the whole NAR
+    again from byte 0."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import NoCredentialsError
@@ -120,7 +124,6 @@ def client(location: Location) -> tuple[Any, str]:
     options: dict[str, Any] = dict(
         connect_timeout=location.connect_timeout,
         read_timeout=location.read_timeout,
-        retries={"max_attempts": 1, "mode": "standard"},
         max_pool_connections=16,
         # Path-style (endpoint/bucket/key): what self-hosted stores serve without
         # a wildcard DNS name per bucket.
@@ -134,14 +137,20 @@ def client(location: Location) -> tuple[Any, str]:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-    s3 = session.client(
-        "s3",
-        endpoint_url=location.endpoint,
-        region_name=location.region or ("us-east-1" if location.endpoint else None),
-        config=Config(**options),
-    )
-    s3.meta.events.register("before-parse.s3.*", refuse_web_pages)
-    return s3, str(credentials.method)
+    made = []
+    for attempts in (1, PART_ATTEMPTS):
+        s3 = session.client(
+            "s3",
+            endpoint_url=location.endpoint,
+            region_name=location.region or ("us-east-1" if location.endpoint else None),
+            # total_max_attempts: botocore's `max_attempts` counts retries, not tries.
+            config=Config(
+                **options | {"retries": {"total_max_attempts": attempts, "mode": "standard"}}
+            ),
+        )
+        s3.meta.events.register("before-parse.s3.*", refuse_web_pages)
+        made.append(s3)
+    return made[0], made[1], str(credentials.method)
 
 
 def error_code(e: BaseException) -> tuple[str, int]:
