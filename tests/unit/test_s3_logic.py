@@ -4,11 +4,13 @@ behaviour against a real store is tests/lab/test_s3_cache.py."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,25 @@ def test_credentials_that_cannot_be_had_need_a_person_not_a_retry(
     assert "custom-process" in said and "aws sso login" in said
 
 
+@contextlib.contextmanager
+def store_on_loopback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, handler: type, bucket: str = "b"
+) -> Iterator[Location]:
+    """An HTTP server answering as `handler` says, and where an s3:// remote of
+    `bucket` there is, with keys in the environment and nothing else of AWS's."""
+    s3_env(monkeypatch, tmp_path, "")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"127.0.0.1:{server.server_address[1]}"
+        yield Location.of(Remote("r", f"s3://{bucket}?endpoint={endpoint}&scheme=http"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class WebPortal(http.server.BaseHTTPRequestHandler):
     """What a hotel's Wi-Fi answers every request with: a login page, or a redirect."""
 
@@ -232,23 +253,13 @@ def test_a_web_page_where_s3_should_answer_is_named_and_never_taken_for_an_objec
 ) -> None:
     """A captive portal: away (75), in words that say what answered; a HEAD it
     answers 200 is not an object that is there; a redirect is not followed."""
-    s3_env(monkeypatch, tmp_path, "")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WebPortal)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"127.0.0.1:{server.server_address[1]}"
-        remote = Remote("r", f"s3://{bucket}?endpoint={endpoint}&scheme=http")
-        files = BucketFiles(Location.of(remote))
+    with store_on_loopback(monkeypatch, tmp_path, WebPortal, bucket) as location:
+        files = BucketFiles(location)
         for step in (lambda: files.top_names(10), lambda: files.has("x.narinfo")):
             with pytest.raises(Stop) as stopped, files.step("reading the cache"):
                 step()
             assert stopped.value.error["kind"] == Kind.AWAY
             assert "a web page answered, not S3" in stopped.value.error["message"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_no_room_for_a_nar_on_its_way_is_this_machines_fault(
@@ -314,14 +325,7 @@ def test_a_part_the_store_fails_once_is_sent_again_not_the_whole_nar(
     cost the whole NAR before); every other request once, our own retries aside."""
     from nixspool.s3.connect import PART_ATTEMPTS, client
 
-    s3_env(monkeypatch, tmp_path, "")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "K")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "S")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FailsOnce)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"127.0.0.1:{server.server_address[1]}"
-        location = Location.of(Remote("r", f"s3://b?endpoint={endpoint}&scheme=http"))
+    with store_on_loopback(monkeypatch, tmp_path, FailsOnce) as location:
         once, parts, _ = client(location)
         FailsOnce.puts = 0
         with pytest.raises(Exception, match="InternalError"):
@@ -334,6 +338,3 @@ def test_a_part_the_store_fails_once_is_sent_again_not_the_whole_nar(
             {"mode": "standard", "total_max_attempts": 1},
             {"mode": "standard", "total_max_attempts": PART_ATTEMPTS},
         )
-    finally:
-        server.shutdown()
-        server.server_close()
