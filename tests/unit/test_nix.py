@@ -8,8 +8,10 @@ test itself, so each matrix entry checks its own version for real.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -183,3 +185,89 @@ def test_derivation_outputs_of_every_nix() -> None:
     assert old == {f"{STORE}/{DRV}": [f"{STORE}/{A}"]}
     new = nix.parse_derivation_outputs(json.dumps(DERIVATION_SHAPES["2.34 version 4"]), STORE)
     assert new == {f"{STORE}/{DRV}": sorted([f"{STORE}/{A}", f"{STORE}/{B}"])}
+
+
+# -- every command's argv, pinned per Nix version (as nixos-rebuild-ng's tests do) ----
+
+NIXES = {
+    "2.8": "nix (Nix) 2.8.0",
+    "2.26": "nix (Nix) 2.26.3",
+    "2.34": "nix (Nix) 2.34.8",
+    "lix": "nix (Lix, like Nix) 2.94.0",
+}
+P = "/nix/store/" + "a" * 32 + "-x"
+NC = ["nix", "--extra-experimental-features", "nix-command"]
+PATH_INFO_JSON = {
+    "2.8": [*NC, "path-info", "--json"],
+    "2.26": [*NC, "path-info", "--json"],
+    "2.34": [*NC, "path-info", "--json", "--json-format", "2"],  # a warning without it
+    "lix": [*NC, "path-info", "--json"],
+}
+SHOW_DERIVATION = {
+    "2.8": [*NC, "show-derivation"],
+    "2.26": [*NC, "derivation", "show"],  # show-derivation: a deprecated alias
+    "2.34": [*NC, "derivation", "show"],
+    "lix": [*NC, "show-derivation"],
+}
+STORE_INFO = {
+    "2.8": [*NC, "store", "ping"],
+    "2.26": [*NC, "store", "info"],
+    "2.34": [*NC, "store", "info"],
+    "lix": [*NC, "store", "ping"],
+}
+CONFIG_SHOW = {
+    "2.8": [*NC, "show-config"],
+    "2.26": [*NC, "config", "show"],
+    "2.34": [*NC, "config", "show"],
+    "lix": [*NC, "show-config"],
+}
+
+
+def argv_of(
+    monkeypatch: pytest.MonkeyPatch, version: str, call: Callable[[], object]
+) -> list[list[str]]:
+    """The argv `call` runs when the local Nix is `version` (its output aside)."""
+    ran: list[list[str]] = []
+
+    class Done:
+        stdout = "{}"
+
+        def wait(self) -> Done:
+            return self
+
+    def record(argv: Sequence[str], **kw: object) -> Done:
+        ran.append(list(argv))
+        return Done()
+
+    monkeypatch.setattr(nix, "version", lambda: nix.NixVersion.parse(NIXES[version]))
+    monkeypatch.setattr(nix, "run", record)
+    monkeypatch.setattr(nix, "spawn", record)
+    with contextlib.suppress(Exception):  # "{}" is no answer some callers accept
+        call()
+    return ran
+
+
+@pytest.mark.parametrize("version", NIXES)
+def test_each_command_is_run_in_the_form_this_nix_takes(
+    monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    assert argv_of(monkeypatch, version, lambda: nix.path_infos([P])) == [
+        [*PATH_INFO_JSON[version], "--", P]
+    ]
+    assert argv_of(
+        monkeypatch, version, lambda: nix.path_infos([P], recursive=True, store="ssh-ng://pi")
+    ) == [[*PATH_INFO_JSON[version], "--recursive", "--store", "ssh-ng://pi", "--", P]]
+    assert argv_of(monkeypatch, version, lambda: nix.outputs_of_many([P + ".drv"])) == [
+        [*SHOW_DERIVATION[version], "--", P + ".drv"]
+    ]
+    assert argv_of(monkeypatch, version, lambda: nix.store_info("ssh-ng://pi", timeout=5)) == [
+        [*STORE_INFO[version], "--store", "ssh-ng://pi"]
+    ]
+    assert argv_of(monkeypatch, version, nix.settings) == [CONFIG_SHOW[version]]
+    copy = [*NC, "copy", "--to", "ssh://pi", "--log-format", "internal-json", "--", P]
+    assert argv_of(monkeypatch, version, lambda: nix.start_copy("ssh://pi", [P], timeout=5)) == [
+        copy
+    ]
+    assert argv_of(monkeypatch, version, lambda: nix.invalid_paths([P])) == [
+        ["nix-store", "--check-validity", "--print-invalid", "--", P]
+    ]
