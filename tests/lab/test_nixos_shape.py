@@ -23,7 +23,7 @@ import lab
 import s3lab
 from nixos_shape import NixosShape
 from test_sftp_cache import assert_whole, substitute
-from test_triggers_installed import EXPOSURE, exposure, standin_nmcli
+from test_triggers_installed import expected_exposure, exposure, standin_nmcli
 
 pytestmark = [pytest.mark.integration, pytest.mark.nixos_shape]
 
@@ -82,7 +82,7 @@ def test_the_unit_the_module_renders_is_as_hardened_as_the_shipped_one(
     unit = ssh_lab.root / f"nixos-unit-{lab.nonce()}" / "nixspool-flush.service"
     unit.parent.mkdir()
     unit.write_text(shape.built["service"])
-    assert exposure(unit) <= EXPOSURE
+    assert exposure(unit) <= expected_exposure()
 
 
 def test_the_hook_nix_conf_names_records_builds(shape: NixosShape, ssh_lab: lab.SshLab) -> None:
