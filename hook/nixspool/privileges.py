@@ -55,7 +55,7 @@ def account_of(name: str) -> Account:
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise PrivilegeError(f"user '{name}' (the config's 'user') does not exist") from None
+        raise PrivilegeError(f"user {name!r} (the config's 'user') does not exist") from None
     groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != entry.pw_gid)
     return Account(
         entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir, entry.pw_shell or "/bin/sh"

@@ -168,3 +168,14 @@ def test_a_url_no_parser_reads_is_one_error_line_in_every_command(
         raise result.exception
     check_answer(config, result.exit_code, result.stderr)
     assert result.exit_code == 1 and f"{config}:4: url " in result.stderr, result.stderr
+
+
+def test_a_user_name_with_a_newline_is_one_line_of_error(tmp_path: Path) -> None:
+    """Found by the thorough profile: a `user` value is quoted, so it cannot start a
+    second line of output that reads like nixspool's own."""
+    config = tmp_path / "config.toml"
+    config.write_text('user = "\\ntouch /tmp/nixspool-canary-config-abuse"\n')
+    result = CliRunner().invoke(app, ["--config", str(config), "status"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "'\\ntouch" in result.output

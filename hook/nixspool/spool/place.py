@@ -34,7 +34,7 @@ class Owner:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            raise SpoolError(f"user '{name}' (from the config's 'user') does not exist") from None
+            raise SpoolError(f"user {name!r} (from the config's 'user') does not exist") from None
         return cls(entry.pw_uid, entry.pw_gid, name)
 
 
