@@ -61,17 +61,6 @@ def search_path(environ: Mapping[str, str] | None = None) -> str:
     return os.pathsep.join(dict.fromkeys([*directories, *USUAL_PLACES]))
 
 
-def find(program: str, path: str) -> str | None:
-    """`program`'s absolute path on `path` (as exec would find it), or None."""
-    if "/" in program:
-        return program
-    for directory in path.split(os.pathsep):
-        candidate = os.path.join(directory, program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 def python_module(module: str) -> list[str]:
     """The argv that runs `module` as `python -m` would, in a new interpreter that
     imports what this one imports, however this installation gave it its code."""

@@ -18,6 +18,7 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -320,8 +321,10 @@ def executable(program: str, env: Mapping[str, str] | None) -> str:
     """`program` as the child would find it on its own PATH (`env`'s, or this
     process's), resolved here so that a missing one is told as such, with the
     PATH searched: on NixOS that PATH is all there is (no /usr/bin)."""
+    if "/" in program:  # a path already: exec takes it as it is, and says why not
+        return program
     path = (os.environ if env is None else env).get("PATH", os.defpath)  # as exec would
-    found = installation.find(program, path)
+    found = shutil.which(program, path=path)
     if found is None:
         raise CommandError(
             f"cannot run {program}: it is not on PATH ({path}); install it, "
